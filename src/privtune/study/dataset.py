@@ -1,0 +1,67 @@
+"""The study's data, built once: records → spans → split by individual → canaries → tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from privtune.config import StudyConfig
+from privtune.data.canaries import Canary, canary_records, make_canaries
+from privtune.data.corpora import generate_corpus
+from privtune.data.loaders import load_records
+from privtune.data.split import check_dataset, split_by_individual
+from privtune.data.tagging import tag_records
+from privtune.data.tokenize import EncodedDataset, encode_records
+from privtune.errors import PrivtuneError
+
+
+@dataclass
+class StudyData:
+    """Members (training records about people), non-members, and the training set itself.
+
+    ``train`` is ``members`` plus the inserted canary records; leakage is measured on
+    ``members`` so that canaries, measured by exposure, do not blur it.
+    """
+
+    members: EncodedDataset
+    nonmembers: EncodedDataset
+    train: EncodedDataset
+    canaries: list[Canary]
+    tagger: str
+
+    def summary(self) -> dict:
+        return {
+            "members": len(self.members), "nonmembers": len(self.nonmembers),
+            "train_records": len(self.train), "canaries": len(self.canaries),
+            "train_tokens": self.train.n_tokens, "tagger": self.tagger,
+            "sensitive_token_share": round(float(self.members.sensitive.sum()) / max(1, self.members.n_tokens), 4),
+        }
+
+
+def load_study_records(cfg: StudyConfig):
+    """The records named by ``cfg.data`` and the tagger that labelled them."""
+    source = cfg.data.source
+    if Path(source).suffix.lower() in (".jsonl", ".csv") or Path(source).exists():
+        records = load_records(source)
+        if all(r.meta.get("spans_given") for r in records):
+            return records, "given"
+        return tag_records(records, cfg.data.tagger)
+    return generate_corpus(source, cfg.data.n_individuals, cfg.data.seed), "exact"
+
+
+def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
+    records, tagger = load_study_records(cfg)
+    check_dataset(records)
+    members, nonmembers = split_by_individual(records, cfg.data.test_fraction, cfg.data.seed)
+    canaries = []
+    if cfg.canaries.enabled:
+        canaries = make_canaries(tuple(cfg.canaries.repetitions), cfg.canaries.per_repetition,
+                                 cfg.canaries.n_reference, seed=cfg.data.seed)
+    max_len = cfg.data.max_length
+    enc_members = encode_records(members, tokenizer, max_len)
+    enc_nonmembers = encode_records(nonmembers, tokenizer, max_len)
+    if not enc_members.sensitive.any() or not enc_nonmembers.sensitive.any():
+        raise PrivtuneError(f"no sensitive tokens survive tokenisation at data.max_length={max_len}",
+                            "raise data.max_length or give spans that fall early in the text")
+    train = encode_records(members + canary_records(canaries), tokenizer, max_len)
+    return StudyData(enc_members, enc_nonmembers, train, canaries, tagger)

@@ -1,0 +1,63 @@
+"""Running a study: plan, skip what is done, execute the rest, write every outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from privtune.config import StudyConfig
+from privtune.study.executor import Executor, LocalExecutor, RunHooks
+from privtune.study.plan import RunSpec, plan_study
+from privtune.study.store import Store
+
+DB_NAME = "privtune.db"
+
+
+@dataclass
+class StudyOutcome:
+    done: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    db_path: Path
+
+
+def open_store(cfg: StudyConfig) -> Store:
+    return Store(Path(cfg.output_dir) / DB_NAME)
+
+
+def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress: bool = True) -> StudyOutcome:
+    """Execute every run of ``cfg`` that the database does not already hold as done.
+
+    Each finished run is committed as soon as it ends, so an interruption loses only the
+    run in progress; a failed run is recorded with its error and the others go on.
+    """
+    from privtune.study.runner import StudyContext
+
+    store = open_store(cfg)
+    plan = plan_study(cfg)
+    pending = [r for r in plan if store.status(r.run_id) != "done"]
+    outcome = StudyOutcome(done=[], skipped=[r.label for r in plan if r not in pending], failed={},
+                           db_path=store.path)
+    if executor is None:
+        executor = LocalExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress)
+
+    def started(spec: RunSpec) -> None:
+        store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config)
+
+    def finished(spec: RunSpec, result: dict) -> None:
+        for row in result.get("epochs", []):
+            store.add_epoch(spec.run_id, row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+        store.finish(spec.run_id, {k: v for k, v in result.items() if k != "epochs"})
+        outcome.done.append(spec.label)
+
+    def failed(spec: RunSpec, error: str) -> None:
+        store.fail(spec.run_id, error)
+        outcome.failed[spec.label] = error
+
+    hooks = RunHooks(started=started, epoch=lambda s, e, m: store.add_epoch(s.run_id, e, m),
+                     finished=finished, failed=failed)
+    try:
+        executor.execute(pending, hooks)
+    finally:
+        store.close()
+    return outcome

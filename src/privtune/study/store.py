@@ -1,0 +1,112 @@
+"""Results in SQLite: one row per run keyed by its config hash, one row per epoch.
+
+SQLite because a study is a file a user can copy, query and keep, with transactions
+that make every finished run durable the moment it is written (WAL mode, so a reader
+such as ``privtune report`` never blocks a running study). A crash or Ctrl-C loses at
+most the run in progress; its partial rows are replaced when it is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    study       TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    status      TEXT NOT NULL,          -- running | done | failed
+    config      TEXT NOT NULL,          -- resolved run config, JSON
+    result      TEXT,                   -- measures, JSON (done runs)
+    error       TEXT,                   -- one line (failed runs)
+    started_at  REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id   TEXT NOT NULL REFERENCES runs(run_id),
+    epoch    INTEGER NOT NULL,
+    measures TEXT NOT NULL,             -- JSON
+    PRIMARY KEY (run_id, epoch)
+);
+"""
+
+
+def _json(value) -> str:
+    """JSON with NaN/inf written as null, which every reader understands."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value), sort_keys=True)
+
+
+class Store:
+    """The results database of one output directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def status(self, run_id: str) -> str | None:
+        row = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def start(self, run_id: str, study: str, label: str, method: str, config: dict) -> None:
+        """Mark a run as running, dropping rows a previous attempt left behind."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM epochs WHERE run_id=?", (run_id,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO runs (run_id, study, label, method, status, config, started_at)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (run_id, study, label, method, _json(config), time.time()))
+
+    def add_epoch(self, run_id: str, epoch: int, measures: dict) -> None:
+        self._db.execute("INSERT OR REPLACE INTO epochs (run_id, epoch, measures) VALUES (?, ?, ?)",
+                         (run_id, epoch, _json(measures)))
+
+    def finish(self, run_id: str, result: dict) -> None:
+        self._db.execute("UPDATE runs SET status='done', result=?, error=NULL, finished_at=? WHERE run_id=?",
+                         (_json(result), time.time(), run_id))
+
+    def fail(self, run_id: str, error: str) -> None:
+        self._db.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
+                         (error, time.time(), run_id))
+
+    def studies(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
+
+    def runs(self, study: str | None = None) -> list[dict]:
+        """Every run (of ``study``) as the dict the report reads, epochs included."""
+        query = "SELECT run_id, study, label, method, status, config, result, error FROM runs"
+        args: tuple = ()
+        if study is not None:
+            query += " WHERE study=?"
+            args = (study,)
+        out = []
+        for run_id, study_name, label, method, status, config, result, error in self._db.execute(
+                query + " ORDER BY started_at", args):
+            run = json.loads(result) if result else {}
+            cfg = json.loads(config)
+            run.update(run_id=run_id, study=study_name, label=label, method=method, status=status,
+                       error=error, config=cfg, model=cfg.get("model"), seed=cfg.get("seed"))
+            run["epochs"] = [dict(json.loads(m), epoch=e) for e, m in self._db.execute(
+                "SELECT epoch, measures FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
+            out.append(run)
+        return out

@@ -1,0 +1,173 @@
+"""The one training loop, for every method.
+
+Written out rather than delegated to HF's Trainer because DP-SGD changes the loop
+itself: Poisson-sampled logical batches of varying size, split into physical batches,
+per-record clipping before accumulation, noise once per logical step, an accountant
+stepped alongside. Non-private methods take the same path minus those steps, with
+shuffled fixed-size batches, and optimise the same objective (mean over records of each
+record's mean token loss), so a difference between methods is the method's and not the
+loop's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from privtune.config import DPSettings
+from privtune.data.tokenize import EncodedDataset
+from privtune.errors import PrivtuneError
+from privtune.measures.efficiency import Stopwatch
+from privtune.train import dp
+from privtune.train.losses import per_record_loss
+from privtune.train.precision import Runtime
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Resolved hyperparameters of one training run."""
+
+    epochs: int
+    batch_size: int
+    physical_batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    dp: DPSettings | None = None
+
+
+@dataclass
+class PrivacySetup:
+    """What DP-SGD was run with, and what it guarantees."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    epsilon: float = math.nan
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainResult:
+    seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    steps: int = 0
+    tokens: int = 0
+    privacy: PrivacySetup | None = None
+
+
+def plan_privacy(settings: DPSettings, n_records: int, batch_size: int, epochs: int) -> PrivacySetup:
+    """Derive the noise (or check the given one) for Poisson sampling over ``epochs``."""
+    sample_rate = min(1.0, batch_size / n_records)
+    steps = epochs * math.ceil(n_records / batch_size)
+    delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_records)
+    dp.check_dp_settings(n_records=n_records, delta=delta, sample_rate=sample_rate,
+                         max_grad_norm=settings.max_grad_norm, target_epsilon=settings.target_epsilon)
+    if settings.noise_multiplier is not None:
+        sigma = settings.noise_multiplier
+    else:
+        sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, steps,
+                                            accountant=settings.accountant)
+    return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant)
+
+
+def _out_of_memory(batch: int) -> PrivtuneError:
+    return PrivtuneError(f"out of memory with a physical batch of {batch} records",
+                         "lower train.physical_batch_size (or data.max_length); the logical batch and results stay the same")
+
+
+def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime: Runtime, *,
+          on_epoch_end: Callable[[int, TrainResult], None] = lambda epoch, result: None,
+          on_step: Callable[[], None] = lambda: None) -> TrainResult:
+    """Train ``model`` in place on ``data``; call ``on_epoch_end(epoch, result)`` after each epoch.
+
+    Time spent inside ``on_epoch_end`` (evaluation) is not counted as training time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    generator = torch.Generator().manual_seed(plan.seed)
+    result = TrainResult()
+    labels = data.labels
+    if plan.dp is not None:
+        result.privacy = plan_privacy(plan.dp, len(data), plan.batch_size, plan.epochs)
+    step_fn = _private_steps if plan.dp is not None else _plain_steps
+    model.train()
+    try:
+        step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(plan.physical_batch_size) from None
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+            raise _out_of_memory(plan.physical_batch_size) from None
+        raise
+    return result
+
+
+def _forward_loss(module, data: EncodedDataset, labels, rows, runtime: Runtime) -> torch.Tensor:
+    ids = data.input_ids[rows].to(runtime.device)
+    attn = data.attention_mask[rows].to(runtime.device)
+    with runtime.autocast():
+        logits = module(input_ids=ids, attention_mask=attn).logits
+    return per_record_loss(logits, labels[rows].to(runtime.device))
+
+
+def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
+    n = len(data)
+    for epoch in range(1, plan.epochs + 1):
+        with Stopwatch(runtime.device) as clock:
+            order = torch.randperm(n, generator=generator)
+            for batch in order.split(plan.batch_size):
+                for rows in batch.split(plan.physical_batch_size):
+                    # Sum of record losses / logical batch size: accumulation gives the batch mean.
+                    loss = _forward_loss(model, data, labels, rows, runtime).sum() / len(batch)
+                    loss.backward()
+                    result.tokens += int(data.attention_mask[rows].sum())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                on_step()
+        _close_epoch(epoch, clock.seconds, result, on_epoch_end)
+
+
+def _private_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
+    privacy = result.privacy
+    n = len(data)
+    clipper = dp.make_clipper(plan.dp.engine)
+    module = clipper.attach(model)
+    ledger = dp.PrivacyLedger(privacy.accountant)
+    noise = dp.make_noise_generator(plan.seed, secure=plan.dp.secure_mode, device=runtime.device)
+    steps_per_epoch = privacy.steps // plan.epochs
+    expected_batch = privacy.sample_rate * n
+    try:
+        for epoch in range(1, plan.epochs + 1):
+            with Stopwatch(runtime.device) as clock:
+                for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, generator):
+                    for rows in dp.physical_chunks(batch, plan.physical_batch_size):
+                        clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
+                                                   privacy.max_grad_norm)
+                        result.tokens += int(data.attention_mask[rows].sum())
+                    # An empty Poisson batch still gets its noisy step: the accountant assumes it.
+                    clipper.finish_step(privacy.noise_multiplier, privacy.max_grad_norm, expected_batch, noise)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ledger.step(privacy.noise_multiplier, privacy.sample_rate)
+                    result.steps += 1
+                    on_step()
+            privacy.epsilon = ledger.epsilon(privacy.delta)
+            _close_epoch(epoch, clock.seconds, result, on_epoch_end)
+    finally:
+        clipper.detach()
+
+
+def _close_epoch(epoch: int, seconds: float, result: TrainResult, on_epoch_end) -> None:
+    result.seconds += seconds
+    result.epoch_seconds.append(seconds)
+    on_epoch_end(epoch, result)
