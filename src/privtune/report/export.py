@@ -1,0 +1,128 @@
+"""A study's runs as CSV (one flat row per run, for spreadsheets and pandas) and JSON
+(the full dicts, for anything else).
+
+The CSV keeps the identity of each run, every final measure under its own name
+(``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
+...), the DP settings prefixed ``dp_`` and the canary exposure per repetition count
+(``exposure_r16``: mean over the canaries inserted 16 times). Missing and non-finite
+values are empty cells. Per-epoch measures are left to the JSON.
+
+Both files are written aside and renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from privtune.report.plots import exposure_by_repetition, top_exposure
+
+IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
+#: Nested sections flattened into the CSV, with the prefix their keys get.
+SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"))
+#: Keys that lead their section's columns (the store sorts keys alphabetically, which
+#: would bury the headline measures among the raw losses); the rest follow as found.
+LEADING = {
+    "final": ("leakage_gain", "memorisation_gap", "memorisation_gap_net", "utility_ce", "utility_ppl",
+              "utility_gain"),
+    "efficiency": ("train_seconds", "seconds_per_epoch", "tokens_per_second", "peak_memory_bytes", "memory_kind",
+                   "trainable_params", "total_params", "flops_estimate"),
+    "dp": ("epsilon", "delta", "noise_multiplier", "max_grad_norm"),
+}
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def csv_columns(runs: Sequence[dict]) -> list[str]:
+    """The CSV header: identity, then each section's keys in order of first appearance;
+    a key already taken by an earlier section gets its section's name as prefix."""
+    columns = list(IDENTITY)
+    taken = set(columns)
+    for section, prefix in SECTIONS:
+        present = _unique(k for run in runs for k in (run.get(section) or {}))
+        leading = [k for k in LEADING.get(section, ()) if k in present]
+        for key in leading + [k for k in present if k not in leading]:
+            name = prefix + key
+            if name in taken:
+                name = f"{section}_{key}"
+            columns.append(name)
+            taken.add(name)
+    reps = sorted({r for run in runs for r in exposure_by_repetition(run)})
+    columns += [f"exposure_r{r}" for r in reps]
+    if reps:
+        columns += ["exposure_top_repetitions", "exposure_top_mean"]
+    columns += ["epochs"]
+    return columns
+
+
+def _cell(value):
+    """A CSV cell: empty for missing or non-finite numbers, JSON for anything nested."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def csv_row(run: dict, columns: Sequence[str]) -> dict:
+    """One run flattened onto ``columns`` (the names :func:`csv_columns` gave)."""
+    row: dict = {k: run.get(k) for k in IDENTITY}
+    for section, prefix in SECTIONS:
+        for key, value in (run.get(section) or {}).items():
+            name = prefix + key
+            row[name if name in columns and name not in row else f"{section}_{key}"] = value
+    for r, value in exposure_by_repetition(run).items():
+        row[f"exposure_r{r}"] = value
+    top_r, top_mean = top_exposure(run)
+    row["exposure_top_repetitions"], row["exposure_top_mean"] = top_r, top_mean
+    row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
+    return {c: _cell(row.get(c)) for c in columns}
+
+
+def write_csv(runs: Sequence[dict], path: str | Path) -> Path:
+    """Write one CSV row per run; returns the path."""
+    columns = csv_columns(runs)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        writer.writerow(csv_row(run, columns))
+    return write_text_atomic(Path(path), buffer.getvalue())
+
+
+def _json_safe(value):
+    """NaN/inf as null (as the store writes them), tuples as lists, numpy scalars as numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return _json_safe(value.item())
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def write_json(runs: Sequence[dict], path: str | Path) -> Path:
+    """Write the full run dicts as a JSON list; returns the path."""
+    text = json.dumps(_json_safe(list(runs)), indent=2, allow_nan=False, ensure_ascii=False)
+    return write_text_atomic(Path(path), text + "\n")

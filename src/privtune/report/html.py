@@ -1,0 +1,514 @@
+"""The study report: one self-contained HTML page a person can e-mail or archive.
+
+Figures are embedded as base64 PNG (rendered at 2x for sharp text on high-density
+screens; inline SVG would be crisper still, but matplotlib's SVG ids clash when several
+figures share one page), CSS is inline and nothing is fetched from the network, so the
+file opens the same anywhere, offline, years later. The figures are also saved beside
+it under ``figures/`` for slides and papers.
+
+Order follows what a reader asks: the headline (which method leaks least, which keeps
+the most utility, which trades best), then each figure with its numbers beside it,
+then a table of every run, failed ones included with their error. Every column says
+which way is better. All text from runs and metadata is HTML-escaped.
+
+Plain ``string.Template``: the page is small and a template engine would add a
+dependency for nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from string import Template
+
+import matplotlib.pyplot as plt
+
+from privtune.errors import PrivtuneError
+from privtune.report import plots
+from privtune.report.export import write_text_atomic
+from privtune.report.plots import duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure
+
+#: Pixels per figure inch on the page, and the resolution the PNG is rendered at.
+DISPLAY_PX_PER_INCH = 80
+RENDER_DPI = 168
+
+META_NAMES = {"study": "study", "model": "model", "dataset": "dataset", "tagger": "PII tagger",
+              "device": "device", "created": "created", "privtune": "privtune version",
+              "version": "privtune version", "config_hash": "config hash"}
+
+
+# --- formatting ---------------------------------------------------------------------
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A number for the page; an en dash where there is none."""
+    value = number(value)
+    return "–" if math.isnan(value) else format(value, spec)
+
+
+def fmt_bytes(value) -> str:
+    value = number(value)
+    if math.isnan(value):
+        return "–"
+    for size, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def fmt_count(value) -> str:
+    value = number(value)
+    if math.isnan(value):
+        return "–"
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f}"
+
+
+def fmt_seconds(value) -> str:
+    value = number(value)
+    return "–" if math.isnan(value) else duration(value)
+
+
+def epsilon(run: dict) -> float:
+    return number((run.get("dp") or {}).get("epsilon"))
+
+
+def fmt_epsilon(run: dict) -> str:
+    """ε as shown in the table and headline, "–" for runs without DP."""
+    eps = epsilon(run)
+    if math.isnan(eps):
+        return "∞" if (run.get("dp") or {}).get("epsilon") == math.inf else "–"
+    return f"{eps:.3g}"
+
+
+# --- the headline -------------------------------------------------------------------
+
+def candidates(runs: Sequence[dict]) -> list[dict]:
+    """Finished fine-tuned runs with both a utility and a leakage figure."""
+    return [r for r in runs if is_done(r) and not is_base(r)
+            and not math.isnan(measure(r, "utility_ce")) and not math.isnan(measure(r, "leakage_gain"))]
+
+
+def best_tradeoff(runs: Sequence[dict]) -> dict | None:
+    """The Pareto-optimal run nearest the ideal corner (lowest leakage and lowest
+    utility CE seen), each axis scaled to the range the runs span, so neither unit
+    dominates."""
+    runs = candidates(runs)
+    if not runs:
+        return None
+    points = [(measure(r, "utility_ce"), measure(r, "leakage_gain")) for r in runs]
+    xs, ys = zip(*points)
+
+    def scaled(v: float, lo: float, hi: float) -> float:
+        return (v - lo) / (hi - lo) if hi > lo else 0.0
+
+    def distance(i: int) -> float:
+        return math.hypot(scaled(xs[i], min(xs), max(xs)), scaled(ys[i], min(ys), max(ys)))
+
+    return runs[min(pareto_front(points), key=distance)]
+
+
+@dataclass
+class Card:
+    title: str
+    run: str
+    detail: str
+    kind: str = ""  # "" or "warn"
+
+
+def _dp_note(run: dict) -> str:
+    eps = fmt_epsilon(run)
+    return f", ε = {eps}" if eps != "–" else ", no DP"
+
+
+def headline_cards(runs: Sequence[dict]) -> list[Card]:
+    """The few facts a reader wants before any plot."""
+    cards: list[Card] = []
+    pool = candidates(runs)
+    if pool:
+        low = min(pool, key=lambda r: measure(r, "leakage_gain"))
+        cards.append(Card("Lowest leakage", str(low.get("label")),
+                          f"leakage gain {fmt(measure(low, 'leakage_gain'))} nats, memorisation gap (net) "
+                          f"{fmt(measure(low, 'memorisation_gap_net'))}{_dp_note(low)}"))
+        best = min(pool, key=lambda r: measure(r, "utility_ce"))
+        cards.append(Card("Best utility", str(best.get("label")),
+                          f"utility CE {fmt(measure(best, 'utility_ce'))} nats (perplexity "
+                          f"{fmt(measure(best, 'utility_ppl'), '.2f')}), {fmt(measure(best, 'utility_gain'), '+.3f')} "
+                          f"vs base"))
+        trade = best_tradeoff(runs)
+        cards.append(Card("Best trade-off", str(trade.get("label")),
+                          f"on the Pareto front, nearest the ideal corner: utility CE "
+                          f"{fmt(measure(trade, 'utility_ce'))}, leakage gain {fmt(measure(trade, 'leakage_gain'))}"
+                          f"{_dp_note(trade)}"))
+    exposed = [(r, *top_exposure(r)) for r in runs if is_done(r) and not is_base(r)]
+    exposed = [(r, rep, e) for r, rep, e in exposed if not math.isnan(e)]
+    if exposed:
+        run, rep, value = max(exposed, key=lambda t: t[2])
+        ceiling = max((number(x.get("max_exposure")) for x in run.get("exposure") or []), default=math.nan)
+        of = f" of {ceiling:.1f} possible" if not math.isnan(ceiling) else ""
+        cards.append(Card("Highest canary exposure", str(run.get("label")),
+                          f"{value:.1f} bits{of}, canaries inserted {rep}×", "warn"))
+    failed = [r for r in runs if r.get("status") == "failed"]
+    if failed:
+        cards.append(Card(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed",
+                          ", ".join(str(r.get("label")) for r in failed), "see the table below for the error",
+                          "warn"))
+    return cards
+
+
+def verdict(runs: Sequence[dict]) -> str:
+    """One sentence comparing the least leaky run with the most useful one."""
+    pool = candidates(runs)
+    if len(pool) < 2:
+        return ""
+    low = min(pool, key=lambda r: measure(r, "leakage_gain"))
+    best = min(pool, key=lambda r: measure(r, "utility_ce"))
+    low_leak, best_leak = measure(low, "leakage_gain"), measure(best, "leakage_gain")
+    if low is best or best_leak <= 0:
+        return f"{low.get('label')} leaks least and keeps the best utility: no trade-off to make here."
+    less = 100 * (best_leak - low_leak) / best_leak
+    cost = measure(low, "utility_ce") - measure(best, "utility_ce")
+    return (f"{low.get('label')} leaks {less:.0f}% less than {best.get('label')} (leakage gain "
+            f"{low_leak:.2f} vs {best_leak:.2f} nats) for {cost:.2f} nats more utility CE "
+            f"(perplexity {fmt(measure(low, 'utility_ppl'), '.2f')} vs {fmt(measure(best, 'utility_ppl'), '.2f')}).")
+
+
+# --- tables ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: header, direction (+1 higher is better, -1 lower, 0 neither),
+    the value to compare (for highlighting the best) and how to show it."""
+    header: str
+    better: int
+    value: Callable[[dict], float] | None
+    show: Callable[[dict], str]
+    title: str = ""
+
+    def heading(self) -> str:
+        arrow = {1: "\u00a0↑", -1: "\u00a0↓"}.get(self.better, "")  # the arrow never wraps alone
+        tip = f' title="{escape(self.title)}"' if self.title else ""
+        return f"<th{tip}>{escape(self.header)}{arrow}</th>"
+
+
+def _final(key: str, spec: str = ".3f") -> tuple[Callable[[dict], float], Callable[[dict], str]]:
+    return (lambda r: measure(r, key)), (lambda r: fmt(measure(r, key), spec))
+
+
+def _eff(key: str, show: Callable) -> tuple[Callable[[dict], float], Callable[[dict], str]]:
+    return (lambda r: measure(r, key, "efficiency")), (lambda r: show(measure(r, key, "efficiency")))
+
+
+def _top_exposure_cell(run: dict) -> str:
+    rep, value = top_exposure(run)
+    return "–" if rep is None else f"{value:.1f} <small>({rep}×)</small>"
+
+
+def _status_cell(run: dict) -> str:
+    status = str(run.get("status") or "–")
+    return f'<span class="status {escape(status)}">{escape(status)}</span>'
+
+
+def _error_row(run: dict, span: int) -> str:
+    """A failed run's error, on its own row under the run, as wide as the table."""
+    error = run.get("error")
+    if not error:
+        return ""
+    return (f'<tr class="failed errorrow"><td colspan="{span}"><span class="error">'
+            f'{escape(str(error))}</span></td></tr>')
+
+
+def _label_cell(run: dict, color: str) -> str:
+    label = escape(str(run.get("label")))
+    return f'<span class="swatch" style="background:{color}"></span><span title="{label}">{label}</span>'
+
+
+def _escaped(show: Callable[[dict], str]) -> Callable[[dict], str]:
+    return lambda r: escape(show(r))
+
+
+RUN_COLUMNS: tuple[Column, ...] = (
+    Column("method", 0, None, lambda r: escape(str(r.get("method")))),
+    Column("ε", -1, epsilon, _escaped(fmt_epsilon), "DP budget; lower is more private (– = no DP)"),
+    Column("leakage gain", -1, *_final("leakage_gain"), "CE_S(base; train) − CE_S(model; train), nats"),
+    Column("memorisation gap (net)", -1, *_final("memorisation_gap_net"),
+           "CE_S(model; test) − CE_S(model; train), minus the base model's own gap, nats"),
+    Column("utility CE", -1, *_final("utility_ce"), "CE on non-sensitive held-out tokens, nats"),
+    Column("ppl", -1, *_final("utility_ppl", ".2f"), "perplexity = exp(utility CE)"),
+    Column("exposure, most-repeated canary", -1, lambda r: top_exposure(r)[1], _top_exposure_cell,
+           "mean exposure (bits) of the canaries inserted most often"),
+    Column("train time", -1, *_eff("train_seconds", fmt_seconds)),
+    Column("peak memory", -1, *_eff("peak_memory_bytes", fmt_bytes)),
+    Column("trainable params", -1, *_eff("trainable_params", fmt_count)),
+    Column("status", 0, None, _status_cell),
+)
+
+
+def _best_index(runs: Sequence[dict], column: Column) -> set[int]:
+    """Rows holding the best value of a column, among finished fine-tuned runs."""
+    if column.value is None or column.better == 0:
+        return set()
+    scored = [(i, column.value(r)) for i, r in enumerate(runs) if is_done(r) and not is_base(r)]
+    scored = [(i, v) for i, v in scored if not math.isnan(v)]
+    if len(scored) < 2:
+        return set()
+    best = (max if column.better > 0 else min)(v for _, v in scored)
+    return {i for i, v in scored if v == best}
+
+
+def table(runs: Sequence[dict], columns: Sequence[Column], css_class: str = "runs") -> str:
+    """An HTML table of ``runs``: label first, the best value of each column marked."""
+    colors = [s.color for s in styles(runs)]
+    best = [_best_index(runs, c) for c in columns]
+    head = "<tr><th>run</th>" + "".join(c.heading() for c in columns) + "</tr>"
+    rows = []
+    for i, run in enumerate(runs):
+        classes = " ".join(k for k, on in (("base", is_base(run)), ("failed", run.get("status") == "failed")) if on)
+        cells = [f"<td class=\"label\">{_label_cell(run, colors[i])}</td>"]
+        for column, winners in zip(columns, best):
+            mark = ' class="best"' if i in winners else ""
+            cells.append(f"<td{mark}>{column.show(run)}</td>")
+        rows.append(f'<tr class="{classes}">' + "".join(cells) + "</tr>" + _error_row(run, len(cells)))
+    return f'<table class="{css_class}"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _on_front(runs: Sequence[dict]) -> set[int]:
+    pool = candidates(runs)
+    front = pareto_front([(measure(r, "utility_ce"), measure(r, "leakage_gain")) for r in pool])
+    return {id(pool[i]) for i in front}
+
+
+def _epoch_change(key: str) -> Callable[[dict], str]:
+    def show(run: dict) -> str:
+        epochs = sorted(run.get("epochs") or [], key=lambda e: e.get("epoch", 0))
+        if len(epochs) < 2:
+            return "–"
+        return f"{fmt(epochs[0].get(key), '.2f')} → {fmt(epochs[-1].get(key), '.2f')}"
+    return show
+
+
+def _exposure_at(reps_key: str) -> Callable[[dict], str]:
+    def show(run: dict) -> str:
+        by_rep = plots.exposure_by_repetition(run)
+        if not by_rep:
+            return "–"
+        r = min((k for k in by_rep if k > 0), default=None) if reps_key == "first" else max(by_rep)
+        return "–" if r is None else f"{by_rep[r]:.1f} <small>({r}×)</small>"
+    return show
+
+
+def _median_gap(run: dict) -> float:
+    return measure(run, "ce_s_test_record_p50") - measure(run, "ce_s_train_record_p50")
+
+
+def side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tuple[Column, ...]]]:
+    """The numbers shown beside each figure: which runs, which columns."""
+    done = [r for r in runs if is_done(r)]
+    front = _on_front(runs)
+    trained = [r for r in done if not is_base(r)]
+    return {
+        "leakage_utility": (done, (
+            Column("utility CE", -1, *_final("utility_ce")),
+            Column("leakage gain", -1, *_final("leakage_gain")),
+            Column("gap (net)", -1, *_final("memorisation_gap_net")),
+            Column("front", 0, None, lambda r: "✓" if id(r) in front else "", "on the Pareto front"),
+        )),
+        "leakage_utility_epochs": ([r for r in trained if len(r.get("epochs") or []) > 1], (
+            Column("epochs", 0, None, lambda r: str(max(e.get("epoch", 0) for e in r["epochs"]))),
+            Column("leakage gain", -1, None, _epoch_change("leakage_gain"), "epoch 0 → last epoch"),
+            Column("utility CE", -1, None, _epoch_change("utility_ce"), "epoch 0 → last epoch"),
+        )),
+        "exposure": ([r for r in done if plots.exposure_by_repetition(r)], (
+            Column("ε", -1, epsilon, _escaped(fmt_epsilon)),
+            Column("inserted once", -1, None, _exposure_at("first"), "mean exposure, bits"),
+            Column("most repeated", -1, lambda r: top_exposure(r)[1], _exposure_at("last"), "mean exposure, bits"),
+        )),
+        "efficiency": ([r for r in trained if r.get("efficiency")], (
+            Column("per epoch", -1, *_eff("seconds_per_epoch", fmt_seconds)),
+            Column("tokens/s", 1, *_eff("tokens_per_second", lambda v: fmt(v, ",.0f"))),
+            Column("trainable", -1, lambda r: measure(r, "trainable_params", "efficiency")
+                   / measure(r, "total_params", "efficiency"),
+                   lambda r: fmt(100 * measure(r, "trainable_params", "efficiency")
+                                 / measure(r, "total_params", "efficiency"), ".2f") + " %",
+                   "trainable share of all parameters"),
+            Column("FLOPs", -1, *_eff("flops_estimate", lambda v: fmt(v, ".1e")), "estimated training FLOPs"),
+        )),
+        "loss_quantiles": ([r for r in done if not math.isnan(measure(r, "ce_s_train_record_p50"))], (
+            Column("train p50", 1, *_final("ce_s_train_record_p50"), "median record, members"),
+            Column("test p50", 0, *_final("ce_s_test_record_p50"), "median record, non-members"),
+            Column("test − train", -1, _median_gap, lambda r: fmt(_median_gap(r), "+.3f"),
+                   "gap between the medians: memorisation of typical records"),
+        )),
+    }
+
+
+FIGURE_NOTES = {
+    "leakage_utility": "Each point is a final model. Left is more useful, down leaks less; the dashed "
+                       "step line joins the runs no other run beats on both.",
+    "leakage_utility_epochs": "How each run moved while it trained: every epoch buys utility (left) and "
+                              "costs privacy (up). Private runs should stay low.",
+    "exposure": "How many bits of a secret the model gives away, against how often the secret was in the "
+                "training data. At the dashed line the model ranks the true secret first.",
+    "efficiency": "What each method costs to train. Memory is the peak resident set on CPU, allocated "
+                  "memory on GPU.",
+    "loss_quantiles": "The spread over records of the loss on sensitive tokens: 10th, 50th and 90th "
+                      "percentile. Means hide the few records a model learnt by heart.",
+}
+
+
+# --- figures ----------------------------------------------------------------------------
+
+def render_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=RENDER_DPI, facecolor="white")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def figure_section(name: str, title: str, fig, runs: Sequence[dict], figures_dir: Path | None) -> str:
+    width = fig.get_figwidth() * DISPLAY_PX_PER_INCH
+    png = render_png(fig)
+    if figures_dir is not None:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        (figures_dir / f"{name}.png").write_bytes(png)
+    data = base64.b64encode(png).decode("ascii")
+    side_runs, columns = side_columns(runs).get(name, ([], ()))
+    side = table(side_runs, columns, "side") if side_runs and columns else ""
+    note = FIGURE_NOTES.get(name, "")
+    return (f'<section class="figure" id="{escape(name)}"><h2>{escape(title)}</h2>'
+            f'<div class="row"><img alt="{escape(title)}" style="width:{width:.0f}px" '
+            f'src="data:image/png;base64,{data}">'
+            f'<aside><p class="note">{escape(note)}</p>{side}</aside></div></section>')
+
+
+# --- the page ----------------------------------------------------------------------------
+
+CSS = """
+:root { --ink:#1d2330; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --good:#e7f6ec; --warn:#fdf1e7; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+       color:var(--ink); background:var(--bg); }
+main { max-width:1480px; margin:0 auto; padding:24px 28px 48px; }
+h1 { font-size:24px; margin:0 0 6px; }
+h2 { font-size:17px; margin:0 0 10px; }
+.meta { display:flex; flex-wrap:wrap; gap:6px 22px; color:var(--muted); font-size:13px; margin-bottom:18px; }
+.meta b { color:var(--ink); font-weight:600; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(230px,1fr)); gap:12px; margin-bottom:10px; }
+.card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:12px 14px; }
+.card.warn { background:var(--warn); }
+.card .t { font-size:12px; text-transform:uppercase; letter-spacing:.04em; color:var(--muted); }
+.card .r { font-size:20px; font-weight:700; margin:2px 0; word-break:break-word; }
+.card .d { font-size:13px; color:var(--muted); }
+.verdict { font-size:15px; margin:6px 0 18px; }
+section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:16px 18px; margin:16px 0; }
+.row { display:flex; flex-wrap:wrap; gap:22px; align-items:flex-start; }
+.row img { max-width:100%; height:auto; flex:0 0 auto; }
+aside { flex:1 1 300px; min-width:280px; overflow-x:auto; }
+.note { color:var(--muted); margin:0 0 10px; }
+table { border-collapse:collapse; width:100%; font-variant-numeric:tabular-nums; }
+th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
+th { font-size:12px; color:var(--muted); font-weight:600; vertical-align:bottom; }
+table.side th { white-space:nowrap; }
+table.side { font-size:13px; }
+table.side td, table.side th { padding:4px 6px; }
+table.side td { white-space:nowrap; }
+th:first-child, td.label { text-align:left; }
+td.label { font-weight:600; white-space:nowrap; }
+table.side td.label span[title] { display:inline-block; max-width:10.5em; overflow:hidden; text-overflow:ellipsis; vertical-align:bottom; }
+table.runs td:nth-child(2), table.runs td:last-child { text-align:left; }
+table.runs tr.errorrow td { text-align:left; border-top:none; padding-top:0; padding-left:26px; }
+table.runs tr:has(+ tr.errorrow) td { border-bottom:none; }
+td.best { background:var(--good); font-weight:700; }
+tr.base td { color:var(--muted); font-style:italic; }
+tr.failed td { background:#fff6f6; }
+.swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:7px; }
+.status { font-size:12px; padding:1px 7px; border-radius:9px; background:#eef0f3; }
+.status.done { background:var(--good); } .status.failed { background:#fde2e2; color:#9b1c1c; }
+.status.running { background:#e8effd; }
+.error { color:#9b1c1c; font-size:13px; }
+.error::before { content:"error: "; font-weight:600; }
+small { color:var(--muted); }
+.wide { overflow-x:auto; }
+dl.glossary { display:grid; grid-template-columns:max-content 1fr; gap:4px 14px; margin:0; font-size:13px; }
+dl.glossary dt { font-weight:600; } dl.glossary dd { margin:0; color:var(--muted); }
+footer { color:var(--muted); font-size:12px; text-align:center; margin-top:24px; }
+"""
+
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$title</title><style>$css</style></head>
+<body><main>
+<h1>$title</h1>
+<div class="meta">$meta</div>
+<div class="cards">$cards</div>
+<p class="verdict">$verdict</p>
+$figures
+<section id="runs"><h2>Every run</h2>
+<p class="note">↑ higher is better, ↓ lower is better; the best fine-tuned run of each column is shaded.
+The base model (the untouched model, in italics) is the reference the gains are measured against.</p>
+<div class="wide">$table</div></section>
+<section id="glossary"><h2>What the numbers mean</h2><dl class="glossary">$glossary</dl></section>
+<footer>written by privtune$version</footer>
+</main></body></html>
+""")
+
+GLOSSARY = (
+    ("CE_S, CE_N", "mean loss (nats) of the model on sensitive / non-sensitive tokens"),
+    ("leakage gain ↓", "CE_S(base; train) − CE_S(model; train): how much better the model predicts the "
+                       "sensitive values it was trained on than the base model did"),
+    ("memorisation gap (net) ↓", "CE_S(model; test) − CE_S(model; train), minus the base model's own gap: "
+                                 "what the model learnt about training records' values beyond their format"),
+    ("utility CE ↓", "CE_N(model; held-out records); perplexity = exp(utility CE)"),
+    ("exposure ↓", "log₂|R| − log₂ rank of a canary among |R| candidates (Carlini et al., 2019)"),
+    ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
+)
+
+
+def _meta_html(meta: dict) -> str:
+    parts = []
+    for key, value in meta.items():
+        name = META_NAMES.get(key, key.replace("_", " "))
+        shown = "–" if value is None or value == "" else str(value)
+        parts.append(f"<span>{escape(name)}: <b>{escape(shown)}</b></span>")
+    return "".join(parts)
+
+
+def _cards_html(cards: Sequence[Card]) -> str:
+    return "".join(f'<div class="card {c.kind}"><div class="t">{escape(c.title)}</div>'
+                   f'<div class="r">{escape(c.run)}</div><div class="d">{escape(c.detail)}</div></div>'
+                   for c in cards)
+
+
+def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Path | None = None) -> str:
+    """The report page as a string (``figures_dir``: where to save the PNGs too)."""
+    sections = []
+    for name, fig_title, make in plots.FIGURES:
+        sections.append(figure_section(name, fig_title, make(runs), runs, figures_dir))
+    version = meta.get("privtune") or meta.get("version")
+    return PAGE.substitute(
+        title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
+        verdict=escape(verdict(runs)), figures="\n".join(sections),
+        table=table(runs, RUN_COLUMNS),
+        glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),
+        version=f" {escape(str(version))}" if version else "")
+
+
+def write_report(runs: list[dict], out_dir: Path, *, title: str, meta: dict) -> Path:
+    """Write ``out_dir/report.html`` (and the figures as PNG under ``out_dir/figures``).
+
+    Raises:
+        PrivtuneError: when there are no runs to report.
+    """
+    if not runs:
+        raise PrivtuneError("there are no runs to report",
+                            "run the study first (privtune run), or check --study and --output-dir")
+    out_dir = Path(out_dir)
+    page = render_html(runs, title=title, meta=meta, figures_dir=out_dir / "figures")
+    return write_text_atomic(out_dir / "report.html", page)
