@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -60,7 +61,7 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     console.print(f"database: {outcome.db_path}   time: {elapsed / 60:.1f} min")
     if outcome.failed:
         for label, error in outcome.failed.items():
-            err_console.print(f"[red]error:[/] run {label} failed: {error}")
+            err_console.print(f"[red]error:[/] run {label} failed: {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -189,6 +190,8 @@ def _print_summary(output_dir: str, study: str) -> None:
 
 
 def main() -> None:
+    # PEFT calls an API that transformers 5 deprecated; the warning says nothing to a user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:  # bad option or argument

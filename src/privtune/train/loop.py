@@ -70,7 +70,9 @@ def plan_privacy(settings: DPSettings, n_records: int, batch_size: int, epochs: 
     steps = epochs * math.ceil(n_records / batch_size)
     delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_records)
     dp.check_dp_settings(n_records=n_records, delta=delta, sample_rate=sample_rate,
-                         max_grad_norm=settings.max_grad_norm, target_epsilon=settings.target_epsilon)
+                         max_grad_norm=settings.max_grad_norm, target_epsilon=settings.target_epsilon,
+                         noise_multiplier=settings.noise_multiplier, steps=steps,
+                         accountant=settings.accountant)
     if settings.noise_multiplier is not None:
         sigma = settings.noise_multiplier
     else:
@@ -146,10 +148,12 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
     noise = dp.make_noise_generator(plan.seed, secure=plan.dp.secure_mode, device=runtime.device)
     steps_per_epoch = privacy.steps // plan.epochs
     expected_batch = privacy.sample_rate * n
+    # In secure mode batch membership is secret too: sample it from the secure source.
+    sampler = noise if plan.dp.secure_mode else generator
     try:
         for epoch in range(1, plan.epochs + 1):
             with Stopwatch(runtime.device) as clock:
-                for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, generator):
+                for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, sampler):
                     for rows in dp.physical_chunks(batch, plan.physical_batch_size):
                         clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
                                                    privacy.max_grad_norm)

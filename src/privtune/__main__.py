@@ -1,0 +1,3 @@
+from privtune.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""Bad input through the command line: one line on stderr, a non-zero exit, no traceback."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from privtune import cli
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["privtune", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def write_study(tmp_path, **fields):
+    study = {"model": "tiny-llama", "output_dir": str(tmp_path / "out"),
+             "data": {"n_individuals": 6, "max_length": 48}, "canaries": {"enabled": False},
+             "train": {"epochs": 1, "batch_size": 4}, "methods": [{"method": "lora", "lora": {"r": 2}}]}
+    study.update(fields)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_unknown_model(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path, model="llama-9000")))
+    assert_one_line_error(code, err, "unknown model 'llama-9000'", "smollm2-135m")
+
+
+def test_unknown_method_and_wrong_type(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, methods=[{"method": "sft"}], train={"epochs": "many"})
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(path))
+    assert_one_line_error(code, err, "methods.0.method", "train.epochs")
+
+
+def test_jsonl_line_that_is_not_json(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "tickets.jsonl"
+    data.write_text(json.dumps({"text": "Jane paid."}) + "\n{not json\n")
+    path = write_study(tmp_path, data={"source": str(data)})
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(path))
+    assert_one_line_error(code, err, "line 2", "tickets.jsonl")
+
+
+def test_span_outside_text(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"text": "Jane Doe paid.", "spans": [{"start": 0, "end": 40, "label": "NAME"}]},
+            {"text": "Joe paid.", "spans": [{"start": 0, "end": 3, "label": "NAME"}]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path, data={"source": str(data)})))
+    assert_one_line_error(code, err, "line 1")
+
+
+def test_impossible_dp_target(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, train={"epochs": 20, "batch_size": 4},
+                       methods=[{"method": "dp-lora", "dp": {"target_epsilon": 0.01, "delta": 1e-4}}])
+    code, _, err = run_cli(monkeypatch, capsys, "run", "--no-report", str(path))
+    assert_one_line_error(code, err, "run dp-lora failed", "target epsilon 0.01 is unreachable")
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["privtune", "--debug", "run", str(write_study(tmp_path, model="nope"))])
+    from privtune.errors import PrivtuneError
+
+    with pytest.raises(PrivtuneError):
+        cli.main()
+
+
+def test_report_without_database(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "report", "--output-dir", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "no results database")

@@ -1,0 +1,72 @@
+"""A whole study on a tiny model: every method trains, lands in the database, is
+skipped on rerun, and reaches the report."""
+
+import json
+
+import pytest
+
+from privtune.config import parse_config
+from privtune.study.driver import open_store, run_study
+
+
+def tiny_study(tmp_path, **overrides):
+    raw = {
+        "name": "tiny", "model": "tiny-llama", "output_dir": str(tmp_path / "out"),
+        "data": {"source": "customer-sim", "n_individuals": 16, "max_length": 64},
+        "canaries": {"repetitions": [1, 4], "n_reference": 1, "n_candidates": 32},
+        "train": {"epochs": 2, "batch_size": 4, "physical_batch_size": 4, "lr": 3e-3},
+        "methods": [
+            {"method": "fft"},
+            {"method": "lora", "lr": 3e-2, "lora": {"r": 4}},
+            {"method": "dp-fft", "dp": {"target_epsilon": 8.0}},
+            {"method": "dp-lora", "lr": 3e-2, "lora": {"r": 4}, "dp": {"noise_multiplier": 0.8, "delta": 1e-3}},
+        ],
+        "precision": "fp32", "eval_batch_size": 8,
+    }
+    raw.update(overrides)
+    return parse_config(raw)
+
+
+@pytest.mark.slow
+def test_full_study_on_a_tiny_model(tmp_path):
+    cfg = tiny_study(tmp_path)
+    outcome = run_study(cfg, show_progress=False)
+    assert outcome.failed == {}
+    assert outcome.done == ["base", "fft", "lora", "dp-fft", "dp-lora"]
+
+    store = open_store(cfg)
+    runs = {r["label"]: r for r in store.runs("tiny")}
+    store.close()
+    assert all(r["status"] == "done" for r in runs.values())
+    for label in ("fft", "lora", "dp-fft", "dp-lora"):
+        run = runs[label]
+        assert [e["epoch"] for e in run["epochs"]] == [0, 1, 2]
+        assert run["final"]["ce_s_train"] == run["epochs"][-1]["ce_s_train"]
+        assert run["efficiency"]["train_seconds"] > 0 and run["efficiency"]["trainable_params"] > 0
+        assert {e["repetitions"] for e in run["exposure"]} == {0, 1, 4}
+    # Full fine-tuning at this learning rate memorises: sensitive train loss falls below base.
+    assert runs["fft"]["final"]["leakage_gain"] > 0.5
+    assert runs["lora"]["efficiency"]["trainable_params"] < runs["fft"]["efficiency"]["trainable_params"] / 5
+    assert runs["dp-fft"]["dp"]["epsilon"] == pytest.approx(8.0, rel=0.02)
+    assert runs["dp-lora"]["dp"]["noise_multiplier"] == 0.8 and runs["dp-lora"]["dp"]["epsilon"] > 0
+    assert runs["dp-fft"]["epochs"][1]["epsilon"] < runs["dp-fft"]["epochs"][2]["epsilon"]
+
+    again = run_study(cfg, show_progress=False)
+    assert again.done == [] and len(again.skipped) == 5
+
+
+@pytest.mark.slow
+def test_failed_run_is_recorded_and_others_finish(tmp_path):
+    # delta >= 1/N is impossible for DP: that run fails, the rest land.
+    cfg = tiny_study(tmp_path, methods=[{"method": "lora", "lora": {"r": 2}},
+                                        {"method": "dp-lora", "dp": {"target_epsilon": 4.0, "delta": 0.5}}],
+                     train={"epochs": 1, "batch_size": 4})
+    outcome = run_study(cfg, show_progress=False)
+    assert outcome.done == ["base", "lora"]
+    assert "delta" in outcome.failed["dp-lora"]
+    store = open_store(cfg)
+    statuses = {r["label"]: r["status"] for r in store.runs()}
+    store.close()
+    assert statuses == {"base": "done", "lora": "done", "dp-lora": "failed"}
+    rerun = run_study(cfg, show_progress=False)
+    assert rerun.skipped == ["base", "lora"] and "dp-lora" in rerun.failed
