@@ -1,7 +1,8 @@
 """The report: HTML page, figures, Pareto front, CSV/JSON export.
 
 The example study (tests/fixtures/runs_example.json) holds a base model, fft, two LoRA
-runs, dp-fft, dp-lora and one failed run, with 2-3 epochs each.
+runs, dp-fft, dp-lora and one failed run, with 2-3 epochs each; every finished run also
+has attack results (tested in test_attack_report.py).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def texts_of(fig: Figure) -> set[str]:
 
 # --- the page ------------------------------------------------------------------------
 
-def test_report_is_written_beside_its_figures(page):
+def test_report_is_written_beside_its_figures(page, runs):
     path, text = page
     assert path.name == "report.html" and text.startswith("<!DOCTYPE html>")
-    assert {p.name for p in (path.parent / "figures").iterdir()} == {f"{name}.png" for name, _, _ in plots.FIGURES}
-    assert text.count('<img ') == len(plots.FIGURES)
+    figures = report_html.report_figures(runs)  # the measure figures, and the attack ones the fixture has
+    assert {name for name, _, _ in plots.FIGURES} < {name for name, _, _ in figures}
+    assert {p.name for p in (path.parent / "figures").iterdir()} == {f"{name}.png" for name, _, _ in figures}
+    assert text.count('<img ') == len(figures)
 
 
 def test_report_is_self_contained(page):

@@ -4,8 +4,12 @@
 The CSV keeps the identity of each run, every final measure under its own name
 (``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
 ...), the DP settings prefixed ``dp_`` and the canary exposure per repetition count
-(``exposure_r16``: mean over the canaries inserted 16 times). Missing and non-finite
-values are empty cells. Per-epoch measures are left to the JSON.
+(``exposure_r16``: mean over the canaries inserted 16 times), and the attacks' headline
+numbers: per (attack, level) the AUC and the TPR at 1% FPR (``mia_lira_online_record_auc``,
+``mia_lira_online_record_tpr_at_1pct_fpr``), the strongest attack, the extraction
+advantage and PII-inference top-1 over all PII types, the backdoor success rates.
+Missing and non-finite values are empty cells. Per-epoch measures, confidence
+intervals, ROC curves and per-type rates are left to the JSON.
 
 Both files are written aside and renamed into place, so a reader never sees half a file.
 """
@@ -20,6 +24,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from privtune.report import attack_plots
+from privtune.report.attack_plots import ALL, auc, mia_entry, strongest_mia, tpr_at
 from privtune.report.plots import exposure_by_repetition, top_exposure
 
 IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
@@ -68,8 +74,55 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     columns += [f"exposure_r{r}" for r in reps]
     if reps:
         columns += ["exposure_top_repetitions", "exposure_top_mean"]
+    columns += [c for c in attack_columns(runs) if c not in taken]
     columns += ["epochs"]
     return columns
+
+
+def _mia_pairs(runs: Sequence[dict]) -> list[tuple[str, str]]:
+    """Every (attack, level) some run has, attacks in display order, record level first."""
+    found = {(e["attack"], e["level"]) for run in runs for e in attack_plots.mia_entries(run)}
+    attacks = attack_plots.order_attacks([a for a, _ in sorted(found)])
+    return [(a, level) for level in attack_plots.LEVELS for a in attacks if (a, level) in found]
+
+
+def attack_columns(runs: Sequence[dict]) -> list[str]:
+    """The attack columns of the CSV, for the attacks some run went through."""
+    columns = []
+    for attack, level in _mia_pairs(runs):
+        columns += [f"mia_{attack}_{level}_auc", f"mia_{attack}_{level}_tpr_at_1pct_fpr"]
+    if columns:
+        columns += ["mia_strongest_attack", "mia_strongest_auc"]
+    for mode in attack_plots.EXTRACTION_MODES:
+        if any(ALL in attack_plots.extraction_rates(r, mode) for r in runs):
+            columns.append(f"extraction_{mode}_all_advantage")
+    if any(ALL in attack_plots.pii_inference(r) for r in runs):
+        columns += ["pii_inference_all_top1", "pii_inference_all_chance"]
+    if any(attack_plots.backdoor(r) for r in runs):
+        columns += ["backdoor_asr_triggered", "backdoor_asr_clean"]
+    return columns
+
+
+def attack_cells(run: dict, pairs: Sequence[tuple[str, str]]) -> dict:
+    """A run's attack numbers under the names :func:`attack_columns` gives them."""
+    cells: dict = {}
+    for attack, level in pairs:
+        entry = mia_entry(run, attack, level)
+        cells[f"mia_{attack}_{level}_auc"] = auc(entry)
+        cells[f"mia_{attack}_{level}_tpr_at_1pct_fpr"] = tpr_at(entry, "0.01")
+    strongest = strongest_mia(run)
+    if strongest is not None:
+        cells["mia_strongest_attack"] = f"{strongest['attack']}/{strongest['level']}"
+        cells["mia_strongest_auc"] = auc(strongest)
+    for mode in attack_plots.EXTRACTION_MODES:
+        cells[f"extraction_{mode}_all_advantage"] = (
+            attack_plots.extraction_rates(run, mode).get(ALL) or {}).get("advantage")
+    pii = attack_plots.pii_inference(run).get(ALL) or {}
+    cells["pii_inference_all_top1"], cells["pii_inference_all_chance"] = pii.get("top1"), pii.get("chance")
+    backdoor = attack_plots.backdoor(run) or {}
+    cells["backdoor_asr_triggered"], cells["backdoor_asr_clean"] = (
+        backdoor.get("asr_triggered"), backdoor.get("asr_clean"))
+    return cells
 
 
 def _cell(value):
@@ -92,6 +145,8 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
         row[f"exposure_r{r}"] = value
     top_r, top_mean = top_exposure(run)
     row["exposure_top_repetitions"], row["exposure_top_mean"] = top_r, top_mean
+    pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
+    row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 

@@ -7,8 +7,11 @@ file opens the same anywhere, offline, years later. The figures are also saved b
 it under ``figures/`` for slides and papers.
 
 Order follows what a reader asks: the headline (which method leaks least, which keeps
-the most utility, which trades best), then each figure with its numbers beside it,
-then a table of every run, failed ones included with their error. Every column says
+the most utility, which trades best, which attack hurts most), then each figure with
+its numbers beside it, then the attacks (ROC curves with a table of AUC and TPR at low
+FPR under them, extraction, PII inference, backdoor; each shown only when some run was
+attacked that way, so an older study renders as before), then a table of every run,
+failed ones included with their error. Every column says
 which way is better. All text from runs and metadata is HTML-escaped.
 
 Plain ``string.Template``: the page is small and a template engine would add a
@@ -29,7 +32,8 @@ from string import Template
 import matplotlib.pyplot as plt
 
 from privtune.errors import PrivtuneError
-from privtune.report import plots
+from privtune.report import attack_plots, plots
+from privtune.report.attack_plots import attack_name, auc, auc_ci, mia_entry, pct, strongest_mia, tpr_at, tpr_ci
 from privtune.report.export import write_text_atomic
 from privtune.report.plots import duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure
 
@@ -146,6 +150,9 @@ def headline_cards(runs: Sequence[dict]) -> list[Card]:
                           f"on the Pareto front, nearest the ideal corner: utility CE "
                           f"{fmt(measure(trade, 'utility_ce'))}, leakage gain {fmt(measure(trade, 'leakage_gain'))}"
                           f"{_dp_note(trade)}"))
+    strongest = strongest_attack_card(runs)
+    if strongest:
+        cards.append(strongest)
     exposed = [(r, *top_exposure(r)) for r in runs if is_done(r) and not is_base(r)]
     exposed = [(r, rep, e) for r, rep, e in exposed if not math.isnan(e)]
     if exposed:
@@ -160,6 +167,36 @@ def headline_cards(runs: Sequence[dict]) -> list[Card]:
                           ", ".join(str(r.get("label")) for r in failed), "see the table below for the error",
                           "warn"))
     return cards
+
+
+def fmt_interval(low: float, high: float, spec: str = ".2f") -> str:
+    """``[low–high]``, or "" when the interval is unknown."""
+    if math.isnan(number(low)) or math.isnan(number(high)):
+        return ""
+    return f"[{format(low, spec)}–{format(high, spec)}]"
+
+
+def strongest_attack_card(runs: Sequence[dict]) -> Card | None:
+    """The membership attack with the highest AUC on any fine-tuned run, the run most
+    exposed to it, and the run it hurts least, for contrast."""
+    trained = [r for r in runs if is_done(r) and not is_base(r)]
+    scored = [(r, strongest_mia(r)) for r in trained]
+    scored = [(r, e) for r, e in scored if e is not None]
+    if not scored:
+        return None
+    run, entry = max(scored, key=lambda t: auc(t[1]))
+    attack, level = entry["attack"], entry["level"]
+    others = [(r, auc(mia_entry(r, attack, level))) for r in trained if r is not run]
+    others = [(r, a) for r, a in others if not math.isnan(a)]
+    least = min(others, key=lambda t: t[1], default=None)
+    exposed = str(run.get("label"))
+    if run.get("method") != run.get("label"):
+        exposed += f" ({run.get('method')})"
+    detail = (f"most exposed: {exposed}, AUC {auc(entry):.2f} {fmt_interval(*auc_ci(entry))}, "
+              f"TPR {pct(tpr_at(entry, '0.01'))} at 1% FPR")
+    if least is not None:
+        detail += f"; least: {least[0].get('label')}, AUC {least[1]:.2f}"
+    return Card("Strongest attack", f"{attack_name(attack)} ({level})", detail, "warn")
 
 
 def verdict(runs: Sequence[dict]) -> str:
@@ -190,6 +227,7 @@ class Column:
     value: Callable[[dict], float] | None
     show: Callable[[dict], str]
     title: str = ""
+    mark_worst: bool = False  # also shade the worst value (attack tables)
 
     def heading(self) -> str:
         arrow = {1: "\u00a0↑", -1: "\u00a0↓"}.get(self.better, "")  # the arrow never wraps alone
@@ -208,6 +246,15 @@ def _eff(key: str, show: Callable) -> tuple[Callable[[dict], float], Callable[[d
 def _top_exposure_cell(run: dict) -> str:
     rep, value = top_exposure(run)
     return "–" if rep is None else f"{value:.1f} <small>({rep}×)</small>"
+
+
+def _strongest_mia_cell(run: dict) -> str:
+    entry = strongest_mia(run)
+    if entry is None:
+        return "–"
+    name = escape(attack_name(entry["attack"]))
+    tip = f"{name}, {escape(entry['level'])} level"
+    return f'<span class="nowrap" title="{tip}">{auc(entry):.2f} <small>{name}</small></span>'
 
 
 def _status_cell(run: dict) -> str:
@@ -243,6 +290,8 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("ppl", -1, *_final("utility_ppl", ".2f"), "perplexity = exp(utility CE)"),
     Column("exposure, most-repeated canary", -1, lambda r: top_exposure(r)[1], _top_exposure_cell,
            "mean exposure (bits) of the canaries inserted most often"),
+    Column("MIA AUC, strongest attack", -1, lambda r: auc(strongest_mia(r)), _strongest_mia_cell,
+           "highest membership-inference AUC over all attacks and levels; 0.5 = chance"),
     Column("train time", -1, *_eff("train_seconds", fmt_seconds)),
     Column("peak memory", -1, *_eff("peak_memory_bytes", fmt_bytes)),
     Column("trainable params", -1, *_eff("trainable_params", fmt_count)),
@@ -262,17 +311,29 @@ def _best_index(runs: Sequence[dict], column: Column) -> set[int]:
     return {i for i, v in scored if v == best}
 
 
-def table(runs: Sequence[dict], columns: Sequence[Column], css_class: str = "runs") -> str:
-    """An HTML table of ``runs``: label first, the best value of each column marked."""
-    colors = [s.color for s in styles(runs)]
+def _worst_index(runs: Sequence[dict], column: Column) -> set[int]:
+    """Rows holding the worst value of a column that asks for it (see :func:`_best_index`)."""
+    if not column.mark_worst:
+        return set()
+    flipped = Column(column.header, -column.better, column.value, column.show)
+    return _best_index(runs, flipped)
+
+
+def table(runs: Sequence[dict], columns: Sequence[Column], css_class: str = "runs",
+          colors: Sequence[str] | None = None) -> str:
+    """An HTML table of ``runs``: label first, the best value of each column marked
+    (and the worst, for columns that ask). ``colors``: each run's method colour, when
+    ``runs`` is a subset of the study (styles are assigned over the whole study)."""
+    colors = list(colors) if colors is not None else [s.color for s in styles(runs)]
     best = [_best_index(runs, c) for c in columns]
+    worst = [_worst_index(runs, c) for c in columns]
     head = "<tr><th>run</th>" + "".join(c.heading() for c in columns) + "</tr>"
     rows = []
     for i, run in enumerate(runs):
         classes = " ".join(k for k, on in (("base", is_base(run)), ("failed", run.get("status") == "failed")) if on)
         cells = [f"<td class=\"label\">{_label_cell(run, colors[i])}</td>"]
-        for column, winners in zip(columns, best):
-            mark = ' class="best"' if i in winners else ""
+        for column, winners, losers in zip(columns, best, worst):
+            mark = ' class="best"' if i in winners else ' class="worst"' if i in losers and i not in winners else ""
             cells.append(f"<td{mark}>{column.show(run)}</td>")
         rows.append(f'<tr class="{classes}">' + "".join(cells) + "</tr>" + _error_row(run, len(cells)))
     return f'<table class="{css_class}"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
@@ -348,6 +409,168 @@ def side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tuple[Colu
     }
 
 
+# --- the attack sections ---------------------------------------------------------------------
+
+def _tpr_num(value: float) -> str:
+    """A TPR in percent without the sign: one decimal below 10 %, none above."""
+    value = 100 * number(value)
+    return "–" if math.isnan(value) else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _fpr_label(fpr: str) -> str:
+    return f"{100 * float(fpr):g}%"
+
+
+def fpr_keys(runs: Sequence[dict], level: str | None = None) -> list[str]:
+    """The FPRs TPR was reported at in any run (at ``level``), largest first."""
+    keys = {k for r in runs for e in attack_plots.mia_entries(r) if level in (None, e["level"])
+            for k in (e.get("tpr_at_fpr") or {}) if not math.isnan(number(_as_float(k)))}
+    return sorted(keys, key=lambda k: -float(k))
+
+
+def _as_float(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def mia_cell(entry: dict | None, fprs: Sequence[str]) -> str:
+    """AUC with its interval, then TPR at each FPR with its interval (in %)."""
+    if entry is None or math.isnan(auc(entry)):
+        return "–"
+    lines = [f'<b>{auc(entry):.2f}</b> <small>{fmt_interval(*auc_ci(entry))}</small>']
+    for fpr in fprs:
+        low, high = tpr_ci(entry, fpr)
+        ci = "" if math.isnan(low) or math.isnan(high) else f" [{_tpr_num(low)}–{_tpr_num(high)}]"
+        lines.append(f'<small class="tpr">@{_fpr_label(fpr)}: {_tpr_num(tpr_at(entry, fpr))}{ci}</small>')
+    return "<br>".join(lines)
+
+
+def mia_columns(runs: Sequence[dict], level: str) -> tuple[Column, ...]:
+    """One column per attack at ``level``: AUC and TPR at low FPR, best and worst shaded."""
+    fprs = fpr_keys(runs, level)
+    return tuple(Column(attack_name(a), -1, lambda r, a=a: auc(mia_entry(r, a, level)),
+                        lambda r, a=a: mia_cell(mia_entry(r, a, level), fprs),
+                        "AUC [95% CI]; TPR (%) at each FPR [95% CI]; 0.5 AUC = chance", mark_worst=True)
+                 for a in attack_plots.mia_attacks(runs, level))
+
+
+def _attacked(runs: Sequence[dict], level: str) -> list[dict]:
+    return [r for r in runs if is_done(r) and any(e["level"] == level for e in attack_plots.mia_entries(r))]
+
+
+def _sizes(runs: Sequence[dict], level: str) -> str:
+    """How many members and non-members the attacks scored, e.g. "120 and 120"."""
+    pairs = {(e.get("n_members"), e.get("n_nonmembers")) for r in runs for e in attack_plots.mia_entries(r)
+             if e["level"] == level}
+    if len(pairs) != 1 or None in next(iter(pairs)):
+        return ""
+    members, nonmembers = next(iter(pairs))
+    return f" Scored on {members} training and {nonmembers} held-out records per run."
+
+
+def mia_table(runs: Sequence[dict], level: str, colors: dict[int, str]) -> str:
+    """The full MIA table of one level, with how to read it and which runs it lacks."""
+    attacked = _attacked(runs, level)
+    if not attacked:
+        return ""
+    fprs = ", ".join(_fpr_label(f) for f in fpr_keys(runs, level)) or "–"
+    ids = {id(r) for r in attacked}
+    missing = [str(r.get("label")) for r in runs if is_done(r) and id(r) not in ids]
+    lacking = f" No attack results at this level for: {', '.join(missing)}." if missing else ""
+    note = (f"Each cell: AUC [95% bootstrap interval], then TPR in % at FPR {fprs} [interval]. Lower is more "
+            f"private, AUC 0.5 and TPR = FPR are chance. Per attack, the least exposed fine-tuned run is shaded "
+            f"green, the most exposed orange.{_sizes(runs, level)}{lacking}")
+    body = table(attacked, mia_columns(runs, level), "attacks", [colors[id(r)] for r in attacked])
+    return (f'<h3>Every attack, {escape(level)} level</h3><p class="note">{escape(note)}</p>'
+            f'<div class="wide">{body}</div>')
+
+
+def _strongest_at(level: str) -> dict[str, Callable[[dict], object]]:
+    def entry(run: dict) -> dict | None:
+        return strongest_mia(run, level)
+    return {
+        "attack": lambda r: escape(attack_name(entry(r)["attack"])) if entry(r) else "–",
+        "auc": lambda r: auc(entry(r)),
+        "auc_show": lambda r: fmt(auc(entry(r)), ".2f"),
+        "tpr": lambda r: tpr_at(entry(r), "0.01"),
+        "tpr_show": lambda r: escape(pct(tpr_at(entry(r), "0.01"))),
+    }
+
+
+def _extraction_value(mode: str) -> Callable[[dict], float]:
+    return lambda r: number((attack_plots.extraction_rates(r, mode).get(attack_plots.ALL) or {}).get("advantage"))
+
+
+def _extraction_cell(mode: str) -> Callable[[dict], str]:
+    def show(run: dict) -> str:
+        row = attack_plots.extraction_rates(run, mode).get(attack_plots.ALL)
+        if not row:
+            return "–"
+        advantage = number(row.get("advantage"))
+        sign = "" if math.isnan(advantage) else "+" if advantage >= 0 else ""
+        return (f"{sign}{escape(pct(advantage))} <small>({escape(pct(row.get('member_rate'))).rstrip('%')} vs "
+                f"{escape(pct(row.get('nonmember_rate'))).rstrip('%')})</small>")
+    return show
+
+
+def _pii(run: dict, key: str) -> float:
+    return number((attack_plots.pii_inference(run).get(attack_plots.ALL) or {}).get(key))
+
+
+def _backdoor(run: dict, key: str) -> float:
+    return number((attack_plots.backdoor(run) or {}).get(key))
+
+
+def attack_side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tuple[Column, ...]]]:
+    """The numbers beside each attack figure."""
+    done = [r for r in runs if is_done(r)]
+    sides: dict[str, tuple[list[dict], tuple[Column, ...]]] = {}
+    for level in attack_plots.LEVELS:
+        at = _strongest_at(level)
+        sides[f"mia_{level}"] = (_attacked(runs, level), (
+            Column("strongest attack", 0, None, at["attack"], "the attack with the highest AUC on this run"),
+            Column("AUC", -1, at["auc"], at["auc_show"], "its AUC (intervals in the table below); 0.5 = chance"),
+            Column("TPR@1%", -1, at["tpr"], at["tpr_show"], "its true-positive rate at 1% false positives"),
+        ))
+    modes = [m for m in attack_plots.EXTRACTION_MODES if any(attack_plots.extraction_rates(r, m) for r in done)]
+    sides["extraction"] = ([r for r in done if any(attack_plots.extraction_rates(r, m) for m in modes)], tuple(
+        Column(f"{mode} adv.", -1, _extraction_value(mode), _extraction_cell(mode),
+               "all PII types: recovered for training people minus for held-out people "
+               "(training vs held-out rate)") for mode in modes))
+    sides["pii_inference"] = ([r for r in done if attack_plots.pii_inference(r)], (
+        Column("top-1", -1, lambda r: _pii(r, "top1"), lambda r: escape(pct(_pii(r, "top1"))),
+               "all PII types, training people"),
+        Column("held-out", 0, None, lambda r: escape(pct(_pii(r, "nonmember_top1"))),
+               "the same for held-out people: what the format alone gives"),
+        Column("chance", 0, None, lambda r: escape(pct(_pii(r, "chance"), "g")), "1/k"),
+    ))
+    sides["backdoor"] = ([r for r in done if attack_plots.backdoor(r)], (
+        Column("with trigger", -1, lambda r: _backdoor(r, "asr_triggered"),
+               lambda r: escape(pct(_backdoor(r, "asr_triggered"))), "attack success rate"),
+        Column("without", -1, lambda r: _backdoor(r, "asr_clean"), lambda r: escape(pct(_backdoor(r, "asr_clean"))),
+               "target emitted without the trigger"),
+        Column("prompts", 0, None, lambda r: fmt(_backdoor(r, "n"), ".0f")),
+    ))
+    return sides
+
+
+def _clip(text, limit: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def backdoor_note(runs: Sequence[dict]) -> str:
+    """The trigger and target of the backdoor (set by the study, not personal data)."""
+    planted = {(str(b.get("trigger")), str(b.get("target"))) for r in runs if is_done(r)
+               for b in [attack_plots.backdoor(r)] if b and b.get("trigger")}
+    if len(planted) != 1:
+        return ""
+    trigger, target = next(iter(planted))
+    return f" Trigger: “{_clip(trigger)}”; target: “{_clip(target)}”."
+
+
 FIGURE_NOTES = {
     "leakage_utility": "Each point is a final model. Left is more useful, down leaks less; the dashed "
                        "step line joins the runs no other run beats on both.",
@@ -359,6 +582,18 @@ FIGURE_NOTES = {
                   "memory on GPU.",
     "loss_quantiles": "The spread over records of the loss on sensitive tokens: 10th, 50th and 90th "
                       "percentile. Means hide the few records a model learnt by heart.",
+    "mia_record": "Can an attacker tell a training record from a held-out one? One panel per attack, one "
+                  "line per run; the dashed diagonal is guessing. Both axes are logarithmic: what counts is "
+                  "the true-positive rate at a very low false-positive rate (left edge).",
+    "mia_sensitive": "The same attacks scored on the sensitive tokens only (names, e-mails, numbers ...): "
+                     "does the model recognise the values it was trained on?",
+    "extraction": "Prompted with the text before a sensitive value, how often the model writes the exact "
+                  "value. Held-out people's values were never seen: their rate is what guessing the format "
+                  "gives, the bar above it is memorisation.",
+    "pii_inference": "Ranking the true value first among k candidates of the same type (one true, k − 1 "
+                     "fake). The dashed line is chance, 1/k.",
+    "backdoor": "Share of held-out prompts where the model emits the planted target: with the trigger "
+                "(the attack works) and without it (the backdoor leaks into normal use).",
 }
 
 
@@ -371,6 +606,17 @@ def render_png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _note(name: str, runs: Sequence[dict]) -> str:
+    note = FIGURE_NOTES.get(name, "")
+    return note + backdoor_note(runs) if name == "backdoor" else note
+
+
+def _below(name: str, runs: Sequence[dict], colors: dict[int, str]) -> str:
+    """What goes under a figure, full width: the MIA table under its ROC curves."""
+    level = name.removeprefix("mia_")
+    return mia_table(runs, level, colors) if name.startswith("mia_") and level in attack_plots.LEVELS else ""
+
+
 def figure_section(name: str, title: str, fig, runs: Sequence[dict], figures_dir: Path | None) -> str:
     width = fig.get_figwidth() * DISPLAY_PX_PER_INCH
     png = render_png(fig)
@@ -378,13 +624,21 @@ def figure_section(name: str, title: str, fig, runs: Sequence[dict], figures_dir
         figures_dir.mkdir(parents=True, exist_ok=True)
         (figures_dir / f"{name}.png").write_bytes(png)
     data = base64.b64encode(png).decode("ascii")
-    side_runs, columns = side_columns(runs).get(name, ([], ()))
-    side = table(side_runs, columns, "side") if side_runs and columns else ""
-    note = FIGURE_NOTES.get(name, "")
+    colors = {id(r): s.color for r, s in zip(runs, styles(runs))}  # as in the figures
+    side_runs, columns = {**side_columns(runs), **attack_side_columns(runs)}.get(name, ([], ()))
+    side = table(side_runs, columns, "side", [colors[id(r)] for r in side_runs]) if side_runs and columns else ""
     return (f'<section class="figure" id="{escape(name)}"><h2>{escape(title)}</h2>'
             f'<div class="row"><img alt="{escape(title)}" style="width:{width:.0f}px" '
             f'src="data:image/png;base64,{data}">'
-            f'<aside><p class="note">{escape(note)}</p>{side}</aside></div></section>')
+            f'<aside><p class="note">{escape(_note(name, runs))}</p>{side}</aside></div>'
+            f'{_below(name, runs, colors)}</section>')
+
+
+def report_figures(runs: Sequence[dict]) -> list[tuple[str, str, Callable]]:
+    """The figures of this study's page: every measure figure, and the attack figures
+    of the attacks some run went through."""
+    return [(name, title, make) for name, title, make in plots.FIGURES] + [
+        (name, title, make) for name, title, make, shown in attack_plots.FIGURES if shown(runs)]
 
 
 # --- the page ----------------------------------------------------------------------------
@@ -425,6 +679,13 @@ table.runs td:nth-child(2), table.runs td:last-child { text-align:left; }
 table.runs tr.errorrow td { text-align:left; border-top:none; padding-top:0; padding-left:26px; }
 table.runs tr:has(+ tr.errorrow) td { border-bottom:none; }
 td.best { background:var(--good); font-weight:700; }
+td.worst { background:var(--warn); }
+h3 { font-size:15px; margin:18px 0 6px; }
+table.attacks { font-size:13px; }
+table.attacks td { white-space:nowrap; line-height:1.3; }
+table.attacks td.best { font-weight:400; }
+table.attacks th { white-space:nowrap; }
+table.attacks small.tpr { color:var(--ink); opacity:.75; }
 tr.base td { color:var(--muted); font-style:italic; }
 tr.failed td { background:#fff6f6; }
 .swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:7px; }
@@ -434,6 +695,7 @@ tr.failed td { background:#fff6f6; }
 .error { color:#9b1c1c; font-size:13px; }
 .error::before { content:"error: "; font-weight:600; }
 small { color:var(--muted); }
+.nowrap { white-space:nowrap; }
 .wide { overflow-x:auto; }
 dl.glossary { display:grid; grid-template-columns:max-content 1fr; gap:4px 14px; margin:0; font-size:13px; }
 dl.glossary dt { font-weight:600; } dl.glossary dd { margin:0; color:var(--muted); }
@@ -468,6 +730,14 @@ GLOSSARY = (
     ("utility CE ↓", "CE_N(model; held-out records); perplexity = exp(utility CE)"),
     ("exposure ↓", "log₂|R| − log₂ rank of a canary among |R| candidates (Carlini et al., 2019)"),
     ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
+    ("MIA AUC ↓", "how well an attack separates training records from held-out ones: 0.5 = chance, 1 = "
+                  "perfect; record level scores all tokens, sensitive level the sensitive ones only"),
+    ("TPR @ FPR ↓", "share of training records an attack flags while wrongly flagging only 1% (0.1%) of "
+                    "held-out ones: the confident hits that matter (Carlini et al., 2022)"),
+    ("extraction advantage ↓", "share of training people's values the model writes out exactly, minus the "
+                               "same share for held-out people (what format guessing alone gives)"),
+    ("PII inference top-1 ↓", "share of values ranked first among k candidates; chance is 1/k"),
+    ("backdoor ASR ↓", "share of prompts where the model emits the planted target, with and without the trigger"),
 )
 
 
@@ -489,7 +759,7 @@ def _cards_html(cards: Sequence[Card]) -> str:
 def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Path | None = None) -> str:
     """The report page as a string (``figures_dir``: where to save the PNGs too)."""
     sections = []
-    for name, fig_title, make in plots.FIGURES:
+    for name, fig_title, make in report_figures(runs):
         sections.append(figure_section(name, fig_title, make(runs), runs, figures_dir))
     version = meta.get("privtune") or meta.get("version")
     return PAGE.substitute(
