@@ -1,0 +1,165 @@
+"""Score-based membership inference, all from one cached forward pass per model.
+
+Each attack maps a record's cached per-token quantities (``TokenScores``) to one score,
+higher meaning "more likely a member". They are registered by name, so a study config
+can pick them and a new one is one decorated function:
+
+- ``loss`` (Yeom et al., 2018): −mean NLL.
+- ``zlib`` (Carlini et al., 2021, "Extracting training data from large language models"):
+  −(total NLL) / zlib-compressed length of the scored text; texts that are merely easy
+  (repetitive, formulaic) compress well and are discounted.
+- ``min_k`` (Shi et al., 2024, "Detecting pretraining data", Min-K% Prob): mean
+  log-probability of the k% least likely tokens.
+- ``min_k_pp`` (Zhang et al., 2024, Min-K%++): the same over ``(log p − μ) / σ``, where μ
+  and σ are the mean and spread of log p over the vocabulary at that position.
+- ``reference`` (Carlini et al., 2021): −(mean NLL under the target − mean NLL under a
+  reference model), with the base model θ0 as the default reference.
+
+Every attack runs at two levels: the whole record, and its sensitive tokens only (the
+zlib length is then that of the record's sensitive values). A record with no scored
+token gets NaN and is left out of that attack's metrics.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from privtune.attacks.metrics import roc_metrics
+from privtune.data.records import Record
+from privtune.errors import PrivtuneError
+from privtune.measures.token_scores import TokenScores
+
+
+@dataclass
+class AttackInputs:
+    """What a score-based attack sees for one set of records."""
+
+    target: TokenScores
+    positions: np.ndarray  # (N, L-1) bool: the tokens to score
+    zlib_bytes: np.ndarray  # (N,) compressed length of the scored text
+    reference: TokenScores | None = None
+    k: float = 0.2
+
+
+Attack = Callable[[AttackInputs], np.ndarray]
+ATTACKS: dict[str, Attack] = {}
+
+
+def register_attack(name: str):
+    def decorate(fn: Attack) -> Attack:
+        if name in ATTACKS:
+            raise ValueError(f"attack {name!r} is registered twice")
+        ATTACKS[name] = fn
+        return fn
+    return decorate
+
+
+def get_attack(name: str) -> Attack:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise PrivtuneError(f"unknown attack {name!r}", f"use one of: {', '.join(ATTACKS)}") from None
+
+
+def _masked_mean(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    counts = positions.sum(axis=1)
+    sums = np.where(positions, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _mean_of_lowest(values: np.ndarray, positions: np.ndarray, k: float) -> np.ndarray:
+    """Per record, the mean of the ``ceil(k · n)`` lowest values among its positions."""
+    filled = np.where(positions, values, np.inf)
+    ordered = np.sort(filled, axis=1)  # scored positions first, lowest first
+    counts = positions.sum(axis=1)
+    take = np.maximum(1, np.ceil(k * counts)).astype(int)
+    keep = np.arange(ordered.shape[1])[None, :] < take[:, None]
+    out = _masked_mean(np.where(keep, ordered, 0.0), keep)
+    return np.where(counts > 0, out, np.nan)
+
+
+@register_attack("loss")
+def loss_attack(x: AttackInputs) -> np.ndarray:
+    return -_masked_mean(x.target.nll, x.positions)
+
+
+@register_attack("zlib")
+def zlib_attack(x: AttackInputs) -> np.ndarray:
+    total = np.where(x.positions, x.target.nll, 0.0).sum(axis=1)
+    score = -total / np.maximum(x.zlib_bytes, 1)
+    return np.where(x.positions.any(axis=1), score, np.nan)
+
+
+@register_attack("min_k")
+def min_k_attack(x: AttackInputs) -> np.ndarray:
+    return _mean_of_lowest(-x.target.nll, x.positions, x.k)
+
+
+@register_attack("min_k_pp")
+def min_k_pp_attack(x: AttackInputs) -> np.ndarray:
+    t = x.target
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (-t.nll - t.mu) / np.maximum(t.sigma, 1e-6)
+    return _mean_of_lowest(z, x.positions, x.k)
+
+
+@register_attack("reference")
+def reference_attack(x: AttackInputs) -> np.ndarray:
+    return -(_masked_mean(x.target.nll, x.positions) - _masked_mean(x.reference.nll, x.positions))
+
+
+def zlib_lengths(records: list[Record], level: str) -> np.ndarray:
+    """Compressed byte length of each record's text, or of its sensitive values."""
+    def text(r: Record) -> str:
+        return r.text if level == "record" else " ".join(value for _, value in r.span_values())
+    return np.array([len(zlib.compress(text(r).encode("utf-8"))) for r in records], dtype=float)
+
+
+def _positions(scores: TokenScores, level: str) -> np.ndarray:
+    if level not in ("record", "sensitive"):
+        raise PrivtuneError(f"unknown attack level {level!r}", "use record or sensitive")
+    return scores.valid if level == "record" else scores.sensitive
+
+
+def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference_members: TokenScores | None,
+                  reference_nonmembers: TokenScores | None, member_records: list[Record],
+                  nonmember_records: list[Record], *, levels=("record", "sensitive"), attacks=None,
+                  k: float = 0.2, fprs=(0.01, 0.001), n_bootstrap: int = 1000, seed: int = 0) -> list[dict]:
+    """Every requested attack at every level: entries of the ``attacks.mia`` schema.
+
+    ``target``/``target_nonmembers`` are the attacked model's scores on members and
+    non-members; the reference scores (same records) enable the ``reference`` attack.
+    """
+    if not member_records or not nonmember_records:
+        raise PrivtuneError("membership inference needs members and non-members",
+                            "use a dataset with at least one record on each side of the split")
+    if not 0 < k <= 1:
+        raise PrivtuneError(f"Min-K% fraction k={k} is outside (0, 1]", "use e.g. k=0.2")
+    names = list(attacks) if attacks is not None else list(ATTACKS)
+    has_reference = reference_members is not None and reference_nonmembers is not None
+    if not has_reference and attacks is None:
+        names.remove("reference")
+    is_member = np.r_[np.ones(len(member_records), bool), np.zeros(len(nonmember_records), bool)]
+    entries = []
+    for level in levels:
+        zbytes = zlib_lengths(member_records + nonmember_records, level)
+        inputs = [AttackInputs(scores, _positions(scores, level), zb, ref, k)
+                  for scores, zb, ref in ((target, zbytes[:len(member_records)], reference_members),
+                                          (target_nonmembers, zbytes[len(member_records):], reference_nonmembers))]
+        for name in names:
+            attack = get_attack(name)
+            if name == "reference" and not has_reference:
+                raise PrivtuneError("the reference attack needs reference-model scores",
+                                    "leave attacks.mia.reference_model empty to use the base model")
+            scores = np.concatenate([attack(x) for x in inputs])
+            keep = ~np.isnan(scores)
+            if keep[is_member].sum() == 0 or keep[~is_member].sum() == 0:
+                continue  # e.g. no sensitive tokens on one side: nothing to compare
+            metrics = roc_metrics(scores[keep], is_member[keep], fprs=fprs, n_bootstrap=n_bootstrap, seed=seed)
+            entries.append({"attack": name, "level": level, "higher_is_member": True, **metrics})
+    return entries

@@ -1,0 +1,117 @@
+"""Score-based attacks against direct computations, and on models that did / did not train."""
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from privtune.attacks.mia import ATTACKS, AttackInputs, get_attack, score_attacks
+from privtune.data.corpora import generate_corpus
+from privtune.data.records import Record, Span
+from privtune.data.split import split_by_individual
+from privtune.data.tokenize import encode_records
+from privtune.errors import PrivtuneError
+from privtune.measures.token_scores import TokenScores, score_tokens
+from privtune.models.tiny import tiny_model, tiny_tokenizer
+from privtune.train.losses import per_record_loss
+from privtune.train.precision import Runtime
+
+CPU = Runtime(torch.device("cpu"), "fp32")
+
+
+def random_scores(n=7, width=12, seed=0):
+    rng = np.random.default_rng(seed)
+    valid = np.arange(width)[None, :] < rng.integers(1, width + 1, n)[:, None]
+    return TokenScores(nll=rng.gamma(2.0, 1.0, (n, width)), mu=rng.normal(-3, 1, (n, width)),
+                       sigma=rng.uniform(0.5, 2, (n, width)), valid=valid,
+                       sensitive=valid & (rng.random((n, width)) < 0.4))
+
+
+def test_loss_and_zlib_by_hand():
+    nll = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 9.0]])
+    valid = np.array([[True, True, True], [True, True, False]])
+    s = TokenScores(nll, np.zeros_like(nll), np.ones_like(nll), valid, valid)
+    x = AttackInputs(s, valid, np.array([10.0, 4.0]))
+    assert get_attack("loss")(x) == pytest.approx([-2.0, -0.5])
+    assert get_attack("zlib")(x) == pytest.approx([-6.0 / 10, -1.0 / 4])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [0.2, 0.5, 1.0])
+def test_min_k_and_min_k_pp_equal_a_direct_per_record_loop(seed, k):
+    s = random_scores(seed=seed)
+    x = AttackInputs(s, s.valid, np.ones(7), k=k)
+    got_k, got_pp = get_attack("min_k")(x), get_attack("min_k_pp")(x)
+    for i in range(7):
+        idx = np.flatnonzero(s.valid[i])
+        take = max(1, int(np.ceil(k * len(idx))))
+        logp = sorted(-s.nll[i, idx])
+        assert got_k[i] == pytest.approx(np.mean(logp[:take]))
+        z = sorted((-s.nll[i, t] - s.mu[i, t]) / s.sigma[i, t] for t in idx)
+        assert got_pp[i] == pytest.approx(np.mean(z[:take]))
+
+
+def test_records_without_scored_tokens_are_dropped_not_fatal():
+    s = random_scores()
+    s.sensitive[:] = s.valid
+    s.sensitive[0] = False
+    recs = [Record(str(i), str(i), "x y z", [Span(0, 1, "NAME")]) for i in range(7)]
+    entries = score_attacks(s, random_scores(seed=1), s, random_scores(seed=1), recs, recs,
+                            levels=("sensitive",), n_bootstrap=10)
+    assert {e["attack"] for e in entries} == set(ATTACKS)
+    assert all(e["n_members"] == 6 for e in entries)
+
+
+def test_zlib_uses_the_sensitive_values_at_sensitive_level():
+    from privtune.attacks.mia import zlib_lengths
+
+    rec = Record("a", "a", "Call Jane Doe now", [Span(5, 13, "NAME")])
+    assert zlib_lengths([rec], "sensitive")[0] == len(zlib.compress(b"Jane Doe"))
+    assert zlib_lengths([rec], "record")[0] == len(zlib.compress(rec.text.encode()))
+
+
+def test_errors():
+    s = random_scores()
+    with pytest.raises(PrivtuneError, match="unknown attack 'lira9'"):
+        get_attack("lira9")
+    with pytest.raises(PrivtuneError, match="members and non-members"):
+        score_attacks(s, s, None, None, [], [Record("a", "a", "x")])
+    with pytest.raises(PrivtuneError, match="reference-model scores"):
+        recs = [Record(str(i), str(i), "x") for i in range(7)]
+        score_attacks(s, s, None, None, recs, recs, attacks=["reference"])
+
+
+def _member_split():
+    records = generate_corpus("customer-sim", 16, seed=3)
+    members, nonmembers = split_by_individual(records, 0.5, seed=0)
+    tok = tiny_tokenizer()
+    return members, nonmembers, encode_records(members, tok, 64), encode_records(nonmembers, tok, 64)
+
+
+def _auc(entries, attack, level="record"):
+    return next(e for e in entries if e["attack"] == attack and e["level"] == level)
+
+
+def test_overfit_model_is_caught_and_untrained_model_is_at_chance():
+    torch.manual_seed(0)
+    members, nonmembers, enc_m, enc_n = _member_split()
+    base = tiny_model("llama", seed=1)
+    model = tiny_model("llama", seed=1)
+    base_m, base_n = score_tokens(base, enc_m, CPU), score_tokens(base, enc_n, CPU)
+    untrained = score_attacks(base_m, base_n, None, None, members, nonmembers, n_bootstrap=500)
+    loss = _auc(untrained, "loss")
+    assert loss["auc_ci"][0] < 0.5 < loss["auc_ci"][1]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss_value = per_record_loss(model(input_ids=enc_m.input_ids, attention_mask=enc_m.attention_mask).logits,
+                                     enc_m.labels).mean()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+    trained = score_attacks(score_tokens(model, enc_m, CPU), score_tokens(model, enc_n, CPU), base_m, base_n,
+                            members, nonmembers, n_bootstrap=200)
+    for attack in ("loss", "zlib", "min_k", "min_k_pp", "reference"):
+        assert _auc(trained, attack)["auc"] > 0.8, attack
+    assert _auc(trained, "loss", "sensitive")["auc"] > 0.8
