@@ -1,0 +1,535 @@
+"""Shadow-model attacks (LiRA, RMIA) on synthetic populations where the truth is known.
+
+Each record i has a difficulty d_i; a model's statistic on it is Gaussian around d_i,
+shifted by Δ when the model trained on it. When difficulty varies a lot across records
+a global threshold (the loss attack) barely works and per-record calibration is the
+whole game, so the calibrated attacks must beat it by a wide margin; with Δ = 0 they
+must be at chance. Closed forms are checked against slow per-record loops, and one
+end-to-end test runs the statistics of real tiny models through both attacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from privtune.attacks.shadow import (
+    lira,
+    record_statistic,
+    rmia,
+    rmia_log_ratio,
+    sequence_loglik,
+    tune_offline_a,
+)
+from privtune.data.records import Record, Span
+from privtune.data.tokenize import encode_records
+from privtune.errors import PrivtuneError
+from privtune.measures.token_scores import TokenScores, score_tokens
+from privtune.models.tiny import tiny_model, tiny_tokenizer
+from privtune.train.losses import per_record_loss
+from privtune.train.precision import Runtime
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+def halves(rng: np.random.Generator, n_models: int, n: int) -> np.ndarray:
+    """(K, N) bool: each model trains on a random half of the records."""
+    return np.array([rng.permutation(n) < n // 2 for _ in range(n_models)])
+
+
+def gaussian_world(rng, n=400, n_models=16, delta=1.0, spread=3.0, noise=0.5, heterogeneous=False,
+                   shadows_train=True):
+    """Target membership, target statistic, shadow statistics, shadow membership.
+
+    statistic = d_i + Δ_i·[trained on i] + N(0, noise²), d_i ~ N(0, spread²);
+    Δ_i = Δ for all records, or Δ·Exp(1) (some records far more vulnerable) if heterogeneous.
+    ``shadows_train=False``: no shadow trains on any record (the offline-only setting).
+    """
+    difficulty = rng.normal(0.0, spread, n)
+    shift = delta * rng.exponential(1.0, n) if heterogeneous else np.full(n, delta)
+    member = rng.random(n) < 0.5
+    shadow_in = halves(rng, n_models, n) if shadows_train else np.zeros((n_models, n), dtype=bool)
+    shadow = difficulty + shift * shadow_in + rng.normal(0.0, noise, (n_models, n))
+    target = difficulty + shift * member + rng.normal(0.0, noise, n)
+    return member, target, shadow, shadow_in
+
+
+def sequence_world(rng, n=400, n_models=8, delta=0.06, noise=0.04, references_train=True):
+    """Like ``gaussian_world`` but in sequence log-likelihoods: T_i tokens of mean NLL d_i.
+
+    Returns membership, target logliks, reference logliks, reference membership, lengths.
+    """
+    lengths = rng.integers(15, 40, n).astype(float)
+    difficulty = rng.uniform(0.5, 4.0, n)
+    member = rng.random(n) < 0.5
+    ref_in = halves(rng, n_models, n) if references_train else np.zeros((n_models, n), dtype=bool)
+
+    def loglik(inside):
+        per_token = -difficulty + delta * inside + rng.normal(0.0, noise, inside.shape)
+        return lengths * per_token
+
+    return member, loglik(member), loglik(ref_in), ref_in, lengths
+
+
+def auc(member, score) -> float:
+    keep = np.isfinite(score)
+    return roc_auc_score(member[keep], score[keep])
+
+
+# --------------------------------------------------------------------------- statistics
+
+def scores_by_hand(nll: np.ndarray, positions: np.ndarray) -> TokenScores:
+    valid = np.ones_like(positions, dtype=bool)
+    zeros = np.zeros_like(nll)
+    return TokenScores(nll=nll, mu=zeros, sigma=zeros, valid=valid, sensitive=positions)
+
+
+def test_record_statistic_is_the_logit_of_the_geometric_mean_probability():
+    rng = np.random.default_rng(0)
+    nll = rng.uniform(0.0, 6.0, (5, 7)).astype(np.float32)
+    positions = rng.random((5, 7)) < 0.6
+    positions[0] = False
+    got = record_statistic(scores_by_hand(nll, positions), positions)
+    assert np.isnan(got[0])
+    for i in range(1, 5):
+        p = math.exp(-float(nll[i][positions[i]].astype(np.float64).mean()))
+        assert got[i] == pytest.approx(math.log(p / (1 - p)), rel=1e-6)  # float32 sums
+
+
+def test_record_statistic_is_monotone_in_the_loss_and_finite_at_zero_loss():
+    losses = np.array([[0.0], [1e-9], [1e-3], [0.1], [1.0], [5.0], [50.0]], dtype=np.float32)
+    positions = np.ones_like(losses, dtype=bool)
+    stat = record_statistic(scores_by_hand(losses, positions), positions)
+    assert np.isfinite(stat).all()
+    assert (np.diff(stat) < 0).all()  # lower loss, higher statistic
+    assert stat[-1] == pytest.approx(-50.0, abs=1e-6)  # ≈ -loss for hard records
+
+
+def test_sequence_loglik_sums_log_probs_and_is_nan_without_positions():
+    nll = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]], dtype=np.float32)
+    positions = np.array([[True, False, True], [False, False, False]])
+    got = sequence_loglik(scores_by_hand(nll, positions), positions)
+    assert got[0] == pytest.approx(-4.0)
+    assert np.isnan(got[1])
+
+
+@pytest.mark.parametrize("fn", [record_statistic, sequence_loglik])
+def test_statistics_reject_bad_positions(fn):
+    nll = np.ones((2, 3), dtype=np.float32)
+    scores = scores_by_hand(nll, np.ones((2, 3), dtype=bool))
+    with pytest.raises(PrivtuneError, match="shape"):
+        fn(scores, np.ones((2, 4), dtype=bool))
+    with pytest.raises(PrivtuneError, match="boolean"):
+        fn(scores, np.ones((2, 3), dtype=int))
+    scores.valid[1, 2] = False
+    with pytest.raises(PrivtuneError, match="padding"):
+        fn(scores, np.ones((2, 3), dtype=bool))
+
+
+# --------------------------------------------------------------------------- LiRA and RMIA power
+
+def test_calibrated_attacks_beat_the_loss_attack_when_difficulty_varies():
+    rng = np.random.default_rng(1)
+    member, target, shadow, shadow_in = gaussian_world(rng)
+    loss_auc = auc(member, target)  # the threshold attack: higher statistic = lower loss
+    assert loss_auc < 0.65
+    for score in (lira(target, shadow, shadow_in, online=True),
+                  lira(target, shadow, shadow_in, online=False),
+                  rmia(target, shadow, shadow_in, target, shadow, population_in=shadow_in)):
+        assert auc(member, score) > loss_auc + 0.2
+
+
+def test_rmia_on_sequence_likelihoods_beats_the_loss_attack_online_and_offline():
+    rng = np.random.default_rng(2)
+    member, target, refs, ref_in, lengths = sequence_world(rng)
+    # held-out population z, OUT of every reference model; only non-members of θ are kept
+    z_member, z_target, z_refs, _, z_lengths = sequence_world(rng, references_train=False)
+    z_target = np.where(z_member, np.nan, z_target)
+    loss_auc = auc(member, target)
+    assert loss_auc < 0.65
+    kwargs = dict(target_lengths=lengths, population_lengths=z_lengths)  # a tuned on the references
+    online = rmia(target, refs, ref_in, z_target, z_refs, **kwargs)
+    offline = rmia(target, refs, ref_in, z_target, z_refs, online=False, **kwargs)
+    assert auc(member, online) > loss_auc + 0.15
+    assert auc(member, offline) > loss_auc + 0.15
+    assert np.nanmin(online) >= 0 and np.nanmax(online) <= 1
+    # the paper's image-classifier a = 0.3 would waste the references on token sequences
+    assert auc(member, rmia(target, refs, ref_in, z_target, z_refs, online=False, offline_a=0.3,
+                            **kwargs)) < loss_auc + 0.1
+
+
+def test_tune_offline_a_recovers_the_linear_relation_of_single_predictions():
+    """Pr_IN = a·Pr_OUT + (1 - a) exactly (plus noise) for confidences in one label."""
+    rng = np.random.default_rng(21)
+    n, k, true_a = 2000, 8, 0.4
+    p_out = rng.uniform(0.05, 0.95, n)
+    ref_in = halves(rng, k, n)
+    p = np.where(ref_in, true_a * p_out + 1 - true_a, p_out) * np.exp(rng.normal(0, 0.05, (k, n)))
+    assert abs(tune_offline_a(np.log(np.minimum(p, 1.0)), ref_in) - true_a) <= 0.21
+
+
+def test_tune_offline_a_prefers_one_for_token_sequences_and_defaults_without_in_models():
+    rng = np.random.default_rng(22)
+    _, _, refs, ref_in, lengths = sequence_world(rng, n=300)
+    assert tune_offline_a(refs, ref_in, lengths) >= 0.9
+    assert tune_offline_a(refs, np.zeros_like(ref_in)) == 1.0  # nothing to tune on
+    assert tune_offline_a(refs[:1], ref_in[:1]) == 1.0
+
+
+@pytest.mark.parametrize("attack", ["lira_online", "lira_offline", "rmia"])
+def test_no_membership_signal_gives_chance_auc(attack):
+    rng = np.random.default_rng(4)
+    aucs = []
+    for _ in range(20):
+        member, target, shadow, shadow_in = gaussian_world(rng, n=200, n_models=8, delta=0.0)
+        if attack == "rmia":
+            score = rmia(target, shadow, shadow_in, target, shadow, population_in=shadow_in)
+        else:
+            score = lira(target, shadow, shadow_in, online=attack == "lira_online")
+        aucs.append(auc(member, score))
+    aucs = np.array(aucs)
+    half_width = 3 * aucs.std(ddof=1) / math.sqrt(len(aucs))
+    assert abs(aucs.mean() - 0.5) < half_width + 0.01
+    assert np.all(np.abs(aucs - 0.5) < 0.15)
+
+
+def test_online_lira_is_at_least_as_strong_as_offline_on_average():
+    rng = np.random.default_rng(5)
+    gaps = []
+    for _ in range(10):
+        member, target, shadow, shadow_in = gaussian_world(rng, n=300, n_models=16, heterogeneous=True)
+        gaps.append(auc(member, lira(target, shadow, shadow_in, online=True))
+                    - auc(member, lira(target, shadow, shadow_in, online=False)))
+    assert np.mean(gaps) > 0
+
+
+# --------------------------------------------------------------------------- LiRA against references
+
+def lira_by_hand(target, shadow, shadow_in, online: bool) -> np.ndarray:
+    """Per-record loop with per-record (ddof=1) variances; every record has ≥ 2 IN and OUT."""
+    out = []
+    for i in range(len(target)):
+        ins, outs = shadow[shadow_in[:, i], i], shadow[~shadow_in[:, i], i]
+        p_out = stats.norm(outs.mean(), outs.std(ddof=1))
+        if online:
+            p_in = stats.norm(ins.mean(), ins.std(ddof=1))
+            out.append(p_in.logpdf(target[i]) - p_out.logpdf(target[i]))
+        else:
+            out.append(-math.log(p_out.sf(target[i])))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_per_record_lira_matches_a_slow_reference(online):
+    rng = np.random.default_rng(6)
+    member, target, shadow, shadow_in = gaussian_world(rng, n=40, n_models=64, delta=0.5)
+    got = lira(target, shadow, shadow_in, online=online, global_variance=False)
+    np.testing.assert_allclose(got, lira_by_hand(target, shadow, shadow_in, online), rtol=1e-7, atol=1e-9)
+    # K = 64 is not below the threshold, so auto picks per-record variances
+    np.testing.assert_array_equal(lira(target, shadow, shadow_in, online=online), got)
+
+
+def test_global_and_per_record_variance_agree_when_variances_are_equal():
+    """Every record's IN and OUT values are its mean ± 1: equal sample variances everywhere."""
+    rng = np.random.default_rng(7)
+    n = 50
+    difficulty = rng.normal(0, 3, n)
+    shadow_in = np.zeros((4, n), dtype=bool)
+    shadow = np.zeros((4, n))
+    for i in range(n):
+        order = rng.permutation(4)
+        shadow_in[order[:2], i] = True
+        shadow[order, i] = difficulty[i] + np.array([1.0, 1.0, 0.0, 0.0]) + np.array([1.0, -1.0, 1.0, -1.0])
+    target = difficulty + rng.normal(0.5, 1.0, n)
+    for online in (True, False):
+        pooled = lira(target, shadow, shadow_in, online=online, global_variance=True)
+        per_record = lira(target, shadow, shadow_in, online=online, global_variance=False)
+        np.testing.assert_allclose(pooled, per_record, rtol=1e-10)
+        # K = 4 < 64, so auto pools
+        np.testing.assert_array_equal(lira(target, shadow, shadow_in, online=online), pooled)
+
+
+def test_pooled_variance_is_within_record_not_across_records():
+    """The spread of difficulties (sd 100 here) must not leak into σ: scores stay sharp."""
+    rng = np.random.default_rng(8)
+    member, target, shadow, shadow_in = gaussian_world(rng, n=300, n_models=8, spread=100.0, noise=0.5)
+    assert auc(member, lira(target, shadow, shadow_in, global_variance=True)) > 0.85
+
+
+# --------------------------------------------------------------------------- LiRA fallbacks
+
+def test_lira_records_without_in_or_out_shadows_are_still_scored():
+    rng = np.random.default_rng(9)
+    member, target, shadow, shadow_in = gaussian_world(rng, n=200, n_models=8)
+    shadow_in[:, 0] = False        # record 0: only OUT shadows
+    shadow_in[:, 1] = True         # record 1: only IN shadows
+    shadow[:, 2] = np.nan          # record 2: no shadow value at all
+    shadow[:3, 3] = np.nan         # record 3: some shadow values missing
+    for online in (True, False):
+        for pooled in (True, False):
+            score = lira(target, shadow, shadow_in, online=online, global_variance=pooled)
+            assert np.isfinite(score).all()
+    # record 0 online: μ_in = μ_out + Δ̄, with Δ̄ the average shift of records that have both
+    finite = np.isfinite(shadow)
+    both = (shadow_in & finite).any(0) & (~shadow_in & finite).any(0)
+    mu_in = np.array([shadow[shadow_in[:, i] & finite[:, i], i].mean() for i in np.flatnonzero(both)])
+    mu_out = np.array([shadow[~shadow_in[:, i] & finite[:, i], i].mean() for i in np.flatnonzero(both)])
+    shift = np.mean(mu_in - mu_out)
+    s, m_out = target[0], shadow[:, 0].mean()
+    sd_in, sd_out = [math.sqrt(v) for v in _pooled_by_hand(shadow, shadow_in)]
+    expected = stats.norm(m_out + shift, sd_in).logpdf(s) - stats.norm(m_out, sd_out).logpdf(s)
+    assert lira(target, shadow, shadow_in, global_variance=True)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def _pooled_by_hand(shadow, shadow_in) -> tuple[float, float]:
+    variances = []
+    for side in (shadow_in, ~shadow_in):
+        squares, dof = 0.0, 0
+        for i in range(shadow.shape[1]):
+            values = shadow[side[:, i] & np.isfinite(shadow[:, i]), i]
+            if values.size:
+                squares += ((values - values.mean()) ** 2).sum()
+                dof += values.size - 1
+        variances.append(squares / dof)
+    return variances[0], variances[1]
+
+
+def test_offline_lira_works_with_out_only_shadows():
+    rng = np.random.default_rng(10)
+    member, target, shadow, shadow_in = gaussian_world(rng, n=300, n_models=8, shadows_train=False)
+    score = lira(target, shadow, shadow_in, online=False)
+    assert np.isfinite(score).all()
+    assert auc(member, score) > auc(member, target) + 0.2
+
+
+def test_two_complementary_shadows_still_give_a_variance():
+    """K = 2 on complementary halves: one IN and one OUT value per record, no within-record df."""
+    rng = np.random.default_rng(11)
+    member, target, shadow, _ = gaussian_world(rng, n=300, n_models=2)
+    first = rng.permutation(300) < 150
+    shadow_in = np.stack([first, ~first])
+    score = lira(target, shadow, shadow_in)
+    assert np.isfinite(score).all()
+
+
+def test_nan_target_statistic_is_nan_only_for_that_record():
+    rng = np.random.default_rng(12)
+    member, target, shadow, shadow_in = gaussian_world(rng, n=50, n_models=4)
+    target[7] = np.nan
+    score = lira(target, shadow, shadow_in)
+    assert np.isnan(score[7]) and np.isfinite(np.delete(score, 7)).all()
+
+
+# --------------------------------------------------------------------------- LiRA errors
+
+def test_lira_needs_two_shadow_models():
+    with pytest.raises(PrivtuneError, match=r"LiRA needs at least 2 shadow models, got K=1; set attacks\.shadow"):
+        lira(np.zeros(3), np.zeros((1, 3)), np.array([[True, False, True]]))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros(3), np.zeros((2, 4)), np.zeros((2, 4), dtype=bool)), "target_stat has shape"),
+    ((np.zeros(4), np.zeros((2, 4)), np.zeros((2, 3), dtype=bool)), "shadow_in has shape"),
+    ((np.zeros(4), np.zeros(4), np.zeros(4, dtype=bool)), "must be 2-D"),
+    ((np.zeros(4), np.zeros((2, 4)), np.full((2, 4), 0.5)), "True/False"),
+    ((np.full(4, np.nan), np.zeros((2, 4)), np.eye(2, 4, dtype=bool)), "no finite value"),
+])
+def test_lira_rejects_bad_inputs(args, match):
+    with pytest.raises(PrivtuneError, match=match):
+        lira(*args)
+
+
+def test_lira_rejects_impossible_memberships_and_options():
+    stat, shadow = np.zeros(4), np.random.default_rng(0).normal(size=(3, 4))
+    with pytest.raises(PrivtuneError, match="online LiRA needs"):
+        lira(stat, shadow, np.zeros((3, 4), dtype=bool), online=True)
+    with pytest.raises(PrivtuneError, match="leaves any record out"):
+        lira(stat, shadow, np.ones((3, 4), dtype=bool), online=False)
+    with pytest.raises(PrivtuneError, match="global_variance"):
+        lira(stat, shadow, np.eye(3, 4, dtype=bool), global_variance="yes")
+    # 0/1 integers are accepted as memberships
+    assert np.isfinite(lira(stat, shadow, np.eye(3, 4, dtype=int) | np.eye(3, 4, k=1, dtype=int))).all()
+
+
+# --------------------------------------------------------------------------- RMIA against a reference
+
+def rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online):
+    """Pairwise loop in probability space, the paper's formulas on single predictions."""
+    def pr_x(values, inside):
+        p_in, p_out = np.exp(values[inside]), np.exp(values[~inside])
+        if not p_out.size:  # documented fallback: the IN average alone
+            return p_in.mean()
+        if online and p_in.size:
+            return (p_in.mean() + p_out.mean()) / 2
+        return (1 + a) / 2 * p_out.mean() + (1 - a) / 2
+
+    lr_z = [math.exp(z_target[j]) / pr_x(z_refs[:, j], z_in[:, j]) for j in range(len(z_target))]
+    scores = []
+    for i in range(len(target)):
+        lr_x = math.exp(target[i]) / pr_x(refs[:, i], ref_in[:, i])
+        scores.append(np.mean([lr_x / lr >= gamma for lr in lr_z]))
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("online", [True, False])
+@pytest.mark.parametrize("gamma, a", [(1.0, 0.3), (2.0, 0.0), (1.0, 1.0)])
+def test_rmia_matches_the_pairwise_reference(online, gamma, a):
+    rng = np.random.default_rng(13)
+    n, m, k = 30, 25, 6
+    log_p = lambda shape: np.log(rng.uniform(0.05, 0.99, shape))  # single-prediction probabilities
+    target, refs, ref_in = log_p(n), log_p((k, n)), halves(rng, k, n)
+    z_target, z_refs = log_p(m), log_p((k, m))
+    z_in = np.zeros((k, m), dtype=bool)
+    got = rmia(target, refs, ref_in, z_target, z_refs, gamma=gamma, offline_a=a, online=online)
+    np.testing.assert_allclose(got, rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online))
+    z_in = halves(rng, k, m)
+    got = rmia(target, refs, ref_in, z_target, z_refs, gamma=gamma, offline_a=a, online=online, population_in=z_in)
+    np.testing.assert_allclose(got, rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online))
+
+
+def test_rmia_offline_approximation_is_applied_per_token():
+    """(a·p̄ + 1 − a)^T with p̄ the geometric-mean token probability under OUT models."""
+    a, length = 0.3, 20.0
+    refs = np.array([[-30.0], [-40.0], [-35.0]])
+    target = np.array([-25.0])
+    ratio = rmia_log_ratio(target, refs, np.zeros((3, 1), dtype=bool), np.array([length]),
+                           online=False, offline_a=a)
+    p_out = np.exp(refs[:, 0]).mean()
+    p_in = (a * p_out ** (1 / length) + 1 - a) ** length
+    assert ratio[0] == pytest.approx(-25.0 - math.log((p_in + p_out) / 2), rel=1e-12)
+
+
+def test_rmia_score_is_monotone_in_the_log_ratio():
+    rng = np.random.default_rng(14)
+    member, target, refs, ref_in, lengths = sequence_world(rng, n=200)
+    score = rmia(target, refs, ref_in, target, refs, population_in=ref_in, gamma=1.5)
+    ratio = rmia_log_ratio(target, refs, ref_in, lengths)
+    assert (np.diff(score[np.argsort(ratio)]) >= 0).all()
+
+
+def test_rmia_nan_likelihoods_are_skipped_or_kept_nan():
+    rng = np.random.default_rng(15)
+    member, target, refs, ref_in, lengths = sequence_world(rng, n=60)
+    target[3] = np.nan                 # a target with no tokens: NaN score
+    refs[:, 4] = np.nan                # no reference value: NaN score
+    refs[0, 5] = np.nan                # one missing reference value: still scored
+    ref_in[:, 6] = True                # only IN references: still scored
+    ref_in[:, 7] = False               # only OUT references: still scored
+    z_target = target.copy()           # NaN z are skipped
+    score = rmia(target, refs, ref_in, z_target, refs, population_in=ref_in,
+                 target_lengths=lengths, population_lengths=lengths)
+    assert np.isnan(score[[3, 4]]).all()
+    assert np.isfinite(np.delete(score, [3, 4])).all()
+
+
+# --------------------------------------------------------------------------- RMIA errors
+
+def test_rmia_refuses_the_offline_approximation_on_sequences_without_lengths():
+    rng = np.random.default_rng(16)
+    member, target, refs, ref_in, lengths = sequence_world(rng, n=50)
+    with pytest.raises(PrivtuneError, match="needs token counts"):
+        rmia(target, refs, ref_in, target, refs, offline_a=0.3)  # z OUT everywhere: approximation needed
+    with pytest.raises(PrivtuneError, match="needs token counts"):
+        rmia(target, refs, ref_in, target, refs, population_in=ref_in, online=False, offline_a=0.3)
+    # a tuned a is whatever scored best on the references: no guard
+    assert np.isfinite(rmia(target, refs, ref_in, target, refs, online=False)).all()
+    # fine online with full memberships, or with a = 1 (no approximation)
+    assert np.isfinite(rmia(target, refs, ref_in, target, refs, population_in=ref_in)).all()
+    assert np.isfinite(rmia(target, refs, ref_in, target, refs, offline_a=1.0, online=False)).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gamma=0.0), "gamma must be a positive"),
+    (dict(gamma=float("nan")), "gamma must be a positive"),
+    (dict(offline_a=1.5), "offline_a must lie in"),
+    (dict(target_lengths=np.zeros(5)), "token counts of at least 1"),
+    (dict(target_lengths=np.ones(4)), "target_lengths has shape|lengths has shape"),
+    (dict(population_in=np.zeros((3, 5), dtype=bool)), "population_in has shape|reference_in has shape"),
+])
+def test_rmia_rejects_bad_settings(kwargs, match):
+    rng = np.random.default_rng(17)
+    target, refs, ref_in = np.log(rng.uniform(0.1, 1, 5)), np.log(rng.uniform(0.1, 1, (2, 5))), halves(rng, 2, 5)
+    with pytest.raises(PrivtuneError, match=match):
+        rmia(target, refs, ref_in, target, refs, **kwargs)
+
+
+def test_rmia_rejects_mismatched_shapes_and_empty_populations():
+    rng = np.random.default_rng(18)
+    target, refs, ref_in = np.log(rng.uniform(0.1, 1, 5)), np.log(rng.uniform(0.1, 1, (2, 5))), halves(rng, 2, 5)
+    with pytest.raises(PrivtuneError, match="same reference models"):
+        rmia(target, refs, ref_in, target, refs[:1])
+    with pytest.raises(PrivtuneError, match="target_loglik has shape"):
+        rmia(target[:4], refs, ref_in, target, refs)
+    with pytest.raises(PrivtuneError, match="at least one population sample"):
+        rmia(target, refs, ref_in, np.zeros(0), np.zeros((2, 0)))
+    with pytest.raises(PrivtuneError, match="no population sample has a finite"):
+        rmia(target, refs, ref_in, np.full(5, np.nan), refs)
+    with pytest.raises(PrivtuneError, match="at least 1 reference model"):
+        rmia(target, np.zeros((0, 5)), np.zeros((0, 5), dtype=bool), target, np.zeros((0, 5)))
+
+
+# --------------------------------------------------------------------------- end to end on tiny models
+
+def tiny_records(n: int) -> list[Record]:
+    rng = np.random.default_rng(19)
+    records = []
+    for i in range(n):
+        name = f"Alex {chr(65 + i)}{chr(97 + (i * 7) % 26)}rn"
+        phone = "".join(str(d) for d in rng.integers(0, 10, 9))
+        text = f"Customer {name} called from {phone} about order {100 + i}."
+        start = text.index(name)
+        spans = [Span(start, start + len(name), "NAME"), Span(text.index(phone), text.index(phone) + 9, "PHONE")]
+        records.append(Record(id=str(i), individual=f"p{i}", text=text, spans=spans))
+    return records
+
+
+def train_tiny(data, rows: np.ndarray, seed: int, steps: int = 12) -> torch.nn.Module:
+    model = tiny_model("llama", seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    part = data.subset(np.flatnonzero(rows).tolist())
+    model.train()
+    for _ in range(steps):
+        logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
+        loss = per_record_loss(logits, part.labels).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train ~100x faster on one thread than on two busy shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_end_to_end_on_tiny_shadow_models(one_thread):
+    torch.manual_seed(0)
+    data = encode_records(tiny_records(16), tiny_tokenizer(), max_length=40)
+    runtime = Runtime(torch.device("cpu"), "fp32")
+    rng = np.random.default_rng(20)
+    shadow_in = halves(rng, 4, 16)
+    target_in = np.arange(16) < 8
+    scores = [score_tokens(train_tiny(data, rows, seed=k), data, runtime)
+              for k, rows in enumerate([target_in, *shadow_in])]
+    for level in ("valid", "sensitive"):
+        stat = np.stack([record_statistic(s, getattr(s, level)) for s in scores])
+        loglik = np.stack([sequence_loglik(s, getattr(s, level)) for s in scores])
+        lengths = getattr(scores[0], level).sum(1)
+        assert stat.shape == loglik.shape == (5, 16)
+        assert np.isfinite(stat).all() and np.isfinite(loglik).all()
+        for online in (True, False):
+            lira_score = lira(stat[0], stat[1:], shadow_in, online=online)
+            assert lira_score.shape == (16,) and np.isfinite(lira_score).all()
+            rmia_score = rmia(loglik[0], loglik[1:], shadow_in, loglik[0], loglik[1:], online=online,
+                              population_in=shadow_in, target_lengths=lengths, population_lengths=lengths)
+            assert rmia_score.shape == (16,) and np.isfinite(rmia_score).all()
+            assert ((rmia_score >= 0) & (rmia_score <= 1)).all()
