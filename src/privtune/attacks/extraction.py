@@ -1,0 +1,455 @@
+"""Extraction of sensitive values and PII inference: does the model *say* what it saw?
+
+Two attacks on the sensitive spans of member (training) and non-member (held-out)
+records; the advantage of members over non-members is what training leaked, since
+format knowledge ("a card number follows 'card'") helps both sets alike.
+
+- **Prefix extraction** (Carlini et al., "Extracting Training Data from Large Language
+  Models", USENIX Security 2021, https://arxiv.org/abs/2012.07805; Lukas et al.,
+  "Analyzing Leakage of Personally Identifiable Information in Language Models",
+  IEEE S&P 2023, https://arxiv.org/abs/2302.00539): prompt with the text before a
+  value, decode, and count an exact recovery when the continuation starts with the
+  value — greedily, and with any of ``n_samples`` top-k samples.
+- **PII inference** (Lukas et al.'s "PII reconstruction/inference"): score the true
+  value and ``k - 1`` decoys of the same type and shape (:mod:`.pii_candidates`) by
+  the summed NLL of their tokens after the prefix; top-1 accuracy against chance
+  ``1/k``.
+
+Where the prompt ends. Byte-level BPE tokenizers merge a space with the word after it
+(``" ORD"`` is one token), so a prompt cut at the value's first character would end in
+a lone space token the model never saw before a value in training. The prompt therefore
+ends where the *training tokenisation* puts the boundary: just before the first token
+that overlaps the value (so after ``"order"``, not after ``"order "``), and the
+*target* is the text from there to the value's end (``" ORD-1234567"``): the value with
+the few characters (normally one space) that share its first token. The prompt is then
+tokenised as the start of the training text was, and the continuation is compared with
+the target (leading whitespace ignored, since some decoders drop it); PII decoys are
+scored as the same gap followed by the decoy.
+
+Which spans are attacked. A value already written earlier in the same record (an
+e-mail repeated in the agent's reply, a first name after the full name) can be copied
+from the prompt rather than recalled, so only first occurrences are used; values at the
+very start of a text have no prompt and are skipped; one person's value counts once per
+set (a person has up to three tickets repeating the same values). Of the rest, up to
+``max_spans_per_type`` per label and set are drawn with the seed. Texts are not
+truncated to the training ``max_length``: a value past it was never trained on, and
+then simply counts as not memorised.
+
+A recovery must end at the value's end: ``ORD-12345678`` does not recover
+``ORD-1234567`` (the character after the match may not continue a run of digits or
+letters).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from privtune.attacks.generation import (autocast_context, generate_continuations, inference_mode, left_pad,
+                                         pad_id_of)
+from privtune.attacks.masking import mask_value
+from privtune.attacks.pii_candidates import candidates
+from privtune.data.records import Record, Span
+from privtune.errors import PrivtuneError
+
+log = logging.getLogger(__name__)
+
+SETS = ("member", "nonmember")
+ALL = "ALL"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One attacked value: prompt with ``prompt``, expect ``target`` (gap + value)."""
+
+    record: int
+    span: Span
+    label: str
+    prompt: str
+    target: str
+    value: str
+
+    @property
+    def gap(self) -> str:
+        """Characters between the prompt's end and the value (normally one space)."""
+        return self.target[: len(self.target) - len(self.value)]
+
+
+# --------------------------------------------------------------------------- targets
+
+def _check_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise PrivtuneError("the tokenizer is not a fast tokenizer, so it has no character offsets",
+                            "use a model whose tokenizer has a tokenizer.json")
+
+
+def _trim_prompt(text: str, cut: int, max_prefix_chars: int) -> str:
+    """``text[:cut]`` cut to its last ``max_prefix_chars`` characters, starting at a word."""
+    start = max(0, cut - max_prefix_chars)
+    if start > 0 and not text[start - 1].isspace():
+        nxt = next((i for i in range(start, cut) if text[i].isspace()), None)
+        start = nxt if nxt is not None else start
+    while start < cut and text[start].isspace():
+        start += 1
+    return text[start:cut]
+
+
+def _record_targets(index: int, record: Record, offsets: list[tuple[int, int]], max_prefix_chars: int) -> list[Target]:
+    """Targets of one record: first occurrences of values with a non-empty prompt."""
+    out = []
+    for span in record.spans:
+        value = record.text[span.start: span.end]
+        if not value.strip() or value in record.text[: span.start]:
+            continue
+        first = next((t for t, (a, b) in enumerate(offsets) if b > a and a < span.end and span.start < b), None)
+        if first is None or first == 0 or offsets[first - 1][1] <= offsets[first - 1][0]:
+            continue  # not tokenised (truncated) or no real token before it
+        cut = min(offsets[first - 1][1], span.start)
+        prompt = _trim_prompt(record.text, cut, max_prefix_chars)
+        if prompt:
+            out.append(Target(index, span, span.label, prompt, record.text[cut: span.end], value))
+    return out
+
+
+def select_targets(records: list[Record], tokenizer, *, max_spans_per_type: int, max_prefix_chars: int,
+                   seed: int, tag: str) -> list[Target]:
+    """Up to ``max_spans_per_type`` targets per label, one per (individual, value),
+    drawn with ``seed`` (``tag`` names the set, so members and non-members draw apart)."""
+    _check_fast(tokenizer)
+    if not records:
+        return []
+    enc = tokenizer([r.text for r in records], return_offsets_mapping=True, add_special_tokens=True)
+    by_label: dict[str, list[Target]] = {}
+    for i, (record, offsets) in enumerate(zip(records, enc["offset_mapping"])):
+        for target in _record_targets(i, record, offsets, max_prefix_chars):
+            by_label.setdefault(target.label, []).append(target)
+    chosen = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        random.Random(f"extraction/{seed}/{tag}/{label}").shuffle(pool)
+        seen: set[tuple[str, str]] = set()
+        for target in pool:
+            key = (records[target.record].individual, target.value)
+            if key not in seen and len(seen) < max_spans_per_type:
+                seen.add(key)
+                chosen.append(target)
+    return chosen
+
+
+def _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type, max_prefix_chars, seed):
+    if not member_records or not nonmember_records:
+        which = "member" if not member_records else "non-member"
+        raise PrivtuneError(f"the {which} set is empty, so leakage cannot be compared between members and non-members",
+                            "give both training and held-out records")
+    if max_spans_per_type < 1 or max_prefix_chars < 1:
+        raise PrivtuneError(f"max_spans_per_type and max_prefix_chars must be at least 1, got "
+                            f"{max_spans_per_type} and {max_prefix_chars}", "use 20 and 200, say")
+    targets = {tag: select_targets(records, tokenizer, max_spans_per_type=max_spans_per_type,
+                                   max_prefix_chars=max_prefix_chars, seed=seed, tag=tag)
+               for tag, records in zip(SETS, (member_records, nonmember_records))}
+    if not targets["member"]:
+        raise PrivtuneError("no member record has a sensitive span with text before it to prompt with",
+                            "label sensitive spans in the data (or let the PII tagger do it)")
+    return targets
+
+
+# --------------------------------------------------------------------------- extraction
+
+def recovered(continuation: str, target: str) -> bool:
+    """The continuation starts with ``target`` (leading whitespace ignored on both) and
+    does not carry on the value's last run of digits or letters."""
+    cont, want = continuation.lstrip(), target.lstrip()
+    if not want or not cont.startswith(want):
+        return False
+    after = cont[len(want): len(want) + 1]
+    last = want[-1]
+    return not after or not ((after.isdigit() and last.isdigit()) or (after.isalpha() and last.isalpha()))
+
+
+def rates(hits: dict[str, list[tuple[str, bool]]]) -> dict[str, dict]:
+    """Per label and ``ALL``: member and non-member success rates and their difference.
+
+    ``hits[set]`` is a list of (label, success). A rate over no targets is ``None``
+    (and so is the advantage), never a made-up zero.
+    """
+    labels = sorted({label for outcomes in hits.values() for label, _ in outcomes})
+    out = {}
+    for label in labels + [ALL]:
+        entry = {}
+        for tag in SETS:
+            got = [ok for lab, ok in hits[tag] if label in (ALL, lab)]
+            entry[f"{tag}_rate"] = float(np.mean(got)) if got else None
+            entry[f"n_{tag}"] = len(got)
+        m, n = entry["member_rate"], entry["nonmember_rate"]
+        entry["advantage"] = None if m is None or n is None else m - n
+        out[label] = {k: entry[k] for k in ("member_rate", "nonmember_rate", "advantage", "n_member", "n_nonmember")}
+    return out
+
+
+def _budgets(tokenizer, targets: list[Target]) -> list[int]:
+    """New tokens per target: the target's own token count plus 2."""
+    if not targets:
+        return []
+    ids = tokenizer([t.target for t in targets], add_special_tokens=False)["input_ids"]
+    return [len(x) + 2 for x in ids]
+
+
+def prefix_extraction(model: torch.nn.Module, tokenizer, member_records: list[Record],
+                      nonmember_records: list[Record], *, max_prefix_chars: int = 200, max_spans_per_type: int = 15,
+                      n_samples: int = 2, temperature: float = 1.0, top_k: int = 40, batch_size: int = 32,
+                      device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                      seed: int = 0) -> dict:
+    """Exact recovery rates of sensitive values prompted with the text before them.
+
+    Returns:
+        ``{"greedy": {label: {"member_rate", "nonmember_rate", "advantage", "n_member",
+        "n_nonmember"}, ..., "ALL": {...}}, "sampling": {...}}``; ``"sampling"`` (any of
+        ``n_samples`` top-k samples at ``temperature`` recovers) is left out when
+        ``n_samples`` is 0.
+
+    Raises:
+        PrivtuneError: an empty member or non-member set, no member span to prompt
+            with, or a setting below its minimum.
+    """
+    if n_samples < 0:
+        raise PrivtuneError(f"n_samples must be 0 or more, got {n_samples}", "use 0 to skip sampling, or 2, say")
+    targets = _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type,
+                               max_prefix_chars, seed)
+    flat = [(tag, t) for tag in SETS for t in targets[tag]]
+    prompts = [t.prompt for _, t in flat]
+    budgets = _budgets(tokenizer, [t for _, t in flat])
+    # targets= lets a row stop as soon as it goes wrong: the verdict is the same, decoding
+    # is several times shorter (most prompts fail within a few tokens).
+    common = dict(max_new_tokens=budgets, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                  seed=seed, targets=[t.target for _, t in flat])
+    greedy = generate_continuations(model, tokenizer, prompts, greedy=True, **common)
+    out = {"greedy": rates(_outcomes(flat, [[g[0]] for g in greedy]))}
+    if n_samples:
+        sampled = generate_continuations(model, tokenizer, prompts, greedy=False, temperature=temperature,
+                                         top_k=top_k, n_samples=n_samples, **common)
+        out["sampling"] = rates(_outcomes(flat, sampled))
+    return out
+
+
+def _outcomes(flat: list[tuple[str, Target]], continuations: list[list[str]]) -> dict[str, list[tuple[str, bool]]]:
+    hits: dict[str, list[tuple[str, bool]]] = {tag: [] for tag in SETS}
+    for (tag, target), outs in zip(flat, continuations):
+        ok = any(recovered(c, target.target) for c in outs)
+        hits[tag].append((target.label, ok))
+        if ok:
+            log.debug("extracted %s value %s from a %s record", target.label, mask_value(target.value, target.label), tag)
+    return hits
+
+
+# --------------------------------------------------------------------------- scoring
+
+def _scored_positions(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Indices of the tokens whose characters overlap ``[start, end)``."""
+    return [t for t, (a, b) in enumerate(offsets) if b > a and a < end and start < b]
+
+
+def _encode_rows(tokenizer, prefixes: list[str], continuations: list[str],
+                 suffixes: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    _check_fast(tokenizer)
+    texts = [p + c + s for p, c, s in zip(prefixes, continuations, suffixes)]
+    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+    positions = []
+    for row, (prefix, cont, offsets) in enumerate(zip(prefixes, continuations, enc["offset_mapping"])):
+        pos = _scored_positions(offsets, len(prefix), len(prefix) + len(cont))
+        if not pos or pos[0] == 0:
+            raise PrivtuneError(f"continuation {row} {'has no tokens' if not pos else 'is the first token'}, so its "
+                                "likelihood given the prefix is undefined",
+                                "give every continuation a non-empty prefix and non-empty text")
+        positions.append(pos)
+    return enc["input_ids"], positions
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _groups(prefixes: list[str], ids: list[list[int]], positions: list[list[int]],
+            batch_size: int) -> list[tuple[int, list[int]]]:
+    """Rows that share a prefix, as (shared token count, rows), at most ``batch_size`` rows each.
+
+    The shared part is the rows' common token prefix, cut before their first scored
+    token; it is computed once and its KV cache reused for every row.
+    """
+    by_prefix: dict[str, list[int]] = {}
+    for row, prefix in enumerate(prefixes):
+        by_prefix.setdefault(prefix, []).append(row)
+    groups = []
+    for rows in by_prefix.values():
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first: first + batch_size]
+            shared = min(_common_prefix([ids[r] for r in chunk]), min(positions[r][0] for r in chunk))
+            if shared >= 1:
+                groups.append((shared, chunk))
+            else:  # tokenisations differ from the first token: no sharing
+                groups.extend((positions[r][0], [r]) for r in chunk)
+    return sorted(groups, key=lambda g: (g[0], g[1][0]))
+
+
+def continuation_losses(model: torch.nn.Module, tokenizer, prefixes: list[str], continuations: list[str], *,
+                        suffixes: list[str] | None = None, batch_size: int = 64,
+                        device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Sum of NLL (nats) of the tokens overlapping each continuation, given everything before.
+
+    Row ``i`` is the text ``prefixes[i] + continuations[i] + suffixes[i]``, tokenised as
+    training text is (``add_special_tokens=True``); its score sums ``-log p`` of every
+    token overlapping the continuation's characters (the technique of
+    :func:`privtune.measures.exposure.secret_losses`, which equals this with the canary's
+    prefix, secret and suffix). Suffix tokens are never scored; they matter only where
+    a tokenizer merges them with the continuation's last characters.
+
+    Rows with the same prefix (a true value and its decoys) run their shared prefix
+    once: a left-padded pass over the prefixes fills the KV cache, which is then
+    repeated for each row and continued with the rows' own tokens (right-padded). Under
+    ``autocast_dtype`` only the forward passes run in low precision; the log-softmax is
+    float32.
+
+    Returns:
+        float64 array of shape ``(len(prefixes),)``.
+
+    Raises:
+        PrivtuneError: mismatched lengths, a continuation without tokens or without a
+            prefix, or ``batch_size`` < 1.
+    """
+    suffixes = [""] * len(prefixes) if suffixes is None else list(suffixes)
+    if not len(prefixes) == len(continuations) == len(suffixes):
+        raise PrivtuneError(f"got {len(prefixes)} prefixes, {len(continuations)} continuations and "
+                            f"{len(suffixes)} suffixes", "pass one of each per row")
+    if batch_size < 1:
+        raise PrivtuneError(f"batch_size must be at least 1, got {batch_size}", "use 64, say")
+    if not prefixes:
+        return np.zeros(0)
+    ids, positions = _encode_rows(tokenizer, list(prefixes), list(continuations), suffixes)
+    device = torch.device(device)
+    out = np.zeros(len(prefixes))
+    pad = pad_id_of(tokenizer)
+    with inference_mode(model):
+        for batch in _pack(_groups(list(prefixes), ids, positions, batch_size), batch_size):
+            rows = [r for _, group in batch for r in group]
+            out[rows] = _score_batch(model, batch, ids, positions, pad, device, autocast_dtype)
+    return out
+
+
+def _pack(groups: list[tuple[int, list[int]]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """Consecutive groups into batches of at most ``batch_size`` rows."""
+    batches, current, size = [], [], 0
+    for group in groups:
+        if current and size + len(group[1]) > batch_size:
+            batches.append(current)
+            current, size = [], 0
+        current.append(group)
+        size += len(group[1])
+    return batches + ([current] if current else [])
+
+
+def _score_batch(model, batch: list[tuple[int, list[int]]], ids: list[list[int]], positions: list[list[int]],
+                 pad: int, device: torch.device, autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """Continuation losses of the rows of ``batch`` (groups of rows with a shared prefix)."""
+    group_of = torch.tensor([g for g, (_, rows) in enumerate(batch) for _ in rows], device=device)
+    rows = [r for _, group in batch for r in group]
+    shared = [s for s, group in batch for _ in group]
+    # Stage 1: the shared prefixes, left-padded: (G, P). Keep the last position's logits.
+    prefix_ids, prefix_mask = left_pad([ids[group[0]][:s] for s, group in batch], pad)
+    prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+    with autocast_context(device, autocast_dtype):
+        first = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=_positions(prefix_mask),
+                      use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    cache.reorder_cache(group_of)  # one copy of its group's prefix cache per row
+    # Stage 2: each row's tokens after its shared prefix, up to its last scored token: (R, T).
+    tails = [ids[r][s: positions[r][-1] + 1] for r, s in zip(rows, shared)]
+    width = max(len(t) for t in tails)
+    tail_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    tail_mask = torch.zeros_like(tail_ids)
+    for i, tail in enumerate(tails):
+        tail_ids[i, : len(tail)] = torch.tensor(tail)
+        tail_mask[i, : len(tail)] = 1
+    tail_ids, tail_mask = tail_ids.to(device), tail_mask.to(device)
+    start = prefix_mask.sum(dim=1)[group_of]  # (R,) real prefix length: first tail position id
+    tail_positions = start.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    with autocast_context(device, autocast_dtype):
+        logits = model(input_ids=tail_ids, attention_mask=torch.cat([prefix_mask[group_of], tail_mask], dim=1),
+                       position_ids=tail_positions, past_key_values=cache, use_cache=True).logits  # (R, T, V)
+    # Token at absolute position t of row i is predicted by the logits before it: the
+    # stage-1 last logits when t == shared, else the stage-2 logits at t - shared - 1.
+    owner, offset, token = [], [], []
+    for i, (r, s) in enumerate(zip(rows, shared)):
+        for t in positions[r]:
+            owner.append(i)
+            offset.append(t - s)
+            token.append(ids[r][t])
+    owner_t, offset_t = torch.tensor(owner, device=device), torch.tensor(offset, device=device)
+    token_t = torch.tensor(token, device=device)
+    at_start = offset_t == 0
+    picked = torch.cat([first.logits[group_of[owner_t[at_start]], -1],
+                        logits[owner_t[~at_start], offset_t[~at_start] - 1]])  # (n, V)
+    order = torch.cat([at_start.nonzero().squeeze(1), (~at_start).nonzero().squeeze(1)])
+    logp = torch.log_softmax(picked.float(), dim=-1)
+    nll = -logp.gather(1, token_t[order].unsqueeze(1)).squeeze(1)
+    owner_t = owner_t[order]
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    sums.index_add_(0, owner_t, nll.double())
+    return sums.cpu().numpy()
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding gets 0)."""
+    return (mask.cumsum(dim=1) - 1).clamp_min(0)
+
+
+# --------------------------------------------------------------------------- PII inference
+
+def pii_inference(model: torch.nn.Module, tokenizer, member_records: list[Record], nonmember_records: list[Record], *,
+                  k: int = 10, max_spans_per_type: int = 15, max_prefix_chars: int = 200, batch_size: int = 64,
+                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                  seed: int = 0) -> dict:
+    """Top-1 accuracy of picking the true value among it and ``k - 1`` decoys.
+
+    The true value wins only with a strictly lower loss than every decoy (ties count
+    against it). Values too short to have ``k - 1`` distinct decoys are skipped.
+
+    Returns:
+        ``{label: {"top1", "chance", "k", "n_member", "member_top1", "nonmember_top1",
+        "n_nonmember"}, ..., "ALL": {...}}``, where ``top1`` is the members' accuracy
+        and ``chance`` is ``1/k``; an accuracy over no values is ``None``.
+
+    Raises:
+        PrivtuneError: ``k`` < 2, an empty member or non-member set, or no member span
+            to prompt with.
+    """
+    if k < 2:
+        raise PrivtuneError(f"k must be at least 2 (the true value and a decoy), got {k}", "use k=10, say")
+    targets = _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type,
+                               max_prefix_chars, seed)
+    flat, prefixes, continuations = [], [], []
+    for tag in SETS:
+        for target in targets[tag]:
+            try:
+                decoys = candidates(target.label, target.value, k - 1, seed)
+            except PrivtuneError:
+                continue  # too short for k - 1 distinct decoys
+            flat.append((tag, target))
+            prefixes.extend([target.prompt] * k)
+            continuations.extend(target.gap + v for v in [target.value] + decoys)
+    losses = continuation_losses(model, tokenizer, prefixes, continuations, batch_size=batch_size, device=device,
+                                 autocast_dtype=autocast_dtype).reshape(len(flat), k)
+    wins = losses[:, 0] < losses[:, 1:].min(axis=1)
+    hits: dict[str, list[tuple[str, bool]]] = {tag: [] for tag in SETS}
+    for (tag, target), win in zip(flat, wins):
+        hits[tag].append((target.label, bool(win)))
+    return {label: {"top1": r["member_rate"], "chance": 1.0 / k, "k": k, "n_member": r["n_member"],
+                    "member_top1": r["member_rate"], "nonmember_top1": r["nonmember_rate"],
+                    "n_nonmember": r["n_nonmember"]}
+            for label, r in rates(hits).items()}
