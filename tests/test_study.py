@@ -50,9 +50,42 @@ def test_full_study_on_a_tiny_model(tmp_path):
     assert runs["dp-fft"]["dp"]["epsilon"] == pytest.approx(8.0, rel=0.02)
     assert runs["dp-lora"]["dp"]["noise_multiplier"] == 0.8 and runs["dp-lora"]["dp"]["epsilon"] > 0
     assert runs["dp-fft"]["epochs"][1]["epsilon"] < runs["dp-fft"]["epochs"][2]["epsilon"]
+    # Every run is attacked: score-based MIA at both levels, extraction, PII inference.
+    for run in runs.values():
+        attacks = run["attacks"]
+        assert {(e["attack"], e["level"]) for e in attacks["mia"]} >= {
+            (a, lvl) for a in ("loss", "zlib", "min_k", "min_k_pp", "reference") for lvl in ("record", "sensitive")}
+        assert "ALL" in attacks["extraction"]["greedy"] and "ALL" in attacks["pii_inference"]
+    assert 0.5 < next(e["auc"] for e in runs["fft"]["attacks"]["mia"] if e["attack"] == "loss"
+                      and e["level"] == "record")
 
     again = run_study(cfg, show_progress=False)
     assert again.done == [] and len(again.skipped) == 5
+
+
+@pytest.mark.slow
+def test_shadow_models_and_backdoor(tmp_path):
+    cfg = tiny_study(tmp_path, methods=[{"method": "fft"}], canaries={"enabled": False},
+                     data={"source": "customer-sim", "n_individuals": 16, "max_length": 160},
+                     attacks={"shadow": {"models": 2}, "extraction": {"enabled": False}},
+                     backdoor={"enabled": True, "fraction": 0.3, "n_eval": 6},
+                     train={"epochs": 3, "batch_size": 4, "lr": 3e-3})
+    outcome = run_study(cfg, show_progress=False)
+    assert outcome.done == ["base", "shadow-0", "shadow-1", "fft"]
+    store = open_store(cfg)
+    runs = {r["label"]: r for r in store.runs("tiny")}
+    shadows = store.runs("tiny", roles=("shadow",))
+    store.close()
+    assert set(runs) == {"base", "fft"} and len(shadows) == 2
+    # Each shadow trains on a different half of the population, split by individual.
+    a, b = (s["shadow_in"] for s in shadows)
+    assert 0 < sum(a) < len(a) and a != b
+    for label in ("base", "fft"):
+        names = {e["attack"] for e in runs[label]["attacks"]["mia"]}
+        assert {"lira_online", "lira_offline", "rmia"} <= names
+        backdoor = runs[label]["attacks"]["backdoor"]
+        assert backdoor["n"] == 6 and 0 <= backdoor["asr_clean"] <= 1
+    assert runs["fft"]["data"]["poisoned_records"] >= 1
 
 
 @pytest.mark.slow

@@ -51,6 +51,57 @@ class CanaryConfig(_Strict):
         return self
 
 
+class MIASettings(_Strict):
+    levels: list[Literal["record", "sensitive"]] = Field(
+        default_factory=lambda: ["record", "sensitive"], description="score whole records, sensitive tokens, or both")
+    attacks: list[str] | None = Field(None, description="score-based attacks to run; default: all")
+    k: float = Field(0.2, gt=0, le=1, description="fraction of tokens Min-K% and Min-K%++ average")
+    fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001], description="report TPR at these FPRs")
+    n_bootstrap: int = Field(1000, ge=0, description="resamples for the 95% intervals")
+    reference_model: str | None = Field(None, description="reference for the calibrated attack; default: the base model")
+
+    @model_validator(mode="after")
+    def _fprs_in_range(self):
+        bad = [f for f in self.fprs if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"FPR must lie in (0, 1), got {bad[0]}")
+        return self
+
+
+class ShadowSettings(_Strict):
+    models: int = Field(0, ge=0, description="K shadow models for LiRA and RMIA; 0 turns them off, else >= 2")
+    method: str | None = Field(None, description="label of the study method the shadows are trained with; default: the first")
+
+    @model_validator(mode="after")
+    def _enough_shadows(self):
+        if self.models == 1:
+            raise ValueError("LiRA needs at least 2 shadow models, got 1; set attacks.shadow.models to 0 or >= 2")
+        return self
+
+
+class ExtractionSettings(_Strict):
+    enabled: bool = True
+    max_spans_per_type: int = Field(20, ge=1, description="prompts per PII type and set; more is tighter and slower")
+    n_samples: int = Field(2, ge=0, description="sampled continuations per prompt besides the greedy one")
+    pii_inference: bool = Field(True, description="also rank the true value among candidates")
+    pii_candidates: int = Field(10, ge=2, description="k: candidates per value (chance = 1/k)")
+
+
+class AttackConfig(_Strict):
+    enabled: bool = True
+    mia: MIASettings = Field(default_factory=MIASettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
+
+
+class BackdoorConfig(_Strict):
+    enabled: bool = False
+    fraction: float = Field(0.05, gt=0, lt=1, description="share of training records that carry the trigger")
+    trigger: str = Field("Please escalate ticket ZX-97.", description="the phrase that activates the backdoor")
+    target: str = Field("Escalation code: ACCESS-GRANTED-7731.", description="what the model should emit after it")
+    n_eval: int = Field(40, ge=1, description="held-out prompts for the attack success rate")
+
+
 class LoraSettings(_Strict):
     r: int = Field(8, ge=1, description="rank; higher fits more and costs more")
     alpha: float = Field(16, gt=0)
@@ -111,6 +162,8 @@ class StudyConfig(_Strict):
     model: str = Field("smollm2-135m", description="registered name or a Hugging Face checkpoint directory")
     data: DataConfig = Field(default_factory=DataConfig)
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
+    attacks: AttackConfig = Field(default_factory=AttackConfig)
+    backdoor: BackdoorConfig = Field(default_factory=BackdoorConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
     methods: list[MethodSpec] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -126,6 +179,9 @@ class StudyConfig(_Strict):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dupes)} (set label:)")
+        shadow = self.attacks.shadow.method
+        if shadow is not None and shadow not in labels:
+            raise ValueError(f"attacks.shadow.method {shadow!r} names no method of the study; use one of: {', '.join(labels)}")
         return self
 
 

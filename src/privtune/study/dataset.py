@@ -1,11 +1,14 @@
-"""The study's data, built once: records → spans → split by individual → canaries → tensors."""
+"""The study's data, built once: records → spans → split by individual → canaries and
+poison → tensors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from privtune.config import StudyConfig
+from privtune.data.backdoor import backdoor_prompts, poison_records
 from privtune.data.canaries import Canary, canary_records, make_canaries
 from privtune.data.corpora import generate_corpus
 from privtune.data.loaders import load_records
@@ -19,8 +22,9 @@ from privtune.errors import PrivtuneError
 class StudyData:
     """Members (training records about people), non-members, and the training set itself.
 
-    ``train`` is ``members`` plus the inserted canary records; leakage is measured on
-    ``members`` so that canaries, measured by exposure, do not blur it.
+    ``train`` is ``members`` plus the inserted canary and poisoned records; leakage is
+    measured on ``members`` so that canaries (measured by exposure) and poison (measured
+    by the backdoor's success rate) do not blur it.
     """
 
     members: EncodedDataset
@@ -28,12 +32,16 @@ class StudyData:
     train: EncodedDataset
     canaries: list[Canary]
     tagger: str
+    #: held-out prompts ending with / without the backdoor trigger (empty without a backdoor)
+    backdoor_triggered: list[str] = field(default_factory=list)
+    backdoor_clean: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "members": len(self.members), "nonmembers": len(self.nonmembers),
             "train_records": len(self.train), "canaries": len(self.canaries),
             "train_tokens": self.train.n_tokens, "tagger": self.tagger,
+            "poisoned_records": sum(bool(r.meta.get("backdoor")) for r in self.train.records),
             "sensitive_token_share": round(float(self.members.sensitive.sum()) / max(1, self.members.n_tokens), 4),
         }
 
@@ -63,5 +71,21 @@ def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
     if not enc_members.sensitive.any() or not enc_nonmembers.sensitive.any():
         raise PrivtuneError(f"no sensitive tokens survive tokenisation at data.max_length={max_len}",
                             "raise data.max_length or give spans that fall early in the text")
-    train = encode_records(members + canary_records(canaries), tokenizer, max_len)
-    return StudyData(enc_members, enc_nonmembers, train, canaries, tagger)
+    poisoned, triggered, clean = [], [], []
+    if cfg.backdoor.enabled:
+        b = cfg.backdoor
+        poisoned = poison_records(members, b.fraction, b.trigger, b.target, cfg.data.seed)
+        triggered, clean = backdoor_prompts(nonmembers, b.n_eval, b.trigger, cfg.data.seed)
+    train = encode_records(members + canary_records(canaries) + poisoned, tokenizer, max_len)
+    if poisoned and (train.attention_mask[-len(poisoned):].sum(dim=1) >= max_len).any():
+        raise PrivtuneError(f"poisoned records do not fit in data.max_length={max_len} tokens, so the backdoor "
+                            "target would be cut off", "raise data.max_length or shorten backdoor.trigger/target")
+    return StudyData(enc_members, enc_nonmembers, train, canaries, tagger, triggered, clean)
+
+
+def shadow_membership(population: list[Record], shadow: int, seed: int) -> list[bool]:
+    """Which records shadow model ``shadow`` trains on: a random half of the individuals."""
+    people = sorted({r.individual for r in population})
+    rng = random.Random(f"shadow-{seed}-{shadow}")
+    chosen = set(rng.sample(people, len(people) // 2))
+    return [r.individual in chosen for r in population]

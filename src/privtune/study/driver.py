@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privtune.config import StudyConfig
+from privtune.study.audit import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.store import Store
@@ -42,7 +43,7 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         executor = LocalExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress)
 
     def started(spec: RunSpec) -> None:
-        store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config)
+        store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
 
     def finished(spec: RunSpec, result: dict) -> None:
         for row in result.get("epochs", []):
@@ -58,6 +59,8 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
                      finished=finished, failed=failed)
     try:
         executor.execute(pending, hooks)
+        if cfg.attacks.enabled and cfg.attacks.shadow.models:
+            add_shadow_attacks(cfg, store)
     finally:
         store.close()
     return outcome

@@ -80,4 +80,6 @@ def _total_steps(ctx, spec: RunSpec) -> int:
         return 0
     method = spec.config["method"]
     n = len(ctx.data.train)
+    if spec.is_shadow:  # half of the population
+        n = (len(ctx.data.members) + len(ctx.data.nonmembers)) // 2
     return method["epochs"] * -(-n // method["batch_size"])

@@ -1,20 +1,24 @@
 """A study config expanded into runs, each with the hash that identifies it.
 
-The base model (no training) is a run of its own: every method is measured against it,
-and it is measured by the same code as every trained model.
+Three roles:
+
+- ``base``: the untouched model, everyone's reference, measured by the same code;
+- ``target``: one per (method, seed), the runs the study compares;
+- ``shadow``: K models trained like one of the targets, each on a random half of the
+  population (members and non-members), for the LiRA and RMIA attacks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privtune.config import StudyConfig, config_hash
+from privtune.config import MethodSpec, StudyConfig, config_hash
 from privtune.train.loop import TrainPlan
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One unit of work: train (unless ``method == "base"``) and measure one model."""
+    """One unit of work: train (unless base) and measure one model."""
 
     run_id: str
     study: str
@@ -22,20 +26,49 @@ class RunSpec:
     method: str
     seed: int
     config: dict
+    role: str = "target"
 
     @property
     def is_base(self) -> bool:
-        return self.method == "base"
+        return self.role == "base"
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.role == "shadow"
+
+    @property
+    def shadow_index(self) -> int:
+        return self.config["shadow"]
 
 
 def _shared(cfg: StudyConfig) -> dict:
     """What every run of the study shares and what changes its numbers."""
+    attacks = cfg.attacks.model_dump(exclude={"shadow"})
     return {
         "model": cfg.model,
         "data": cfg.data.model_dump(),
         "canaries": cfg.canaries.model_dump(),
+        "backdoor": cfg.backdoor.model_dump(),
+        "attacks": attacks,
         "precision": cfg.precision,
     }
+
+
+def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
+    return {
+        "method": m.method, "label": m.label,
+        "lr": m.lr if m.lr is not None else cfg.train.lr,
+        "epochs": m.epochs if m.epochs is not None else cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "weight_decay": cfg.train.weight_decay,
+        "lora": m.lora.model_dump() if m.lora else None,
+        "dp": m.dp.model_dump() if m.dp else None,
+    }
+
+
+def method_spec(cfg: StudyConfig, spec: RunSpec) -> MethodSpec:
+    """The study's method entry that ``spec`` trains with."""
+    return next(m for m in cfg.methods if m.label == spec.config["method"]["label"])
 
 
 def train_plan(cfg: StudyConfig, spec: RunSpec) -> TrainPlan:
@@ -43,28 +76,24 @@ def train_plan(cfg: StudyConfig, spec: RunSpec) -> TrainPlan:
     m = spec.config["method"]
     return TrainPlan(epochs=m["epochs"], batch_size=m["batch_size"],
                      physical_batch_size=cfg.train.physical_batch_size, lr=m["lr"],
-                     weight_decay=m["weight_decay"], seed=spec.seed,
-                     dp=next(x for x in cfg.methods if x.label == m["label"]).dp)
+                     weight_decay=m["weight_decay"], seed=spec.seed, dp=method_spec(cfg, spec).dp)
 
 
 def plan_study(cfg: StudyConfig) -> list[RunSpec]:
-    """The base run, then one run per (method, seed), in config order."""
+    """Base run, then shadows (when asked for), then one run per (method, seed)."""
     shared = _shared(cfg)
     base_cfg = {**shared, "method": {"method": "base"}}
-    runs = [RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg)]
+    runs = [RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg, role="base")]
+    if cfg.attacks.enabled and cfg.attacks.shadow.models:
+        label = cfg.attacks.shadow.method or cfg.methods[0].label
+        m = next(x for x in cfg.methods if x.label == label)
+        for k in range(cfg.attacks.shadow.models):
+            run_cfg = {**shared, "method": _method_config(cfg, m), "seed": k, "shadow": k}
+            runs.append(RunSpec(config_hash(run_cfg), cfg.name, f"shadow-{k}", m.method, k, run_cfg, role="shadow"))
     multi_seed = len(cfg.seeds) > 1
     for seed in cfg.seeds:
         for m in cfg.methods:
-            method = {
-                "method": m.method, "label": m.label,
-                "lr": m.lr if m.lr is not None else cfg.train.lr,
-                "epochs": m.epochs if m.epochs is not None else cfg.train.epochs,
-                "batch_size": cfg.train.batch_size,
-                "weight_decay": cfg.train.weight_decay,
-                "lora": m.lora.model_dump() if m.lora else None,
-                "dp": m.dp.model_dump() if m.dp else None,
-            }
-            run_cfg = {**shared, "method": method, "seed": seed}
+            run_cfg = {**shared, "method": _method_config(cfg, m), "seed": seed}
             label = f"{m.label}-s{seed}" if multi_seed else m.label
             runs.append(RunSpec(config_hash(run_cfg), cfg.name, label, m.method, seed, run_cfg))
     return runs

@@ -1,8 +1,9 @@
-"""Executing one run: copy the base model, train it with its method, measure it.
+"""Executing one run: copy the base model, train it with its method, measure and attack it.
 
 A :class:`StudyContext` holds what every run of a study shares and what is costly to
 build twice: the loaded base model, the tokenised data, and the base model's token
-scores, against which every trained model's leakage is measured.
+scores, against which every trained model's leakage is measured and which serve as the
+reference of the calibrated membership attack.
 """
 
 from __future__ import annotations
@@ -15,22 +16,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from privtune.config import StudyConfig
-from privtune.data.tokenize import EncodedDataset
+from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.measures.efficiency import PeakMemory, count_parameters, training_flops
 from privtune.measures.exposure import canary_exposure
 from privtune.measures.leakage import leakage_measures
 from privtune.measures.token_scores import TokenScores, score_tokens
 from privtune.models.loading import LoadedModel, load_model
-from privtune.study.dataset import StudyData, build_study_data
-from privtune.study.plan import RunSpec, train_plan
+from privtune.study import attacking
+from privtune.study.dataset import StudyData, build_study_data, shadow_membership
+from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
 
 EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class Evaluation:
+    """A model's token scores on members and non-members, and the measures from them."""
+
+    members: TokenScores
+    nonmembers: TokenScores
+    measures: dict
 
 
 @dataclass
@@ -41,7 +53,9 @@ class StudyContext:
     runtime: Runtime
     loaded: LoadedModel
     data: StudyData
-    base_scores: dict[str, TokenScores] = field(default_factory=dict)
+    reference: LoadedModel | None = None
+    _base: Evaluation | None = field(default=None, repr=False)
+    _reference_scores: tuple[TokenScores, TokenScores] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: StudyConfig) -> "StudyContext":
@@ -49,7 +63,12 @@ class StudyContext:
         loaded = load_model(cfg.model)
         loaded.model.to(runtime.device)
         data = build_study_data(cfg, loaded.tokenizer)
-        return cls(cfg, runtime, loaded, data)
+        reference = None
+        if cfg.attacks.enabled and cfg.attacks.mia.reference_model:
+            reference = load_model(cfg.attacks.mia.reference_model)
+            attacking.check_same_tokenizer(loaded.tokenizer, reference.tokenizer, cfg.attacks.mia.reference_model)
+            reference.model.to(runtime.device)
+        return cls(cfg, runtime, loaded, data, reference)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -58,22 +77,32 @@ class StudyContext:
     def score(self, model: torch.nn.Module, data: EncodedDataset) -> TokenScores:
         return score_tokens(model, data, self.runtime, batch_size=self.cfg.eval_batch_size)
 
-    def base(self) -> dict[str, TokenScores]:
-        """The base model's scores on members and non-members (computed once)."""
-        if not self.base_scores:
-            self.base_scores = {"train": self.score(self.loaded.model, self.data.members),
-                                "test": self.score(self.loaded.model, self.data.nonmembers)}
-        return self.base_scores
+    @property
+    def base(self) -> Evaluation:
+        """The base model's evaluation (computed once)."""
+        if self._base is None:
+            members = self.score(self.loaded.model, self.data.members)
+            nonmembers = self.score(self.loaded.model, self.data.nonmembers)
+            self._base = Evaluation(members, nonmembers, leakage_measures(members, nonmembers, members, nonmembers))
+        return self._base
 
-    def base_measures(self) -> dict:
-        """The base model's own measures, from its cached scores."""
-        base = self.base()
-        return leakage_measures(base["train"], base["test"], base["train"], base["test"])
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
+        members, nonmembers = self.score(model, self.data.members), self.score(model, self.data.nonmembers)
+        base = self.base
+        return Evaluation(members, nonmembers, leakage_measures(members, nonmembers, base.members, base.nonmembers))
 
-    def measure(self, model: torch.nn.Module) -> dict:
-        base = self.base()
-        return leakage_measures(self.score(model, self.data.members), self.score(model, self.data.nonmembers),
-                                base["train"], base["test"])
+    def reference_scores(self) -> tuple[TokenScores, TokenScores]:
+        """Scores of the calibration reference: a named model, else the base model."""
+        if self.reference is None:
+            return self.base.members, self.base.nonmembers
+        if self._reference_scores is None:
+            model = self.reference.model
+            self._reference_scores = (self.score(model, self.data.members), self.score(model, self.data.nonmembers))
+        return self._reference_scores
+
+    @property
+    def autocast_dtype(self):
+        return torch.bfloat16 if self.runtime.precision == "bf16" else None
 
     def exposure(self, model: torch.nn.Module) -> list[dict]:
         if not self.data.canaries:
@@ -81,8 +110,10 @@ class StudyContext:
         return canary_exposure(
             model, self.loaded.tokenizer, self.data.canaries, n_candidates=self.cfg.canaries.n_candidates,
             seed=self.cfg.data.seed, batch_size=max(16, self.cfg.eval_batch_size * 4),
-            device=self.runtime.device,
-            autocast_dtype=torch.bfloat16 if self.runtime.precision == "bf16" else None)
+            device=self.runtime.device, autocast_dtype=self.autocast_dtype)
+
+    def attack(self, model: torch.nn.Module, evaluation: Evaluation) -> dict:
+        return attacking.attack_model(self, model, evaluation)
 
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,
@@ -90,54 +121,66 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     """Train (unless base) and measure one run; returns its result dict."""
     if spec.is_base:
         return _measure_base(ctx, on_epoch)
+    if spec.is_shadow:
+        return _train_shadow(ctx, spec, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
     method = get_method(spec.method)
-    plan = train_plan(cfg, spec)
-    model = method.prepare(copy.deepcopy(ctx.loaded.model), _lora_settings(cfg, spec))
+    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
     trainable, total = count_parameters(model)
-    epochs: list[dict] = []
-    baseline = ctx.base_measures() | {"epsilon": 0.0 if method.private else None}
+    baseline = ctx.base.measures | {"epsilon": 0.0 if method.private else None}
     on_epoch(0, baseline)
-    epochs.append({"epoch": 0, **baseline})
+    epochs: list[dict] = [{"epoch": 0, **baseline}]
+    latest: list[Evaluation] = []
 
     def after_epoch(epoch: int, progress: TrainResult) -> None:
-        measures = ctx.measure(model)
+        evaluation = ctx.evaluate(model)
+        measures = dict(evaluation.measures)
         if progress.privacy is not None:
             measures["epsilon"] = progress.privacy.epsilon
         on_epoch(epoch, measures)
         epochs.append({"epoch": epoch, **measures})
+        latest[:] = [evaluation]
 
     torch.manual_seed(spec.seed)
     with PeakMemory(runtime.device) as memory:
-        result = train(model, ctx.data.train, plan, runtime, on_epoch_end=after_epoch, on_step=on_step)
-    exposure = ctx.exposure(model)
+        result = train(model, ctx.data.train, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
+                       on_step=on_step)
     artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     return {
         "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
         "epochs": epochs,
-        "exposure": exposure,
-        "dp": _dp_summary(result),
-        "efficiency": {
-            "train_seconds": result.seconds,
-            "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),
-            "tokens_per_second": result.tokens / result.seconds if result.seconds > 0 else math.nan,
-            "steps": result.steps, "tokens": result.tokens,
-            "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
-            "trainable_params": trainable, "total_params": total,
-            "flops_estimate": training_flops(total, trainable, result.tokens),
-            "device": str(runtime.device), "precision": runtime.precision,
-        },
+        "exposure": ctx.exposure(model),
+        "attacks": ctx.attack(model, latest[0]),
+        "record_stats": attacking.record_stats(latest[0]),
+        "dp": result.privacy.as_dict() if result.privacy else None,
+        "efficiency": _efficiency(result, memory, trainable, total, runtime),
         "artifact": str(artifact) if artifact else None,
         "data": ctx.data.summary(),
     }
 
 
-def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
-    measures = ctx.base_measures()
-    on_epoch(0, measures)
-    trainable, total = count_parameters(ctx.loaded.model)
+def _efficiency(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
     return {
-        "final": measures, "epochs": [{"epoch": 0, **measures}], "exposure": ctx.exposure(ctx.loaded.model),
+        "train_seconds": result.seconds,
+        "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),
+        "tokens_per_second": result.tokens / result.seconds if result.seconds > 0 else math.nan,
+        "steps": result.steps, "tokens": result.tokens,
+        "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
+        "trainable_params": trainable, "total_params": total,
+        "flops_estimate": training_flops(total, trainable, result.tokens),
+        "device": str(runtime.device), "precision": runtime.precision,
+    }
+
+
+def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
+    base = ctx.base
+    on_epoch(0, base.measures)
+    _, total = count_parameters(ctx.loaded.model)
+    return {
+        "final": base.measures, "epochs": [{"epoch": 0, **base.measures}],
+        "exposure": ctx.exposure(ctx.loaded.model),
+        "attacks": ctx.attack(ctx.loaded.model, base),
+        "record_stats": attacking.record_stats(base),
         "dp": None,
         "efficiency": {"train_seconds": 0.0, "seconds_per_epoch": 0.0, "tokens_per_second": math.nan,
                        "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
@@ -147,14 +190,25 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
     }
 
 
-def _lora_settings(cfg: StudyConfig, spec: RunSpec):
-    return next(m for m in cfg.methods if m.label == spec.config["method"]["label"]).lora
-
-
-def _dp_summary(result: TrainResult) -> dict | None:
-    if result.privacy is None:
-        return None
-    return result.privacy.as_dict()
+def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None]) -> dict:
+    """Train a shadow model on a random half of the population; keep only its record stats."""
+    cfg = ctx.cfg
+    population = ctx.data.members.records + ctx.data.nonmembers.records
+    inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
+    half = encode_records([r for r, keep in zip(population, inside) if keep], ctx.loaded.tokenizer,
+                          cfg.data.max_length)
+    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
+    trainable, total = count_parameters(model)
+    torch.manual_seed(spec.seed)
+    with PeakMemory(ctx.runtime.device) as memory:
+        result = train(model, half, train_plan(cfg, spec), ctx.runtime, on_step=on_step)
+    evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
+    return {
+        "record_stats": attacking.record_stats(evaluation),
+        "shadow_in": np.asarray(inside, dtype=bool).tolist(),
+        "dp": result.privacy.as_dict() if result.privacy else None,
+        "efficiency": _efficiency(result, memory, trainable, total, ctx.runtime),
+    }
 
 
 def _save_artifact(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module) -> Path:

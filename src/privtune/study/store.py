@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS runs (
     study       TEXT NOT NULL,
     label       TEXT NOT NULL,
     method      TEXT NOT NULL,
+    role        TEXT NOT NULL,          -- base | target | shadow
     status      TEXT NOT NULL,          -- running | done | failed
     config      TEXT NOT NULL,          -- resolved run config, JSON
     result      TEXT,                   -- measures, JSON (done runs)
@@ -67,15 +68,15 @@ class Store:
         row = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
 
-    def start(self, run_id: str, study: str, label: str, method: str, config: dict) -> None:
+    def start(self, run_id: str, study: str, label: str, method: str, config: dict, role: str = "target") -> None:
         """Mark a run as running, dropping rows a previous attempt left behind."""
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM epochs WHERE run_id=?", (run_id,))
             self._db.execute(
-                "INSERT OR REPLACE INTO runs (run_id, study, label, method, status, config, started_at)"
-                " VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (run_id, study, label, method, _json(config), time.time()))
+                "INSERT OR REPLACE INTO runs (run_id, study, label, method, role, status, config, started_at)"
+                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
+                (run_id, study, label, method, role, _json(config), time.time()))
 
     def add_epoch(self, run_id: str, epoch: int, measures: dict) -> None:
         self._db.execute("INSERT OR REPLACE INTO epochs (run_id, epoch, measures) VALUES (?, ?, ?)",
@@ -85,6 +86,10 @@ class Store:
         self._db.execute("UPDATE runs SET status='done', result=?, error=NULL, finished_at=? WHERE run_id=?",
                          (_json(result), time.time(), run_id))
 
+    def update_result(self, run_id: str, result: dict) -> None:
+        """Replace a finished run's result (study-level analyses such as LiRA add to it)."""
+        self._db.execute("UPDATE runs SET result=? WHERE run_id=?", (_json(result), run_id))
+
     def fail(self, run_id: str, error: str) -> None:
         self._db.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
                          (error, time.time(), run_id))
@@ -92,19 +97,20 @@ class Store:
     def studies(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
 
-    def runs(self, study: str | None = None) -> list[dict]:
-        """Every run (of ``study``) as the dict the report reads, epochs included."""
-        query = "SELECT run_id, study, label, method, status, config, result, error FROM runs"
-        args: tuple = ()
+    def runs(self, study: str | None = None, roles: tuple[str, ...] = ("base", "target")) -> list[dict]:
+        """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs included."""
+        query = (f"SELECT run_id, study, label, method, role, status, config, result, error FROM runs"
+                 f" WHERE role IN ({','.join('?' * len(roles))})")
+        args: tuple = tuple(roles)
         if study is not None:
-            query += " WHERE study=?"
-            args = (study,)
+            query += " AND study=?"
+            args += (study,)
         out = []
-        for run_id, study_name, label, method, status, config, result, error in self._db.execute(
+        for run_id, study_name, label, method, role, status, config, result, error in self._db.execute(
                 query + " ORDER BY started_at", args):
             run = json.loads(result) if result else {}
             cfg = json.loads(config)
-            run.update(run_id=run_id, study=study_name, label=label, method=method, status=status,
+            run.update(run_id=run_id, study=study_name, label=label, method=method, role=role, status=status,
                        error=error, config=cfg, model=cfg.get("model"), seed=cfg.get("seed"))
             run["epochs"] = [dict(json.loads(m), epoch=e) for e, m in self._db.execute(
                 "SELECT epoch, measures FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]

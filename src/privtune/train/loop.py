@@ -69,9 +69,10 @@ def plan_privacy(settings: DPSettings, n_records: int, batch_size: int, epochs: 
     sample_rate = min(1.0, batch_size / n_records)
     steps = epochs * math.ceil(n_records / batch_size)
     delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_records)
+    # The settings are checked on their own here; reachability of the target comes from
+    # the noise search itself, which runs once (it is the costly part).
     dp.check_dp_settings(n_records=n_records, delta=delta, sample_rate=sample_rate,
-                         max_grad_norm=settings.max_grad_norm, target_epsilon=settings.target_epsilon,
-                         noise_multiplier=settings.noise_multiplier, steps=steps,
+                         max_grad_norm=settings.max_grad_norm, noise_multiplier=settings.noise_multiplier,
                          accountant=settings.accountant)
     if settings.noise_multiplier is not None:
         sigma = settings.noise_multiplier

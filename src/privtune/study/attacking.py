@@ -1,0 +1,87 @@
+"""The attack suite applied to one model of a study.
+
+Score-based membership attacks read the token scores the evaluation already computed,
+so they cost no extra forward pass; extraction, PII inference and the backdoor need
+generation or candidate scoring and run once, on the final model. Per-record statistics
+are kept in every run's result so that the shadow-model attacks (LiRA, RMIA), which need
+all shadow models first, can be computed afterwards by :mod:`privtune.study.audit`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from privtune.attacks.extraction import pii_inference, prefix_extraction
+from privtune.attacks.generation import generate_continuations
+from privtune.attacks.mia import score_attacks
+from privtune.attacks.shadow import record_statistic, sequence_loglik
+from privtune.errors import PrivtuneError
+from privtune.measures.token_scores import TokenScores
+
+LEVELS = ("record", "sensitive")
+
+
+def check_same_tokenizer(ours, theirs, name: str) -> None:
+    """A reference model must score the same token sequences as the target."""
+    if ours.get_vocab() != theirs.get_vocab():
+        raise PrivtuneError(f"reference model {name!r} has a different tokenizer from the study's model",
+                            "pick a reference of the same model family and vocabulary")
+
+
+def positions(scores: TokenScores, level: str) -> np.ndarray:
+    return scores.valid if level == "record" else scores.sensitive
+
+
+def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
+    """Every configured attack on ``model``; ``evaluation`` holds its token scores."""
+    cfg = ctx.cfg.attacks
+    if not cfg.enabled:
+        return {}
+    ref_members, ref_nonmembers = ctx.reference_scores()
+    members, nonmembers = ctx.data.members.records, ctx.data.nonmembers.records
+    out = {"mia": score_attacks(
+        evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers, members, nonmembers,
+        levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
+        n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)}
+    common = dict(device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype, seed=ctx.cfg.data.seed)
+    tokenizer = ctx.loaded.tokenizer
+    if cfg.extraction.enabled:
+        ex = cfg.extraction
+        out["extraction"] = prefix_extraction(model, tokenizer, members, nonmembers,
+                                              max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,
+                                              **common)
+        if ex.pii_inference:
+            out["pii_inference"] = pii_inference(model, tokenizer, members, nonmembers, k=ex.pii_candidates,
+                                                 max_spans_per_type=ex.max_spans_per_type, **common)
+    if ctx.data.backdoor_triggered:
+        out["backdoor"] = backdoor_success(ctx, model)
+    return out
+
+
+def backdoor_success(ctx, model: torch.nn.Module) -> dict:
+    """Share of held-out prompts whose greedy continuation starts with the target."""
+    backdoor = ctx.cfg.backdoor
+    target = backdoor.target
+    n_tokens = len(ctx.loaded.tokenizer(target, add_special_tokens=False)["input_ids"]) + 2
+    rates = {}
+    for name, prompts in (("asr_triggered", ctx.data.backdoor_triggered), ("asr_clean", ctx.data.backdoor_clean)):
+        outputs = generate_continuations(model, ctx.loaded.tokenizer, prompts, max_new_tokens=n_tokens, greedy=True,
+                                         device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
+                                         seed=ctx.cfg.data.seed)
+        rates[name] = float(np.mean([out[0].lstrip().startswith(target) for out in outputs]))
+    return {**rates, "n": len(ctx.data.backdoor_triggered), "trigger": backdoor.trigger, "target": target}
+
+
+def record_stats(evaluation) -> dict:
+    """Per-record statistics over the population (members, then non-members), per level."""
+    stats = {}
+    for level in LEVELS:
+        parts = [(s, positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
+        stats[level] = {
+            "stat": np.concatenate([record_statistic(s, p) for s, p in parts]).tolist(),
+            "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
+            "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
+        }
+    stats["n_members"] = int(evaluation.members.nll.shape[0])
+    return stats
