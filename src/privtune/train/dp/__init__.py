@@ -5,6 +5,7 @@ every engine module, which registers the engine in :data:`DP_ENGINES`.
 """
 
 from privtune.train.dp import opacus_engine  # noqa: F401  (registers "opacus")
+from privtune.train.dp import ghost_engine  # noqa: F401  (registers "privtune")
 from privtune.train.dp.accountant import (
     ACCOUNTANTS,
     MAX_NOISE_MULTIPLIER,
@@ -15,6 +16,7 @@ from privtune.train.dp.accountant import (
     noise_for_target_epsilon,
 )
 from privtune.train.dp.engine import DP_ENGINES, PerSampleClipper, clip_factors, make_clipper, register_engine
+from privtune.train.dp.ghost_engine import GhostClipper
 from privtune.train.dp.opacus_engine import OpacusClipper
 from privtune.train.dp.sampling import (
     NoiseSource,
@@ -26,7 +28,7 @@ from privtune.train.dp.sampling import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "DP_ENGINES", "MAX_NOISE_MULTIPLIER", "NoiseSource", "OpacusClipper",
+    "ACCOUNTANTS", "DP_ENGINES", "GhostClipper", "MAX_NOISE_MULTIPLIER", "NoiseSource", "OpacusClipper",
     "PerSampleClipper", "PrivacyLedger", "SecureNoise", "TorchNoise", "check_dp_settings",
     "clip_factors", "epsilon_for", "make_accountant", "make_clipper", "make_noise_generator",
     "noise_for_target_epsilon", "physical_chunks", "poisson_batches", "register_engine",

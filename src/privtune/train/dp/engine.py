@@ -111,12 +111,13 @@ class PerSampleClipper(ABC):
         source = as_noise_source(generator)
         std = noise_multiplier * max_grad_norm
         for i, p in enumerate(self._params):
-            total = self._sums[i]
+            # Release each sum as it becomes a gradient, so the two never coexist whole.
+            total, self._sums[i] = self._sums[i], None
             if total is None:
                 total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if std > 0:
-                total = total + source.gaussian(p.shape, std=std, device=p.device)
-            p.grad = (total / expected_batch_size).to(p.dtype)
+                total.add_(source.gaussian(p.shape, std=std, device=p.device))
+            p.grad = total.div_(expected_batch_size).to(p.dtype)
         self._reset_sums()
 
     def _start(self, params: list[nn.Parameter]) -> None:

@@ -1,0 +1,201 @@
+"""Cost of DP-SGD per engine: step time and peak memory next to non-private training.
+
+For one architecture (random-initialised, no weights needed) and the methods full
+fine-tuning and LoRA, trains with engine ``none`` (non-private), ``opacus`` and
+``privtune`` through privtune's own training loop (``privtune.train.loop.train``), so
+the figures are what a study gets, and prints ONE markdown table with the ratios to
+non-private side by side. Usage:
+
+    python benchmarks/dp_engines.py                                  # SmolLM2-135M, CPU, 8 x 128
+    python benchmarks/dp_engines.py --arch tiny --batch 4 --seq 32   # seconds, a smoke test
+    python benchmarks/dp_engines.py --device cuda --arch pythia-1b --batch 16 --seq 256 --steps 8
+
+What is measured, and how:
+
+* Every row runs in a fresh subprocess (same seed, same initial weights), so one row's
+  memory high-water mark cannot leak into the next (RSS on CPU never shrinks much).
+* Each step holds exactly ``--batch`` records: the data set has ``--batch`` records and
+  DP's Poisson sample rate is then 1, so private and non-private steps see the same
+  tokens (a realised Poisson batch varies in size, which would blur the comparison).
+  One epoch per step; the first step is a warm-up and is not timed; the median of the
+  rest is reported. RDP accounting (cheap); noise multiplier 1, C = 1.
+* Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, sampled process RSS on CPU
+  (``privtune.measures.efficiency.PeakMemory``), over the whole ``train`` call.
+* The trainable set is the same in private and non-private rows. ``full`` trains every
+  parameter except the norms and the input embedding (as in issue 4's Opacus table; a
+  tied output head is the same tensor, so it is frozen with it); ``--full-trainable
+  all`` trains everything. ``lora`` is PEFT LoRA (default targets of the family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+from privtune.config import DPSettings, LoraSettings
+from privtune.data.records import Record
+from privtune.data.tokenize import EncodedDataset
+from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.models.tiny import tiny_config
+from privtune.train.loop import TrainPlan, train
+from privtune.train.methods import get_method
+from privtune.train.precision import Runtime
+
+ARCHS = {
+    # SmolLM2-135M: Llama, tied embeddings.
+    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                        tie_word_embeddings=True, max_position_embeddings=2048),
+    # Pythia-1B: GPT-NeoX, fused QKV, LayerNorm, untied head.
+    "pythia-1b": lambda: GPTNeoXConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                       num_hidden_layers=16, num_attention_heads=8, rotary_pct=0.25,
+                                       max_position_embeddings=2048, tie_word_embeddings=False),
+    "tiny": lambda: tiny_config("llama"),
+}
+METHODS = ("full", "lora")
+ENGINES = ("none", "opacus", "privtune")
+
+
+def synthetic_data(n: int, seq: int, vocab: int) -> EncodedDataset:
+    ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+    return EncodedDataset([Record(str(i), str(i), "") for i in range(n)], ids, torch.ones_like(ids),
+                          torch.zeros_like(ids, dtype=torch.bool))
+
+
+def prepare(model: torch.nn.Module, method: str, full_trainable: str, lora_r: int) -> torch.nn.Module:
+    """The model with the same trainable set whatever the engine."""
+    if method == "lora":
+        return get_method("lora").prepare(model, LoraSettings(r=lora_r, alpha=2 * lora_r))
+    model = get_method("fft").prepare(model)
+    if full_trainable == "blocks":
+        model.get_input_embeddings().weight.requires_grad_(False)
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                module.requires_grad_(False)
+    return model
+
+
+def run_row(method: str, engine: str, args) -> dict:
+    """Train one (method, engine) pair; return its median step time and peak memory."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS[args.arch](), dtype=torch.float32)
+    model = prepare(model, method, args.full_trainable, args.lora_r).to(device)
+    trainable, total = count_parameters(model)
+    data = synthetic_data(args.batch, args.seq, model.config.vocab_size)
+    dp = None if engine == "none" else DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
+                                                  accountant="rdp", engine=engine)
+    plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
+                     lr=1e-5, weight_decay=0.0, seed=0, dp=dp)
+    marks: list[float] = []
+    with PeakMemory(device) as memory:
+        train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(marks, marks[1:])]  # drops the warm-up step
+    return {"method": method, "engine": engine, "s_per_step": statistics.median(steps),
+            "steps": [round(s, 4) for s in steps], "peak_gib": memory.peak_bytes / 2**30,
+            "memory_kind": memory.kind, "trainable": trainable, "total": total}
+
+
+def run_in_subprocess(method: str, engine: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--row", f"{method}:{engine}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"method": method, "engine": engine, "error": tail[:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def hardware(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {threads or torch.get_num_threads()} torch threads"
+
+
+def _cell(row: dict, base: dict | None) -> str:
+    if "error" in row:
+        return f"failed: {row['error']} | "
+    time_ratio = f" ({row['s_per_step'] / base['s_per_step']:.2f}x)" if base and "error" not in base else ""
+    mem_ratio = f" ({row['peak_gib'] / base['peak_gib']:.2f}x)" if base and "error" not in base else ""
+    return f"{row['s_per_step']:.3f}{time_ratio} | {row['peak_gib']:.2f}{mem_ratio}"
+
+
+def table(rows: list[dict], engines: list[str]) -> str:
+    by_key = {(r["method"], r["engine"]): r for r in rows}
+    head = "| method | trainable | " + " | ".join(f"{e} s/step | {e} peak GiB" for e in engines) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(engines))]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        base = by_key.get((method, "none"))
+        known = next((r for r in rows if r["method"] == method and "trainable" in r), {})
+        trainable = f"{known['trainable'] / 1e6:.3g}M" if known else "?"
+        cells = [_cell(by_key[(method, e)], base if e != "none" else None) for e in engines]
+        lines.append(f"| {method} | {trainable} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="smollm2-135m", choices=list(ARCHS))
+    parser.add_argument("--methods", default="full,lora", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--engines", default="none,opacus,privtune", help=f"comma-separated, of {', '.join(ENGINES)}")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (one more runs first, as warm-up)")
+    parser.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="on CUDA, plain fp32 matmuls")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--full-trainable", default="blocks", choices=["blocks", "all"],
+                        help="blocks: freeze norms and input embedding (a tied head with it); all: train everything")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one method:engine, print JSON
+    args = parser.parse_args(argv)
+    for name, allowed in (("methods", METHODS), ("engines", ENGINES)):
+        bad = [x for x in getattr(args, name).split(",") if x not in allowed]
+        if bad:
+            parser.error(f"unknown {name} {bad}; use {', '.join(allowed)}")
+    return args
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.row:
+        method, engine = args.row.split(":")
+        print(json.dumps(run_row(method, engine, args)))
+        return
+    methods, engines = args.methods.split(","), args.engines.split(",")
+    rows = []
+    for method in methods:
+        for engine in engines:
+            rows.append(run_in_subprocess(method, engine, argv))
+            print(f"  done {method} / {engine}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    device = torch.device(args.device)
+    kind = "CUDA max allocated" if device.type == "cuda" else "sampled RSS"
+    tf32 = ", TF32" if device.type == "cuda" and args.tf32 and args.precision == "fp32" else ""
+    print(f"\n`python benchmarks/dp_engines.py {' '.join(argv)}`\n")
+    print(f"{args.arch}, batch {args.batch} x {args.seq}, {args.device} {args.precision}{tf32}, "
+          f"{hardware(device, args.threads)}, torch {torch.__version__}; median of {args.steps} steps after one warm-up; "
+          f"peak memory = {kind}; full = {args.full_trainable}\n")
+    print(table(rows, engines))
+
+
+if __name__ == "__main__":
+    main()
