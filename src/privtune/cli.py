@@ -168,14 +168,20 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def _strongest_auc(run: dict) -> float | None:
+    """The highest AUC of any membership attack on ``run`` (its worst case)."""
+    aucs = [e["auc"] for e in (run.get("attacks") or {}).get("mia", []) if e.get("auc") is not None]
+    return max(aucs) if aucs else None
+
+
 def _print_summary(output_dir: str, study: str) -> None:
     table = Table(title=f"study {study}", show_lines=False)
-    for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "exposure r=16 ↓",
-                "train s", "peak GB", "trainable"):
-        table.add_column(col, justify="right" if col != "run" else "left")
+    for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
+                "MIA AUC ↓", "train s", "peak GB", "trainable"):
+        table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     for r in _load_runs(output_dir, study):
         if r["status"] != "done":
-            table.add_row(r["label"], *["–"] * 8, f"[red]{r['status']}[/]")
+            table.add_row(r["label"], *["–"] * 9, f"[red]{r['status']}[/]")
             continue
         final, eff = r.get("final", {}), r.get("efficiency", {})
         top = [e["exposure"] for e in r.get("exposure", []) if e["repetitions"] == max(
@@ -184,9 +190,11 @@ def _print_summary(output_dir: str, study: str) -> None:
         table.add_row(r["label"], _fmt((r.get("dp") or {}).get("epsilon"), ".2f"), _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
+                      _fmt(_strongest_auc(r), ".2f"),
                       _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
                       f"{eff.get('trainable_params', 0):,}")
-    console.print(table)
+    # Wide enough for every column even when stdout is a file or a narrow terminal.
+    Console(width=max(console.width, 132)).print(table)
 
 
 def main() -> None:

@@ -34,12 +34,13 @@ class DataConfig(_Strict):
     max_length: int = Field(128, ge=8, le=8192, description="tokens per record; longer records are truncated")
     tagger: Literal["auto", "regex", "presidio"] = Field(
         "auto", description="labels sensitive spans of user records that come without spans")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the corpus generator and of the split")
 
 
 class CanaryConfig(_Strict):
-    enabled: bool = True
-    repetitions: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    enabled: bool = Field(True, description="insert canaries and measure their exposure")
+    repetitions: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16],
+                                   description="how many times each canary is inserted")
     per_repetition: int = Field(1, ge=1, description="canaries inserted for each repetition count")
     n_reference: int = Field(2, ge=0, description="canaries never inserted: the exposure baseline")
     n_candidates: int = Field(256, ge=16, description="sampled candidates per canary for the rank estimate")
@@ -80,7 +81,7 @@ class ShadowSettings(_Strict):
 
 
 class ExtractionSettings(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="prefix extraction of sensitive values")
     max_spans_per_type: int = Field(20, ge=1, description="prompts per PII type and set; more is tighter and slower")
     n_samples: int = Field(2, ge=0, description="sampled continuations per prompt besides the greedy one")
     pii_inference: bool = Field(True, description="also rank the true value among candidates")
@@ -88,14 +89,14 @@ class ExtractionSettings(_Strict):
 
 
 class AttackConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="attack every run")
     mia: MIASettings = Field(default_factory=MIASettings)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
 
 
 class BackdoorConfig(_Strict):
-    enabled: bool = False
+    enabled: bool = Field(False, description="poison the training set and measure the backdoor")
     fraction: float = Field(0.05, gt=0, lt=1, description="share of training records that carry the trigger")
     trigger: str = Field("Please escalate ticket ZX-97.", description="the phrase that activates the backdoor")
     target: str = Field("Escalation code: ACCESS-GRANTED-7731.", description="what the model should emit after it")
@@ -104,8 +105,8 @@ class BackdoorConfig(_Strict):
 
 class LoraSettings(_Strict):
     r: int = Field(8, ge=1, description="rank; higher fits more and costs more")
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    alpha: float = Field(16, gt=0, description="scaling: the update is alpha / r times B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(None, description="module names; default: PEFT's choice per family")
 
 
@@ -114,8 +115,9 @@ class DPSettings(_Strict):
     noise_multiplier: float | None = Field(None, ge=0, description="give this instead of target_epsilon")
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
     max_grad_norm: float = Field(1.0, gt=0, description="per-record clipping bound C")
-    accountant: Literal["prv", "rdp"] = "prv"
-    engine: str = "opacus"
+    accountant: Literal["prv", "rdp"] = Field("prv", description="prv (tight) or rdp (classic) accountant")
+    engine: Literal["privtune", "opacus"] = Field(
+        "privtune", description="per-sample clipping engine: privtune (ghost norms, fast) or opacus (hooks)")
     secure_mode: bool = Field(False, description="draw noise from a cryptographically secure source")
 
     @model_validator(mode="after")
@@ -128,15 +130,15 @@ class DPSettings(_Strict):
 
 
 class TrainSettings(_Strict):
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=1, description="passes over the training set")
     batch_size: int = Field(8, ge=1, description="logical batch (expected batch under DP's Poisson sampling)")
     physical_batch_size: int = Field(8, ge=1, description="records per forward pass; lower it to save memory")
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (methods may override)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
 class MethodSpec(_Strict):
-    method: Literal["fft", "lora", "dp-fft", "dp-lora"]
+    method: Literal["fft", "lora", "dp-fft", "dp-lora"] = Field(description="fine-tuning method")
     label: str | None = Field(None, description="unique name in the study; default: the method")
     lr: float | None = Field(None, gt=0, description="overrides train.lr")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
@@ -158,19 +160,20 @@ class MethodSpec(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = "default"
+    name: str = Field("default", description="study name; runs and reports are grouped by it")
     model: str = Field("smollm2-135m", description="registered name or a Hugging Face checkpoint directory")
     data: DataConfig = Field(default_factory=DataConfig)
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
     attacks: AttackConfig = Field(default_factory=AttackConfig)
     backdoor: BackdoorConfig = Field(default_factory=BackdoorConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    methods: list[MethodSpec] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    device: str = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    eval_batch_size: int = Field(16, ge=1)
-    output_dir: str = "privtune-runs"
+    methods: list[MethodSpec] = Field(min_length=1, description="the fine-tuning runs to compare")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per method and seed")
+    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16 autocast where the hardware has it natively, else fp32")
+    eval_batch_size: int = Field(16, ge=1, description="records per forward pass when measuring")
+    output_dir: str = Field("privtune-runs", description="database, models and reports go here")
     save_artifacts: bool = Field(True, description="save each trained model (or adapter) as safetensors")
 
     @model_validator(mode="after")

@@ -3,16 +3,31 @@
 Peak memory is the GPU's ``max_memory_allocated`` on CUDA. On the CPU the process-wide
 ``ru_maxrss`` never goes down, so it cannot tell one run of a study from the next; a
 background thread samples the resident set size instead (every 50 ms) for the span of
-one run.
+one run, after handing memory that earlier runs freed back to the OS (glibc keeps it
+otherwise, and a run would be charged for its predecessor's peak).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 import time
 
 import psutil
 import torch
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class PeakMemory:
@@ -36,6 +51,7 @@ class PeakMemory:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _release_freed_memory()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
