@@ -96,3 +96,16 @@ def test_targets_stop_rows_early_without_changing_the_verdict(tok):
         assert not compatible(short, target)
     # A target the text does follow never stops it.
     assert generate_continuations(model, tok, PROMPTS, max_new_tokens=8, targets=[f[0] for f in full]) == full
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_shared_prefill_for_samples_equals_separate_runs(family, tok):
+    """Samples reuse one prompt pass; with greedy decoding every copy must equal the plain run."""
+    from privtune.attacks.generation import _generate_batch
+
+    model = tiny_model(family, seed=1).eval()
+    ids = tok(PROMPTS)["input_ids"]
+    with torch.no_grad():
+        plain = _generate_batch(model, tok, ids, BUDGETS, True, 1.0, 40, 1, torch.device("cpu"), None, None)
+        shared = _generate_batch(model, tok, ids, BUDGETS, True, 1.0, 40, 3, torch.device("cpu"), None, None)
+    assert shared == [p * 3 for p in plain]

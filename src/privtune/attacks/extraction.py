@@ -35,6 +35,16 @@ set (a person has up to three tickets repeating the same values). Of the rest, u
 truncated to the training ``max_length``: a value past it was never trained on, and
 then simply counts as not memorised.
 
+Cost. Prompts are cut to ``max_prefix_chars`` (150: about 40 SmolLM2 tokens, since
+digits are one token each), generation stops a row once it leaves its target, sampled
+continuations share one prompt pass, and PII decoys share their prefix's KV cache.
+Measured on SmolLM2-135M (bf16 autocast, ONE CPU thread, busy shared machine), 60
+member and 60 non-member ``customer-sim`` records at the defaults (10 spans per label
+and set: 87 + 87 values): extraction (greedy + 2 samples) 46 s, PII inference (k=10)
+75 s; ``synbio`` extraction 25 s. Two free cores run a forward pass about 3x faster
+than that one thread, so about 35-40 s per model for both. Cost grows linearly with
+``max_spans_per_type`` (and with ``k`` for PII inference).
+
 A recovery must end at the value's end: ``ORD-12345678`` does not recover
 ``ORD-1234567`` (the character after the match may not continue a run of digits or
 letters).
@@ -199,7 +209,7 @@ def _budgets(tokenizer, targets: list[Target]) -> list[int]:
 
 
 def prefix_extraction(model: torch.nn.Module, tokenizer, member_records: list[Record],
-                      nonmember_records: list[Record], *, max_prefix_chars: int = 200, max_spans_per_type: int = 15,
+                      nonmember_records: list[Record], *, max_prefix_chars: int = 150, max_spans_per_type: int = 10,
                       n_samples: int = 2, temperature: float = 1.0, top_k: int = 40, batch_size: int = 32,
                       device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
                       seed: int = 0) -> dict:
@@ -295,7 +305,8 @@ def _groups(prefixes: list[str], ids: list[list[int]], positions: list[list[int]
                 groups.append((shared, chunk))
             else:  # tokenisations differ from the first token: no sharing
                 groups.extend((positions[r][0], [r]) for r in chunk)
-    return sorted(groups, key=lambda g: (g[0], g[1][0]))
+    # Batches pad tails to the longest and prefixes to the longest: sort by both.
+    return sorted(groups, key=lambda g: (max(positions[r][-1] for r in g[1]) - g[0], g[0], g[1][0]))
 
 
 def continuation_losses(model: torch.nn.Module, tokenizer, prefixes: list[str], continuations: list[str], *,
@@ -412,7 +423,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- PII inference
 
 def pii_inference(model: torch.nn.Module, tokenizer, member_records: list[Record], nonmember_records: list[Record], *,
-                  k: int = 10, max_spans_per_type: int = 15, max_prefix_chars: int = 200, batch_size: int = 64,
+                  k: int = 10, max_spans_per_type: int = 10, max_prefix_chars: int = 150, batch_size: int = 64,
                   device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
                   seed: int = 0) -> dict:
     """Top-1 accuracy of picking the true value among it and ``k - 1`` decoys.

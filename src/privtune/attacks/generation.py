@@ -197,13 +197,16 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: l
     """Continuations of one batch: ``n_samples`` strings per prompt."""
     pad = pad_id_of(tokenizer)
     ids, mask = left_pad(prompt_ids, pad)
-    config = _generation_config(tokenizer, max(new_tokens), greedy, temperature, top_k, n_samples)
+    ids, mask = ids.to(device), mask.to(device)
+    config = _generation_config(tokenizer, max(new_tokens), greedy, temperature, top_k, 1)
     stop = None
     if targets is not None:
         stop = StoppingCriteriaList([_StopOffTarget(tokenizer, ids.shape[1], targets, n_samples)])
     with autocast_context(device, autocast_dtype):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             stopping_criteria=stop)
+        cache = _shared_prefill(model, ids, mask, n_samples) if n_samples > 1 and ids.shape[1] > 1 else None
+        ids, mask = ids.repeat_interleave(n_samples, dim=0), mask.repeat_interleave(n_samples, dim=0)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop,
+                             past_key_values=cache)
     generated = out[:, ids.shape[1]:].cpu()  # (B * n_samples, <= max new), rows grouped per prompt
     texts = []
     for row, budget in enumerate(new_tokens):
@@ -211,6 +214,19 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: l
         texts.append([tokenizer.decode(_strip_padding(seq, pad), skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False) for seq in block])
     return texts
+
+
+def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, n_samples: int):
+    """The KV cache of every prompt but its last token, run once and repeated per sample.
+
+    ``generate`` would otherwise run each prompt ``n_samples`` times; it continues from a
+    cache that holds all but the last prompt token (it needs one token to start from).
+    """
+    positions = (mask[:, :-1].cumsum(dim=1) - 1).clamp_min(0)
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
+                  logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(n_samples)
+    return cache
 
 
 def _strip_padding(seq: torch.Tensor, pad: int) -> list[int]:
