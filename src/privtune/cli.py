@@ -175,6 +175,8 @@ def _strongest_auc(run: dict) -> float | None:
 
 
 def _print_summary(output_dir: str, study: str) -> None:
+    from privtune.report.html import fmt_count
+
     table = Table(title=f"study {study}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
                 "MIA AUC ↓", "train s", "peak GB", "trainable"):
@@ -192,9 +194,9 @@ def _print_summary(output_dir: str, study: str) -> None:
                       _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
                       _fmt(_strongest_auc(r), ".2f"),
                       _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
-                      f"{eff.get('trainable_params', 0):,}")
+                      fmt_count(eff.get("trainable_params", 0)))
     # Wide enough for every column even when stdout is a file or a narrow terminal.
-    Console(width=max(console.width, 132)).print(table)
+    Console(width=max(console.width, 140)).print(table)
 
 
 def main() -> None:
