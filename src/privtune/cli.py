@@ -7,6 +7,7 @@ Every user-fixable problem surfaces as one line on stderr and a non-zero exit; a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -75,6 +76,29 @@ def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o",
     console.print(f"report: {path}")
 
 
+@app.command()
+def audit(model: str = typer.Argument(..., help="a PEFT adapter directory (such as a run's artifact), a checkpoint "
+                                                "directory or a registered model name"),
+          config: Path = typer.Argument(None, help="the study whose data and attacks to use; default: the default study"),
+          label: str = typer.Option(None, help="its name in the study's table; default: the directory's name"),
+          output_dir: str = typer.Option(None, "--output-dir", "-o", help="overrides the config's output_dir"),
+          no_report: bool = typer.Option(False, "--no-report", help="skip writing the HTML report")) -> None:
+    """Measure and attack a model trained elsewhere (on `privtune data export`'s train.jsonl) beside a study's runs."""
+    from privtune.config import load_config
+    from privtune.study.driver import audit_external
+
+    cfg = load_config(config)
+    if output_dir:
+        cfg = cfg.model_copy(update={"output_dir": output_dir})
+    console.print(f"[bold]privtune[/] audit of [cyan]{model}[/] on the data of study [cyan]{cfg.name}[/]")
+    started = time.perf_counter()
+    label = audit_external(cfg, model, label)
+    _print_summary(cfg.output_dir, cfg.name)
+    if not no_report:
+        console.print(f"report: {_write_report(cfg.output_dir, cfg.name)}")
+    console.print(f"audited as [cyan]{label}[/]   time: {(time.perf_counter() - started) / 60:.1f} min")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the registered models and whether they are installed and converted."""
@@ -112,6 +136,21 @@ def data_preview(config: Path = typer.Argument(None, help="study YAML; default: 
     console.print(preview_renderable(records, limit=limit))
 
 
+@data_app.command("export")
+def data_export(config: Path = typer.Argument(None, help="study YAML; default: the default study"),
+                out: Path = typer.Option(Path("privtune-data"), "--out", help="directory to write the JSONL files to")) -> None:
+    """Write the study's training set and its member / non-member split as JSONL with spans."""
+    from privtune.config import load_config
+    from privtune.study.external import export_study_data
+
+    cfg = load_config(config)
+    counts = export_study_data(cfg, out)
+    for name, n in counts.items():
+        console.print(f"{out / name}: {n} records")
+    console.print(f"Train on train.jsonl (records up to data.max_length = {cfg.data.max_length} tokens), then run "
+                  "privtune audit MODEL_DIR with the same study config.", highlight=False)
+
+
 def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "no"
 
@@ -137,11 +176,11 @@ def _only_study(output_dir: str) -> str:
 
 def _load_runs(output_dir: str, study: str) -> list[dict]:
     from privtune.study.driver import DB_NAME
-    from privtune.study.store import Store
+    from privtune.study.store import Store, latest_per_label
 
     store = Store(Path(output_dir) / DB_NAME)
     try:
-        return store.runs(study)
+        return latest_per_label(store.runs(study))
     finally:
         store.close()
 
@@ -199,7 +238,18 @@ def _print_summary(output_dir: str, study: str) -> None:
     Console(width=max(console.width, 140)).print(table)
 
 
+def _quiet_hugging_face_bars() -> None:
+    """Our rich bars show progress; Hugging Face's per-file bars would interleave with them
+    and with one-line errors. The variable covers a fresh process, the call an already
+    imported transformers."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_hugging_face_bars()
     # PEFT calls an API that transformers 5 deprecated; the warning says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:

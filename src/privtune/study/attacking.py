@@ -4,7 +4,7 @@ Score-based membership attacks read the token scores the evaluation already comp
 so they cost no extra forward pass; extraction, PII inference and the backdoor need
 generation or candidate scoring and run once, on the final model. Per-record statistics
 are kept in every run's result so that the shadow-model attacks (LiRA, RMIA), which need
-all shadow models first, can be computed afterwards by :mod:`privtune.study.audit`.
+all shadow models first, can be computed afterwards by :mod:`privtune.study.shadow_attacks`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from privtune.measures.token_scores import TokenScores
 LEVELS = ("record", "sensitive")
 
 
-def check_same_tokenizer(ours, theirs, name: str) -> None:
-    """A reference model must score the same token sequences as the target."""
+def check_same_tokenizer(ours, theirs, name: str, role: str = "reference model") -> None:
+    """A reference or audited model must score the same token sequences as the study's."""
     if ours.get_vocab() != theirs.get_vocab():
-        raise PrivtuneError(f"reference model {name!r} has a different tokenizer from the study's model",
-                            "pick a reference of the same model family and vocabulary")
+        raise PrivtuneError(f"{role} {name!r} has a different tokenizer from the study's model",
+                            "pick a model of the same family and vocabulary")
 
 
 def positions(scores: TokenScores, level: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from privtune.data.backdoor import backdoor_prompts, poison_records
 from privtune.data.canaries import Canary, canary_records, make_canaries
 from privtune.data.corpora import generate_corpus
 from privtune.data.loaders import load_records
+from privtune.data.records import Record
 from privtune.data.split import check_dataset, split_by_individual
 from privtune.data.tagging import tag_records
 from privtune.data.tokenize import EncodedDataset, encode_records
@@ -57,7 +58,26 @@ def load_study_records(cfg: StudyConfig):
     return generate_corpus(source, cfg.data.n_individuals, cfg.data.seed), "exact"
 
 
-def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
+@dataclass
+class StudyRecords:
+    """The study's records before tokenisation: what ``privtune data export`` writes."""
+
+    members: list[Record]
+    nonmembers: list[Record]
+    canaries: list[Canary]
+    poisoned: list[Record]
+    tagger: str
+    backdoor_triggered: list[str] = field(default_factory=list)
+    backdoor_clean: list[str] = field(default_factory=list)
+
+    @property
+    def train(self) -> list[Record]:
+        """What a model of the study trains on: members, canary copies, poison."""
+        return self.members + canary_records(self.canaries) + self.poisoned
+
+
+def build_study_records(cfg: StudyConfig) -> StudyRecords:
+    """Load or generate the records, split them by individual, add canaries and poison."""
     records, tagger = load_study_records(cfg)
     check_dataset(records)
     members, nonmembers = split_by_individual(records, cfg.data.test_fraction, cfg.data.seed)
@@ -65,22 +85,30 @@ def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
     if cfg.canaries.enabled:
         canaries = make_canaries(tuple(cfg.canaries.repetitions), cfg.canaries.per_repetition,
                                  cfg.canaries.n_reference, seed=cfg.data.seed)
-    max_len = cfg.data.max_length
-    enc_members = encode_records(members, tokenizer, max_len)
-    enc_nonmembers = encode_records(nonmembers, tokenizer, max_len)
-    if not enc_members.sensitive.any() or not enc_nonmembers.sensitive.any():
-        raise PrivtuneError(f"no sensitive tokens survive tokenisation at data.max_length={max_len}",
-                            "raise data.max_length or give spans that fall early in the text")
     poisoned, triggered, clean = [], [], []
     if cfg.backdoor.enabled:
         b = cfg.backdoor
         poisoned = poison_records(members, b.fraction, b.trigger, b.target, cfg.data.seed)
         triggered, clean = backdoor_prompts(nonmembers, b.n_eval, b.trigger, cfg.data.seed)
-    train = encode_records(members + canary_records(canaries) + poisoned, tokenizer, max_len)
+    return StudyRecords(members, nonmembers, canaries, poisoned, tagger, triggered, clean)
+
+
+def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
+    """The study's records, tokenised and checked against ``data.max_length``."""
+    recs = build_study_records(cfg)
+    max_len = cfg.data.max_length
+    enc_members = encode_records(recs.members, tokenizer, max_len)
+    enc_nonmembers = encode_records(recs.nonmembers, tokenizer, max_len)
+    if not enc_members.sensitive.any() or not enc_nonmembers.sensitive.any():
+        raise PrivtuneError(f"no sensitive tokens survive tokenisation at data.max_length={max_len}",
+                            "raise data.max_length or give spans that fall early in the text")
+    train = encode_records(recs.train, tokenizer, max_len)
+    poisoned = recs.poisoned
     if poisoned and (train.attention_mask[-len(poisoned):].sum(dim=1) >= max_len).any():
         raise PrivtuneError(f"poisoned records do not fit in data.max_length={max_len} tokens, so the backdoor "
                             "target would be cut off", "raise data.max_length or shorten backdoor.trigger/target")
-    return StudyData(enc_members, enc_nonmembers, train, canaries, tagger, triggered, clean)
+    return StudyData(enc_members, enc_nonmembers, train, recs.canaries, recs.tagger, recs.backdoor_triggered,
+                     recs.backdoor_clean)
 
 
 def shadow_membership(population: list[Record], shadow: int, seed: int) -> list[bool]:

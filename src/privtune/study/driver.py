@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privtune.config import StudyConfig
-from privtune.study.audit import add_shadow_attacks
+from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.store import Store
@@ -46,9 +46,7 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
 
     def finished(spec: RunSpec, result: dict) -> None:
-        for row in result.get("epochs", []):
-            store.add_epoch(spec.run_id, row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
-        store.finish(spec.run_id, {k: v for k, v in result.items() if k != "epochs"})
+        _store_result(store, spec.run_id, result)
         outcome.done.append(spec.label)
 
     def failed(spec: RunSpec, error: str) -> None:
@@ -64,3 +62,43 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     finally:
         store.close()
     return outcome
+
+
+def _store_result(store: Store, run_id: str, result: dict) -> None:
+    for row in result.get("epochs", []):
+        store.add_epoch(run_id, row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+    store.finish(run_id, {k: v for k, v in result.items() if k != "epochs"})
+
+
+def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None) -> str:
+    """Measure and attack a model privtune did not train, as a run of study ``cfg``.
+
+    The study's base run is measured first when the database lacks it (every measure is
+    relative to it). Returns the audit's label. A failed audit is stored as failed, like
+    any run, and re-raised.
+    """
+    from privtune.study.external import AUDIT_METHOD, AUDIT_ROLE, audit_config, audit_label, audit_model, \
+        load_audited_model
+    from privtune.study.runner import StudyContext, execute_run
+
+    label = audit_label(cfg, model_ref, label)
+    run_id, run_cfg = audit_config(cfg, model_ref, label)
+    ctx = StudyContext.build(cfg)
+    store = open_store(cfg)
+    try:
+        base = plan_study(cfg)[0]
+        if store.status(base.run_id) != "done":
+            store.start(base.run_id, base.study, base.label, base.method, base.config, base.role)
+            _store_result(store, base.run_id, execute_run(ctx, base))
+        store.start(run_id, cfg.name, label, AUDIT_METHOD, run_cfg, AUDIT_ROLE)
+        try:
+            model = load_audited_model(ctx, model_ref)
+            _store_result(store, run_id, audit_model(ctx, model, model_ref))
+        except Exception as e:
+            store.fail(run_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        if cfg.attacks.enabled and cfg.attacks.shadow.models:
+            add_shadow_attacks(cfg, store)
+    finally:
+        store.close()
+    return label

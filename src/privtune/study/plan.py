@@ -41,7 +41,7 @@ class RunSpec:
         return self.config["shadow"]
 
 
-def _shared(cfg: StudyConfig) -> dict:
+def shared_config(cfg: StudyConfig) -> dict:
     """What every run of the study shares and what changes its numbers."""
     attacks = cfg.attacks.model_dump(exclude={"shadow"})
     return {
@@ -81,7 +81,7 @@ def train_plan(cfg: StudyConfig, spec: RunSpec) -> TrainPlan:
 
 def plan_study(cfg: StudyConfig) -> list[RunSpec]:
     """Base run, then shadows (when asked for), then one run per (method, seed)."""
-    shared = _shared(cfg)
+    shared = shared_config(cfg)
     base_cfg = {**shared, "method": {"method": "base"}}
     runs = [RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg, role="base")]
     if cfg.attacks.enabled and cfg.attacks.shadow.models:

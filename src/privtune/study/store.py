@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS runs (
     study       TEXT NOT NULL,
     label       TEXT NOT NULL,
     method      TEXT NOT NULL,
-    role        TEXT NOT NULL,          -- base | target | shadow
+    role        TEXT NOT NULL,          -- base | target | shadow | audit
     status      TEXT NOT NULL,          -- running | done | failed
     config      TEXT NOT NULL,          -- resolved run config, JSON
     result      TEXT,                   -- measures, JSON (done runs)
@@ -97,7 +97,7 @@ class Store:
     def studies(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
 
-    def runs(self, study: str | None = None, roles: tuple[str, ...] = ("base", "target")) -> list[dict]:
+    def runs(self, study: str | None = None, roles: tuple[str, ...] = ("base", "target", "audit")) -> list[dict]:
         """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs included."""
         query = (f"SELECT run_id, study, label, method, role, status, config, result, error FROM runs"
                  f" WHERE role IN ({','.join('?' * len(roles))})")
@@ -116,3 +116,14 @@ class Store:
                 "SELECT epoch, measures FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
             out.append(run)
         return out
+
+
+def latest_per_label(runs: list[dict]) -> list[dict]:
+    """The most recently started run of each label, in start order.
+
+    A study rerun after its config changed (another learning rate, more epochs) makes
+    new runs under the old labels; reports show the current ones, while the database
+    keeps every run.
+    """
+    latest = {run["label"]: run for run in runs}  # runs come in start order
+    return [run for run in runs if latest[run["label"]] is run]
