@@ -21,6 +21,19 @@ def test_hash_changes_with_what_changes_results_only():
     assert a.run_id != c.run_id
 
 
+def test_a_default_hashes_like_the_same_value_written_out():
+    # alpha's default is 16; YAML's "alpha: 16" is an int that validation makes 16.0.
+    implicit = plan_study(parse_config({"methods": [{"method": "lora"}]}))[1]
+    explicit = plan_study(parse_config({"methods": [{"method": "lora", "lora": {"alpha": 16, "r": 8}}]}))[1]
+    assert implicit.run_id == explicit.run_id
+
+
+def test_two_studies_never_share_a_run():
+    first = plan_study(parse_config({"name": "first", "methods": [{"method": "lora"}]}))
+    second = plan_study(parse_config({"name": "second", "methods": [{"method": "lora"}]}))
+    assert not {r.run_id for r in first} & {r.run_id for r in second}
+
+
 def test_every_bad_field_is_named_on_one_line():
     with pytest.raises(PrivtuneError) as e:
         parse_config({"methods": [{"method": "sgd", "lr": "fast"}], "train": {"epochs": 0}, "colour": "red"})

@@ -24,7 +24,9 @@ METHODS = ("fft", "lora", "dp-fft", "dp-lora")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # validate_default: a default such as alpha=16 becomes 16.0 as a YAML value would, so
+    # a run hashes the same whether a field was written out or left to its default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class DataConfig(_Strict):
@@ -173,6 +175,7 @@ class StudyConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast where the hardware has it natively, else fp32")
     eval_batch_size: int = Field(16, ge=1, description="records per forward pass when measuring")
+    retries: int = Field(1, ge=0, description="times a run that crashed (not a config error) is tried again")
     output_dir: str = Field("privtune-runs", description="database, models and reports go here")
     save_artifacts: bool = Field(True, description="save each trained model (or adapter) as safetensors")
 

@@ -40,7 +40,8 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     outcome = StudyOutcome(done=[], skipped=[r.label for r in plan if r not in pending], failed={},
                            db_path=store.path)
     if executor is None:
-        executor = LocalExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress)
+        executor = LocalExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress, retries=cfg.retries,
+                                 log_dir=Path(cfg.output_dir) / "logs")
 
     def started(spec: RunSpec) -> None:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)

@@ -8,9 +8,14 @@ local one without touching the store or the measures.
 
 from __future__ import annotations
 
+import gc
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,16 +45,19 @@ class LocalExecutor(Executor):
     """Runs in this process, one after another, sharing one loaded model and dataset.
 
     ``context_factory`` builds the expensive shared state lazily, so a study whose runs
-    are all finished loads nothing.
+    are all finished loads nothing. A run that crashes (a bug, out of memory during an
+    attack, a library error) is retried ``retries`` times and then recorded as failed,
+    its traceback written under ``log_dir``; the study goes on either way. A
+    :class:`PrivtuneError` is the user's to fix, so it fails the run at once.
     """
 
     context_factory: Callable[[], object]
     show_progress: bool = True
+    retries: int = 0
+    log_dir: Path | None = None
     _context: object | None = field(default=None, init=False)
 
     def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
-        from privtune.study.runner import execute_run
-
         if not runs:
             return
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -60,19 +68,52 @@ class LocalExecutor(Executor):
                 progress.update(setup, completed=1)
             overall = progress.add_task("study", total=len(runs))
             for spec in runs:
-                hooks.started(spec)
-                steps = _total_steps(self._context, spec)
-                task = progress.add_task(f"{spec.label}", total=steps or 1)
-                try:
-                    result = execute_run(self._context, spec,
-                                         on_epoch=lambda e, m, s=spec: hooks.epoch(s, e, m),
-                                         on_step=lambda t=task: progress.advance(t))
-                except PrivtuneError as e:
-                    hooks.failed(spec, e.one_line())
-                else:
-                    hooks.finished(spec, result)
-                progress.update(task, completed=steps or 1)
+                self._execute_with_retries(spec, hooks, progress)
                 progress.advance(overall)
+
+    def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks, progress: Progress) -> None:
+        from privtune.study.runner import execute_run
+
+        steps = _total_steps(self._context, spec) or 1
+        task = progress.add_task(spec.label, total=steps)
+        for attempt in range(1, self.retries + 2):
+            hooks.started(spec)
+            progress.reset(task, total=steps, description=spec.label if attempt == 1 else f"{spec.label} (retry)")
+            try:
+                result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
+                                     on_step=lambda: progress.advance(task))
+            except PrivtuneError as e:
+                hooks.failed(spec, e.one_line())
+                return
+            except Exception as e:  # noqa: BLE001 - a crashed run must not end the study
+                error = _crash_report(spec, e, attempt, self.log_dir)
+                _release_memory()
+                if attempt > self.retries:
+                    hooks.failed(spec, error)
+                    return
+            else:
+                hooks.finished(spec, result)
+                progress.update(task, completed=steps)
+                return
+
+
+def _crash_report(spec: RunSpec, error: Exception, attempt: int, log_dir: Path | None) -> str:
+    """One line for the database, the whole traceback in a file beside it."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"{spec.run_id}-attempt{attempt}.txt"
+        path.write_text("".join(traceback.format_exception(error)))
+        line += f" (traceback: {path})"
+    return line
+
+
+def _release_memory() -> None:
+    """What a crashed attempt left on the heap or the GPU, freed before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _total_steps(ctx, spec: RunSpec) -> int:

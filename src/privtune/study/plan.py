@@ -42,9 +42,11 @@ class RunSpec:
 
 
 def shared_config(cfg: StudyConfig) -> dict:
-    """What every run of the study shares and what changes its numbers."""
+    """What every run of the study shares: what changes its numbers, and the study's name
+    (a row of the database belongs to one study, so two studies never share a run)."""
     attacks = cfg.attacks.model_dump(exclude={"shadow"})
     return {
+        "study": cfg.name,
         "model": cfg.model,
         "data": cfg.data.model_dump(),
         "canaries": cfg.canaries.model_dump(),
