@@ -82,3 +82,10 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 def test_report_without_database(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "report", "--output-dir", str(tmp_path / "none"))
     assert_one_line_error(code, err, "no results database")
+
+
+def test_unknown_executor_and_address_without_ray(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)), "--executor", "slurm")
+    assert_one_line_error(code, err, "unknown executor 'slurm'", "--executor ray")
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)), "--address", "auto")
+    assert_one_line_error(code, err, "--address needs --executor ray")

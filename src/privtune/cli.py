@@ -40,7 +40,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 @app.command()
 def run(config: Path = typer.Argument(None, help="study YAML; default: the packaged default study"),
         output_dir: str = typer.Option(None, "--output-dir", "-o", help="overrides the config's output_dir"),
-        no_report: bool = typer.Option(False, "--no-report", help="skip writing the HTML report")) -> None:
+        no_report: bool = typer.Option(False, "--no-report", help="skip writing the HTML report"),
+        executor: str = typer.Option("local", help="local (one run after another, in this process) or ray"),
+        address: str = typer.Option(None, help="Ray cluster: auto, or ray://host:port; default: a local Ray"),
+        cpus_per_run: int = typer.Option(1, min=1, help="CPUs (and torch threads) each Ray task asks for")) -> None:
     """Run a study: train every method, measure it, store it, report it."""
     from privtune.config import load_config
     from privtune.study.driver import run_study
@@ -51,7 +54,7 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     console.print(f"[bold]privtune[/] study [cyan]{cfg.name}[/]: model {cfg.model}, data {cfg.data.source}, "
                   f"methods {', '.join(m.label for m in cfg.methods)}")
     started = time.perf_counter()
-    outcome = run_study(cfg)
+    outcome = run_study(cfg, executor=_executor(cfg, executor, address, cpus_per_run))
     elapsed = time.perf_counter() - started
     if outcome.skipped:
         console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")
@@ -149,6 +152,19 @@ def data_export(config: Path = typer.Argument(None, help="study YAML; default: t
         console.print(f"{out / name}: {n} records")
     console.print(f"Train on train.jsonl (records up to data.max_length = {cfg.data.max_length} tokens), then run "
                   "privtune audit MODEL_DIR with the same study config.", highlight=False)
+
+
+def _executor(cfg, name: str, address: str | None, cpus_per_run: int):
+    """``None`` (the driver's local default) or a Ray executor."""
+    if name == "local":
+        if address:
+            raise PrivtuneError("--address needs --executor ray", "add --executor ray, or drop --address")
+        return None
+    if name == "ray":
+        from privtune.study.ray_executor import RayExecutor
+
+        return RayExecutor(cfg, address=address, cpus_per_run=cpus_per_run, retries=cfg.retries)
+    raise PrivtuneError(f"unknown executor {name!r}", "use --executor local or --executor ray")
 
 
 def _yes(flag: bool) -> str:

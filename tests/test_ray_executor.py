@@ -1,0 +1,99 @@
+"""The Ray executor on a local two-CPU Ray: same rows as the local executor, a killed
+worker is retried, a user error is not."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from privtune.study.driver import open_store, run_study  # noqa: E402
+from privtune.study.ray_executor import RayExecutor, execute_remote  # noqa: E402
+from test_faults import fast_study  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injecting tasks below
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def finals(cfg) -> dict:
+    store = open_store(cfg)
+    try:
+        return {r["label"]: (r["status"], r.get("final")) for r in store.runs(cfg.name)}
+    finally:
+        store.close()
+
+
+def test_ray_study_gives_the_rows_of_the_local_executor(tmp_path):
+    local = fast_study(tmp_path / "local", seeds=[0, 1])
+    on_ray = fast_study(tmp_path / "ray", seeds=[0, 1], save_artifacts=True)
+    assert run_study(local, show_progress=False).failed == {}
+    outcome = run_study(on_ray, executor=RayExecutor(on_ray, show_progress=False), show_progress=False)
+    assert outcome.failed == {} and len(outcome.done) == 7  # base + 3 methods x 2 seeds
+    expected, got = finals(local), finals(on_ray)
+    assert set(got) == set(expected)
+    for label, (status, final) in expected.items():
+        assert got[label][0] == status == "done"
+        assert got[label][1] == pytest.approx(final, rel=1e-4, abs=1e-6), label
+    store = open_store(on_ray)
+    artifacts = [r["artifact"] for r in store.runs(on_ray.name) if r["label"] != "base"]
+    store.close()
+    assert len(artifacts) == 6 and all((Path(a) / "config.json").exists() or (Path(a) / "adapter_config.json").exists()
+                                       for a in artifacts)
+    # Rerun: everything is in the database, Ray is not even asked.
+    assert run_study(on_ray, executor=RayExecutor(on_ray, show_progress=False)).skipped == list(got)
+
+
+def kill_worker_once(markers: Path):
+    """A task that dies by SIGKILL the first time it gets the lora run, as an OOM-killed worker would."""
+    def task(config_json, spec, threads):
+        if spec.label == "lora" and not any(markers.glob("lora-*")):
+            (markers / f"lora-{os.getpid()}").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return execute_remote(config_json, spec, threads)
+    return task
+
+
+def count_attempts(markers: Path):
+    """A task that leaves one file per attempt."""
+    def task(config_json, spec, threads):
+        (markers / f"{spec.label}-{os.urandom(4).hex()}").touch()
+        return execute_remote(config_json, spec, threads)
+    return task
+
+
+@pytest.fixture
+def markers(tmp_path):
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+def test_killed_worker_is_retried_and_the_study_completes(tmp_path, markers):
+    cfg = fast_study(tmp_path)
+    executor = RayExecutor(cfg, retries=1, show_progress=False, task=kill_worker_once(markers))
+    outcome = run_study(cfg, executor=executor)
+    assert outcome.failed == {}
+    assert len(list(markers.glob("lora-*"))) == 1  # it did die once
+    assert all(status == "done" for status, _ in finals(cfg).values())
+
+
+def test_user_error_fails_at_once_and_the_rest_finish(tmp_path, markers):
+    cfg = fast_study(tmp_path, methods=[{"method": "lora", "lora": {"r": 2}},
+                                        {"method": "dp-lora", "dp": {"target_epsilon": 4.0, "delta": 0.5}}])
+    executor = RayExecutor(cfg, retries=2, show_progress=False, task=count_attempts(markers))
+    outcome = run_study(cfg, executor=executor)
+    assert "delta" in outcome.failed["dp-lora"] and sorted(outcome.done) == ["base", "lora"]
+    assert len(list(markers.glob("dp-lora-*"))) == 1  # not retried
