@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privtune.attacks.extraction import (continuation_losses, pii_inference, prefix_extraction, recovered,
-                                         select_targets)
+from privtune.attacks.continuation import continuation_losses
+from privtune.attacks.extraction import pii_inference, prefix_extraction, recovered, select_targets
 from privtune.attacks.masking import mask_value
 from privtune.attacks.pii_candidates import MAKERS, candidates, coarse_shape, exact_shape
 from privtune.data.corpora import generate_corpus

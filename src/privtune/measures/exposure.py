@@ -29,13 +29,13 @@ the secret's characters (different secrets tokenise into different numbers of to
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 from scipy import stats
 
+from privtune.attacks.continuation import continuation_losses
 from privtune.data.canaries import Canary, candidate_secrets
 from privtune.errors import PrivtuneError
 
@@ -98,86 +98,22 @@ def _finite_losses(losses: np.ndarray, minimum: int) -> np.ndarray:
     return losses
 
 
-def _secret_token_positions(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Indices of the tokens whose characters overlap ``[start, end)``."""
-    return [t for t, (a, b) in enumerate(offsets) if b > a and a < end and start < b]
-
-
-def _encode(tokenizer, canary: Canary, secrets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each canary text, and the positions of the tokens covering its secret."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise PrivtuneError("the tokenizer is not a fast tokenizer, so it has no character offsets",
-                            "use a model whose tokenizer has a tokenizer.json")
-    enc = tokenizer([canary.text(s) for s in secrets], return_offsets_mapping=True, add_special_tokens=True)
-    start = canary.secret_start
-    positions = []
-    for secret, offsets in zip(secrets, enc["offset_mapping"]):
-        pos = _secret_token_positions(offsets, start, start + len(secret))
-        if not pos or pos[0] == 0:
-            raise PrivtuneError(f"canary {canary.id}: the secret {'has no tokens' if not pos else 'is the first token'}, "
-                                "so its likelihood given the prefix is undefined",
-                                "give the canary a non-empty prefix and a non-empty secret")
-        positions.append(pos)
-    return enc["input_ids"], positions
-
-
-@torch.no_grad()
 def secret_losses(model: torch.nn.Module, tokenizer, canary: Canary, secrets: list[str], *,
                   batch_size: int = 64, device: str | torch.device = "cpu",
                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """Sum of per-token NLL (nats) of the tokens covering each secret, given all tokens
     before them, with the secret written into ``canary``'s prefix and suffix.
 
-    Texts are right-padded into batches with an attention mask; padding sits after every
-    real token, so it cannot change a causal model's outputs. Under ``autocast_dtype``
-    (e.g. ``torch.bfloat16``) only the forward pass runs in low precision: the
-    log-softmax is taken in float32.
+    Every candidate shares the canary's prefix, so :func:`continuation_losses` runs it
+    once per batch. Under ``autocast_dtype`` (e.g. ``torch.bfloat16``) only the forward
+    passes run in low precision: the log-softmax is taken in float32.
 
     Returns:
         float64 array of shape ``(len(secrets),)``.
     """
-    if batch_size < 1:
-        raise PrivtuneError(f"batch_size must be at least 1, got {batch_size}", "use 64, say")
-    if not secrets:
-        return np.zeros(0)
-    device = torch.device(device)
-    input_ids, positions = _encode(tokenizer, canary, list(secrets))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for first in range(0, len(secrets), batch_size):
-            rows = slice(first, first + batch_size)
-            out.append(_batch_losses(model, input_ids[rows], positions[rows], pad_id if pad_id is not None else 0, device, autocast_dtype))
-    finally:
-        model.train(was_training)
-    return np.concatenate(out).astype(np.float64)
-
-
-def _batch_losses(model: torch.nn.Module, input_ids: list[list[int]], positions: list[list[int]],
-                  pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None) -> np.ndarray:
-    """Secret losses of one batch (see :func:`secret_losses`)."""
-    width = max(len(ids) for ids in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, seq in enumerate(input_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext())
-    ids, attention = ids.to(device), attention.to(device)
-    with autocast:
-        logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
-    # Token t is predicted by the logits at t-1; gather just those rows before the
-    # float32 log-softmax, so memory stays (n_secret_tokens, V) rather than (B, T, V).
-    rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos], device=device)
-    cols = torch.tensor([t for pos in positions for t in pos], device=device)
-    logp = torch.log_softmax(logits[rows, cols - 1].float(), dim=-1)  # (n, V)
-    nll = -logp.gather(1, ids[rows, cols].unsqueeze(1)).squeeze(1)  # (n,)
-    sums = torch.zeros(len(input_ids), dtype=torch.float64, device=device)
-    sums.index_add_(0, rows, nll.double())
-    return sums.cpu().numpy()
+    n = len(secrets)
+    return continuation_losses(model, tokenizer, [canary.prefix] * n, list(secrets), suffixes=[canary.suffix] * n,
+                               batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
 
 
 def canary_exposure(model: torch.nn.Module, tokenizer, canaries: list[Canary], *, n_candidates: int = 256,
