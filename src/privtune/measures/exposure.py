@@ -38,6 +38,7 @@ from scipy import stats
 
 from privtune.data.canaries import Canary, candidate_secrets
 from privtune.errors import PrivtuneError
+from privtune.models.forward import token_logits
 
 
 def exposure_from_rank(rank: float, space_size: int) -> float:
@@ -168,7 +169,7 @@ def _batch_losses(model: torch.nn.Module, input_ids: list[list[int]], positions:
                 if autocast_dtype is not None else contextlib.nullcontext())
     ids, attention = ids.to(device), attention.to(device)
     with autocast:
-        logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
+        logits = token_logits(model, ids, attention)  # (B, T, V)
     # Token t is predicted by the logits at t-1; gather just those rows before the
     # float32 log-softmax, so memory stays (n_secret_tokens, V) rather than (B, T, V).
     rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos], device=device)
