@@ -125,7 +125,8 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         return _train_shadow(ctx, spec, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
     method = get_method(spec.method)
-    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
+    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
+    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
     baseline = ctx.base.measures | {"epsilon": 0.0 if method.private else None}
     on_epoch(0, baseline)
@@ -141,7 +142,6 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         epochs.append({"epoch": epoch, **measures})
         latest[:] = [evaluation]
 
-    torch.manual_seed(spec.seed)
     with PeakMemory(runtime.device) as memory:
         result = train(model, ctx.data.train, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
                        on_step=on_step)
@@ -197,9 +197,9 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
     inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
     half = encode_records([r for r, keep in zip(population, inside) if keep], ctx.loaded.tokenizer,
                           cfg.data.max_length)
-    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
+    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
+    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
-    torch.manual_seed(spec.seed)
     with PeakMemory(ctx.runtime.device) as memory:
         result = train(model, half, train_plan(cfg, spec), ctx.runtime, on_step=on_step)
     evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
