@@ -100,6 +100,7 @@ def test_method_settings_get_their_defaults_and_identity():
                                             "prefix-tuning, prompt-tuning, head-only, bitfit, dp-fft"),
     ({"methods": [{"method": "lora", "prefix": {"num_virtual_tokens": 4}}]}, "lora takes no prefix settings"),
     ({"methods": [{"method": "head-only", "lora": {"r": 4}}]}, "head-only takes no lora settings"),
+    ({"methods": [{"method": "ia3", "dp": {"target_epsilon": 8}}]}, "ia3 is not private and has no DP variant: .*dp-lora"),
     ({"methods": [{"method": "prompt-tuning", "prompt": {"num_virtual_tokens": 0}}]}, "num_virtual_tokens"),
     ({"methods": [{"method": "lora", "lora": {"r": [4, 0]}}]}, "lora.r must be >= 1"),
     ({"methods": [{"method": "lora", "lora": {"r": []}}]}, "lora.r must be >= 1"),

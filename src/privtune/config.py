@@ -22,7 +22,6 @@ from privtune.errors import PrivtuneError
 from privtune.train.methods import METHODS, NO_DP_VARIANT
 
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,12 +104,12 @@ class BackdoorConfig(_Strict):
 
 class LoraSettings(_Strict):
     r: int | list[int] = Field(8, description="rank; higher fits more and costs more; a list sweeps it, "
-                                            "one run per rank labelled <label>-r<r>")
+                                            "one run per rank, labelled like lora-r4")
     alpha: float = Field(16, gt=0, description="scaling: the update is alpha / r times B A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | list[list[str]] | None = Field(
         None, description="module names; default: PEFT's choice per family; a list of lists sweeps them, "
-                          "one run per list labelled <label>-t<name+name>")
+                          "one run per list, labelled like lora-tq_proj+v_proj")
 
     @model_validator(mode="after")
     def _valid_axes(self):
@@ -178,7 +177,7 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
-#: The settings field of a ``methods`` entry, per name of the section.
+#: The method-specific settings sections a ``methods`` entry may hold.
 SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 
 
@@ -213,6 +212,8 @@ class MethodSpec(_Strict):
         if method.private and self.dp is None:
             self.dp = DPSettings()
         if not method.private and self.dp is not None:
+            if method.no_dp_reason:
+                raise ValueError(f"method {self.method} is not private and has no DP variant: {method.no_dp_reason}")
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
         self.label = self.label or self.method
         return self
@@ -227,7 +228,8 @@ class MethodSpec(_Strict):
         """One entry per point of a settings sweep (today: ``lora.r`` and ``lora.target_modules``)."""
         if self.lora is None:
             return [self]
-        return [self.model_copy(update={"lora": lora, "label": self.label + suffix}) for suffix, lora in self.lora.sweep()]
+        return [self.model_copy(update={"lora": lora, "label": self.label + suffix})
+                for suffix, lora in self.lora.sweep()]
 
 
 _SETTINGS_MODELS = {"lora": LoraSettings, "prefix": PrefixSettings, "prompt": PromptSettings, "ia3": IA3Settings}
