@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from privtune.config import load_config, parse_config
@@ -113,3 +115,8 @@ def test_bad_method_combinations_are_rejected_on_one_line(raw, needle):
     with pytest.raises(PrivtuneError, match=needle) as e:
         parse_config(raw)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_studies_are_valid(path):
+    assert plan_study(load_config(path))
