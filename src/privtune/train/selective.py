@@ -51,7 +51,7 @@ def train_head_only(model: nn.Module) -> nn.Module:
         p.requires_grad_(True)
     # The decoder's own direct children other than the blocks and the input embedding:
     # the final norm (rotary tables and dropout have no parameters).
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = model.base_model
     skip = {id(blocks), id(model.get_input_embeddings())}
     for child in decoder.children():
         if id(child) not in skip:
