@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from privtune.config import load_config, parse_config
@@ -68,3 +70,66 @@ def test_yaml_errors_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(PrivtuneError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_lora_rank_sweep_expands_to_labelled_runs_hashed_like_written_out_ones():
+    cfg = parse_config({"methods": [{"method": "lora", "lora": {"r": [4, 8, 16], "alpha": 8}},
+                                    {"method": "dp-lora", "label": "private", "lora": {"r": [2, 4]}}]})
+    assert [m.label for m in cfg.methods] == ["lora-r4", "lora-r8", "lora-r16", "private-r2", "private-r4"]
+    assert [m.lora.r for m in cfg.methods] == [4, 8, 16, 2, 4]
+    assert all(m.lora.alpha == 8 for m in cfg.methods[:3]) and cfg.methods[3].dp is not None
+    swept = plan_study(cfg)[2]
+    written = plan_study(parse_config({"methods": [{"method": "lora", "label": "lora-r8", "lora": {"r": 8, "alpha": 8}}]}))[1]
+    assert swept.label == "lora-r8" and swept.run_id == written.run_id
+
+
+def test_target_module_sweep_crosses_with_the_rank_sweep():
+    cfg = parse_config({"methods": [{"method": "dora", "lora": {"r": [2, 4], "target_modules": [["q_proj"], ["q_proj", "v_proj"]]}}],
+                        "attacks": {"shadow": {"models": 2, "method": "dora-r4-tq_proj"}}})
+    assert [m.label for m in cfg.methods] == ["dora-r2-tq_proj", "dora-r2-tq_proj+v_proj",
+                                              "dora-r4-tq_proj", "dora-r4-tq_proj+v_proj"]
+    assert cfg.methods[1].lora.target_modules == ["q_proj", "v_proj"]
+    # A single list is one setting, not a sweep.
+    one = parse_config({"methods": [{"method": "lora", "lora": {"target_modules": ["q_proj", "v_proj"]}}]})
+    assert [m.label for m in one.methods] == ["lora"] and one.methods[0].lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_method_settings_get_their_defaults_and_identity():
+    cfg = parse_config({"methods": [{"method": "prefix-tuning", "prefix": {"num_virtual_tokens": 4}},
+                                    {"method": "prompt-tuning"}, {"method": "ia3"}, {"method": "bitfit"}]})
+    prefix, prompt, ia3, bitfit = cfg.methods
+    assert prefix.settings.num_virtual_tokens == 4 and prompt.settings.init == "vocab"
+    assert ia3.settings.target_modules is None and bitfit.settings is None
+    runs = plan_study(cfg)[1:]
+    assert runs[0].config["method"]["prefix"] == {"num_virtual_tokens": 4} and "prompt" not in runs[0].config["method"]
+    # Runs of the methods that existed before keep the identity they had (no new keys).
+    assert set(plan_study(parse_config({"methods": [{"method": "fft"}]}))[1].config["method"]) == {
+        "method", "label", "lr", "epochs", "batch_size", "weight_decay", "lora", "dp"}
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"methods": [{"method": "dp-ia3"}]}, "methods.0.method: method 'dp-ia3' is not available: .*use dp-lora or dp-bitfit"),
+    ({"methods": [{"method": "dp-dora"}]}, "'dp-dora' is not available: .*magnitude.*use dp-lora"),
+    ({"methods": [{"method": "dp-prompt-tuning"}]}, "'dp-prompt-tuning' is not available: .*use dp-prefix-tuning"),
+    ({"methods": [{"method": "adapterx"}]}, "unknown method 'adapterx'; use one of: fft, lora, dora, ia3, "
+                                            "prefix-tuning, prompt-tuning, head-only, bitfit, dp-fft"),
+    ({"methods": [{"method": "lora", "prefix": {"num_virtual_tokens": 4}}]}, "lora takes no prefix settings"),
+    ({"methods": [{"method": "head-only", "lora": {"r": 4}}]}, "head-only takes no lora settings"),
+    ({"methods": [{"method": "ia3", "dp": {"target_epsilon": 8}}]}, "ia3 is not private and has no DP variant: .*dp-lora"),
+    ({"methods": [{"method": "prompt-tuning", "prompt": {"num_virtual_tokens": 0}}]}, "num_virtual_tokens"),
+    ({"methods": [{"method": "lora", "lora": {"r": [4, 0]}}]}, "lora.r must be >= 1"),
+    ({"methods": [{"method": "lora", "lora": {"r": []}}]}, "lora.r must be >= 1"),
+    ({"methods": [{"method": "lora", "lora": {"target_modules": [["q_proj"], []]}}]}, "at least one module"),
+    ({"methods": [{"method": "lora", "lora": {"r": [4, 4]}}]}, "unique; repeated: lora-r4"),
+    ({"methods": [{"method": "lora", "lora": {"r": [4, 8]}}], "attacks": {"shadow": {"models": 2, "method": "lora"}}},
+     "names no method of the study; use one of: lora-r4, lora-r8"),
+])
+def test_bad_method_combinations_are_rejected_on_one_line(raw, needle):
+    with pytest.raises(PrivtuneError, match=needle) as e:
+        parse_config(raw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_studies_are_valid(path):
+    assert plan_study(load_config(path))

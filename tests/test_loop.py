@@ -74,5 +74,8 @@ def test_flops_rule():
 
 
 def test_unknown_method():
-    with pytest.raises(PrivtuneError, match="unknown method 'sft'.*fft, lora, dp-fft, dp-lora"):
+    with pytest.raises(PrivtuneError, match="unknown method 'sft'.*fft, lora, dora, ia3, prefix-tuning, prompt-tuning, "
+                                            "head-only, bitfit, dp-fft, dp-lora, dp-prefix-tuning, dp-head-only, dp-bitfit"):
         get_method("sft")
+    with pytest.raises(PrivtuneError, match="'dp-ia3' is not available: .*IA3.*use dp-lora"):
+        get_method("dp-ia3")

@@ -103,3 +103,40 @@ def test_failed_run_is_recorded_and_others_finish(tmp_path):
     assert statuses == {"base": "done", "lora": "done", "dp-lora": "failed"}
     rerun = run_study(cfg, show_progress=False)
     assert rerun.skipped == ["base", "lora"] and "dp-lora" in rerun.failed
+
+
+@pytest.mark.slow
+def test_every_parameter_efficient_method_in_one_study(tmp_path):
+    methods = [{"method": "lora", "lr": 3e-2, "lora": {"r": [2, 4]}},
+               {"method": "dora", "lr": 3e-2, "lora": {"r": 2}},
+               {"method": "ia3", "lr": 1e-1},
+               {"method": "prefix-tuning", "lr": 1e-1, "prefix": {"num_virtual_tokens": 4}},
+               {"method": "prompt-tuning", "lr": 1e-1, "prompt": {"num_virtual_tokens": 4}},
+               {"method": "head-only"}, {"method": "bitfit", "lr": 3e-2},
+               {"method": "dp-prefix-tuning", "lr": 1e-1, "prefix": {"num_virtual_tokens": 4},
+                "dp": {"noise_multiplier": 0.8, "delta": 1e-3}},
+               {"method": "dp-head-only", "dp": {"noise_multiplier": 0.8, "delta": 1e-3, "engine": "opacus"}},
+               {"method": "dp-bitfit", "lr": 3e-2, "dp": {"noise_multiplier": 0.8, "delta": 1e-3}}]
+    cfg = tiny_study(tmp_path, methods=methods, train={"epochs": 1, "batch_size": 4, "lr": 3e-3},
+                     attacks={"mia": {"n_bootstrap": 50}, "extraction": {"max_spans_per_type": 2, "n_samples": 2}})
+    outcome = run_study(cfg, show_progress=False)
+    labels = ["lora-r2", "lora-r4", "dora", "ia3", "prefix-tuning", "prompt-tuning", "head-only", "bitfit",
+              "dp-prefix-tuning", "dp-head-only", "dp-bitfit"]
+    assert outcome.failed == {} and outcome.done == ["base", *labels]
+    store = open_store(cfg)
+    runs = {r["label"]: r for r in store.runs("tiny")}
+    store.close()
+    trainable = {label: runs[label]["efficiency"]["trainable_params"] for label in labels}
+    # Prompt tuning trains 4 embeddings; prefix tuning 4 keys and values per layer.
+    assert trainable["prompt-tuning"] == 4 * 64 and trainable["prefix-tuning"] == 4 * 2 * 2 * 32
+    assert trainable["lora-r2"] * 2 == trainable["lora-r4"] < trainable["dora"] * 2
+    assert trainable["bitfit"] < trainable["ia3"] < trainable["head-only"] == trainable["dp-head-only"]
+    for label in labels:
+        run = runs[label]
+        assert [e["epoch"] for e in run["epochs"]] == [0, 1]
+        assert run["final"]["ce_s_train"] != run["epochs"][0]["ce_s_train"]  # it trained
+        assert {e["repetitions"] for e in run["exposure"]} == {0, 1, 4}
+        assert "ALL" in run["attacks"]["extraction"]["greedy"] and "ALL" in run["attacks"]["pii_inference"]
+        assert run["artifact"] is not None
+        assert (run["dp"] is not None) == label.startswith("dp-")
+    assert runs["dp-bitfit"]["dp"]["epsilon"] > 0

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privtune.errors import PrivtuneError
-
-METHODS = ("fft", "lora", "dp-fft", "dp-lora")
+from privtune.train.methods import METHODS, NO_DP_VARIANT
 
 
 class _Strict(BaseModel):
@@ -106,10 +105,51 @@ class BackdoorConfig(_Strict):
 
 
 class LoraSettings(_Strict):
-    r: int = Field(8, ge=1, description="rank; higher fits more and costs more")
+    r: int | list[int] = Field(8, description="rank; higher fits more and costs more; a list sweeps it, "
+                                            "one run per rank, labelled like lora-r4")
     alpha: float = Field(16, gt=0, description="scaling: the update is alpha / r times B A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(None, description="module names; default: PEFT's choice per family")
+    target_modules: list[str] | list[list[str]] | None = Field(
+        None, description="module names; default: PEFT's choice per family; a list of lists sweeps them, "
+                          "one run per list, labelled like lora-tq_proj+v_proj")
+
+    @model_validator(mode="after")
+    def _valid_axes(self):
+        ranks = self.r if isinstance(self.r, list) else [self.r]
+        if not ranks or any(r < 1 for r in ranks):
+            raise ValueError(f"lora.r must be >= 1 (or a non-empty list of them), got {self.r}")
+        if self.target_modules == [] or any(m == [] for m in self.target_modules or []):
+            raise ValueError("lora.target_modules must name at least one module")
+        return self
+
+    def sweep(self) -> list[tuple[str, "LoraSettings"]]:
+        """(label suffix, settings with one value per axis) for every point of the sweep.
+
+        An axis given as a list is swept and named in the suffix; a single value is not.
+        """
+        ranks = [("-r%d" % r, r) for r in self.r] if isinstance(self.r, list) else [("", self.r)]
+        modules = self.target_modules
+        targets = ([("-t" + "+".join(m), m) for m in modules] if modules and isinstance(modules[0], list)
+                   else [("", modules)])
+        return [(rs + ts, self.model_copy(update={"r": r, "target_modules": t}))
+                for rs, r in ranks for ts, t in targets]
+
+
+class PrefixSettings(_Strict):
+    num_virtual_tokens: int = Field(16, ge=1, description="learned key/value positions prepended in every layer")
+
+
+class PromptSettings(_Strict):
+    num_virtual_tokens: int = Field(16, ge=1, description="learned input embeddings prepended to every record")
+    init: Literal["vocab", "random"] = Field(
+        "vocab", description="start from embeddings of random vocabulary tokens, or from N(0, 1)")
+
+
+class IA3Settings(_Strict):
+    target_modules: list[str] | None = Field(
+        None, description="modules whose activations are rescaled; default: PEFT's choice per family")
+    feedforward_modules: list[str] | None = Field(
+        None, description="those of target_modules whose input (not output) is rescaled; default: PEFT's choice")
 
 
 class DPSettings(_Strict):
@@ -139,26 +179,62 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
+#: The method-specific settings sections a ``methods`` entry may hold.
+SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
+
+
 class MethodSpec(_Strict):
-    method: Literal["fft", "lora", "dp-fft", "dp-lora"] = Field(description="fine-tuning method")
+    method: str = Field(description="fine-tuning method: " + ", ".join(METHODS))
     label: str | None = Field(None, description="unique name in the study; default: the method")
     lr: float | None = Field(None, gt=0, description="overrides train.lr")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
-    lora: LoraSettings | None = None
+    lora: LoraSettings | None = Field(None, description="lora, dora and their dp- variants")
+    prefix: PrefixSettings | None = Field(None, description="prefix-tuning and dp-prefix-tuning")
+    prompt: PromptSettings | None = Field(None, description="prompt-tuning")
+    ia3: IA3Settings | None = Field(None, description="ia3")
     dp: DPSettings | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name in NO_DP_VARIANT:
+            raise ValueError(f"method {name!r} is not available: {NO_DP_VARIANT[name]}")
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; use one of: {', '.join(METHODS)}")
+        return name
 
     @model_validator(mode="after")
     def _fill_defaults(self):
-        if self.method in ("lora", "dp-lora") and self.lora is None:
-            self.lora = LoraSettings()
-        if self.method in ("fft", "dp-fft") and self.lora is not None:
-            raise ValueError(f"method {self.method} takes no lora settings")
-        if self.method.startswith("dp-") and self.dp is None:
+        method = METHODS[self.method]
+        for name in SETTINGS_FIELDS:
+            if name == method.settings and getattr(self, name) is None:
+                setattr(self, name, _SETTINGS_MODELS[name]())
+            elif name != method.settings and getattr(self, name) is not None:
+                raise ValueError(f"method {self.method} takes no {name} settings")
+        if method.private and self.dp is None:
             self.dp = DPSettings()
-        if not self.method.startswith("dp-") and self.dp is not None:
+        if not method.private and self.dp is not None:
+            if method.no_dp_reason:
+                raise ValueError(f"method {self.method} is not private and has no DP variant: {method.no_dp_reason}")
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
         self.label = self.label or self.method
         return self
+
+    @property
+    def settings(self):
+        """The method's own settings (``lora``, ``prefix``, ...), or None."""
+        name = METHODS[self.method].settings
+        return getattr(self, name) if name else None
+
+    def expand(self) -> list["MethodSpec"]:
+        """One entry per point of a settings sweep (today: ``lora.r`` and ``lora.target_modules``)."""
+        if self.lora is None:
+            return [self]
+        return [self.model_copy(update={"lora": lora, "label": self.label + suffix})
+                for suffix, lora in self.lora.sweep()]
+
+
+_SETTINGS_MODELS = {"lora": LoraSettings, "prefix": PrefixSettings, "prompt": PromptSettings, "ia3": IA3Settings}
 
 
 class StudyConfig(_Strict):
@@ -178,6 +254,11 @@ class StudyConfig(_Strict):
     retries: int = Field(1, ge=0, description="times a run that crashed (not a config error) is tried again")
     output_dir: str = Field("privtune-runs", description="database, models and reports go here")
     save_artifacts: bool = Field(True, description="save each trained model (or adapter) as safetensors")
+
+    @field_validator("methods")
+    @classmethod
+    def _expand_sweeps(cls, methods: list[MethodSpec]) -> list[MethodSpec]:
+        return [point for m in methods for point in m.expand()]
 
     @model_validator(mode="after")
     def _unique_labels(self):

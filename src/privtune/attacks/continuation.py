@@ -14,6 +14,7 @@ import torch
 
 from privtune.attacks.generation import autocast_context, inference_mode, left_pad, pad_id_of
 from privtune.errors import PrivtuneError
+from privtune.models.forward import is_prompt_learning, token_logits
 
 
 def check_fast_tokenizer(tokenizer) -> None:
@@ -113,6 +114,8 @@ def continuation_losses(model: torch.nn.Module, tokenizer, prefixes: list[str], 
     out = np.zeros(len(prefixes))
     pad = pad_id_of(tokenizer)
     with inference_mode(model):
+        if is_prompt_learning(model):
+            return _score_rows_alone(model, ids, positions, device, autocast_dtype)
         for batch in _pack(_groups(list(prefixes), ids, positions, batch_size), batch_size):
             rows = [r for _, group in batch for r in group]
             out[rows] = _score_batch(model, batch, ids, positions, pad, device, autocast_dtype)
@@ -179,6 +182,21 @@ def _score_batch(model, batch: list[tuple[int, list[int]]], ids: list[list[int]]
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
     sums.index_add_(0, owner_t, nll.double())
     return sums.cpu().numpy()
+
+
+def _score_rows_alone(model, ids: list[list[int]], positions: list[list[int]], device: torch.device,
+                      autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """Continuation losses one whole, unpadded row at a time: the path for prompt-learning
+    models, which cannot continue a shared cache (see :mod:`privtune.models.forward`)."""
+    out = np.zeros(len(ids))
+    for row, (seq, pos) in enumerate(zip(ids, positions)):
+        tokens = torch.tensor([seq[: pos[-1] + 1]], device=device)
+        with autocast_context(device, autocast_dtype):
+            logits = token_logits(model, tokens, torch.ones_like(tokens))[0]  # (T, V)
+        cols = torch.tensor(pos, device=device)
+        logp = torch.log_softmax(logits[cols - 1].float(), dim=-1)
+        out[row] = float(-logp.gather(1, tokens[0, cols].unsqueeze(1)).double().sum())
+    return out
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

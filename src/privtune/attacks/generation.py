@@ -14,6 +14,10 @@ KV cache); this module only does what the attacks need around it:
   request and every row is cut back to its own, which for greedy decoding equals
   decoding that row alone;
 - only the generated token ids are decoded, never the prompt;
+- a prompt-learning model (prefix or prompt tuning) decodes one prompt per call, with
+  no padding and no shared prompt pass: PEFT drops position ids under prompt tuning
+  and rebuilds a prefix-tuned model's cache in every forward call (see
+  :mod:`privtune.models.forward`), so neither fast path would be exact there;
 - the cache is switched on for generation even when training turned ``use_cache`` off
   (gradient checkpointing does), and the model's config and train/eval mode are
   restored afterwards;
@@ -34,6 +38,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from privtune.errors import PrivtuneError
+from privtune.models.forward import is_prompt_learning
 
 
 def pad_id_of(tokenizer) -> int:
@@ -171,6 +176,8 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: list[str]
         raise PrivtuneError(f"prompt {empty[0]} tokenises to nothing, so there is nothing to continue",
                             "pass non-empty prompts")
     device = torch.device(device)
+    if is_prompt_learning(model):
+        batch_size = 1
     # Sorted by budget, then length: a batch decodes for its longest budget and pads to
     # its longest prompt, and decoding steps cost more than padded prompt positions.
     order = sorted(range(len(prompts)), key=lambda i: (new_tokens[i], len(encoded[i]), i))
@@ -203,7 +210,8 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: l
     if targets is not None:
         stop = StoppingCriteriaList([_StopOffTarget(tokenizer, ids.shape[1], targets, n_samples)])
     with autocast_context(device, autocast_dtype):
-        cache = _shared_prefill(model, ids, mask, n_samples) if n_samples > 1 and ids.shape[1] > 1 else None
+        share = n_samples > 1 and ids.shape[1] > 1 and not is_prompt_learning(model)
+        cache = _shared_prefill(model, ids, mask, n_samples) if share else None
         ids, mask = ids.repeat_interleave(n_samples, dim=0), mask.repeat_interleave(n_samples, dim=0)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop,
                              past_key_values=cache)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from privtune.data.tokenize import EncodedDataset
+from privtune.models.forward import token_logits
 from privtune.train.precision import Runtime
 
 
@@ -71,7 +72,7 @@ def score_tokens(model: torch.nn.Module, data: EncodedDataset, runtime: Runtime,
         rows = slice(start, start + batch_size)
         ids = data.input_ids[rows].to(runtime.device)
         with runtime.autocast():
-            logits = model(input_ids=ids, attention_mask=data.attention_mask[rows].to(runtime.device)).logits
+            logits = token_logits(model, ids, data.attention_mask[rows].to(runtime.device))
         # Only real target positions: padding rows cost nothing.
         keep = valid[rows].to(runtime.device)
         stats = _token_statistics(logits[:, :-1][keep], ids[:, 1:][keep])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privtune.config import MethodSpec, StudyConfig, config_hash
+from privtune.config import SETTINGS_FIELDS, MethodSpec, StudyConfig, config_hash
 from privtune.train.loop import TrainPlan
 
 
@@ -65,6 +65,10 @@ def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
         "weight_decay": cfg.train.weight_decay,
         "lora": m.lora.model_dump() if m.lora else None,
         "dp": m.dp.model_dump() if m.dp else None,
+        # The other sections only when set, so runs planned before they existed keep
+        # their identity (and are found in the database).
+        **{name: getattr(m, name).model_dump() for name in SETTINGS_FIELDS
+           if name != "lora" and getattr(m, name) is not None},
     }
 
 

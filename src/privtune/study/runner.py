@@ -126,7 +126,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     cfg, runtime = ctx.cfg, ctx.runtime
     method = get_method(spec.method)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
-    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
+    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
     baseline = ctx.base.measures | {"epsilon": 0.0 if method.private else None}
     on_epoch(0, baseline)
@@ -198,7 +198,7 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
     half = encode_records([r for r, keep in zip(population, inside) if keep], ctx.loaded.tokenizer,
                           cfg.data.max_length)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
-    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).lora)
+    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
     with PeakMemory(ctx.runtime.device) as memory:
         result = train(model, half, train_plan(cfg, spec), ctx.runtime, on_step=on_step)

@@ -21,6 +21,7 @@ from privtune.config import DPSettings
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import Stopwatch
+from privtune.models.forward import token_logits
 from privtune.train import dp
 from privtune.train.losses import per_record_loss
 from privtune.train.precision import Runtime
@@ -118,7 +119,7 @@ def _forward_loss(module, data: EncodedDataset, labels, rows, runtime: Runtime) 
     ids = data.input_ids[rows].to(runtime.device)
     attn = data.attention_mask[rows].to(runtime.device)
     with runtime.autocast():
-        logits = module(input_ids=ids, attention_mask=attn).logits
+        logits = token_logits(module, ids, attn)
     return per_record_loss(logits, labels[rows].to(runtime.device))
 
 
