@@ -26,7 +26,7 @@ from privtune.measures.efficiency import count_parameters
 from privtune.models.loading import load_model
 from privtune.study import attacking
 from privtune.study.dataset import build_study_records
-from privtune.study.plan import shared_config
+from privtune.study.plan import plan_study, shared_config
 
 AUDIT_ROLE = "audit"
 AUDIT_METHOD = "audit"
@@ -54,7 +54,7 @@ def _row(record: Record) -> dict:
 def audit_label(cfg: StudyConfig, model_ref: str, label: str | None) -> str:
     """The audited model's name in the study; it may not hide one of the study's runs."""
     label = label or Path(model_ref.rstrip("/")).name or model_ref
-    taken = {"base"} | {m.label for m in cfg.methods}
+    taken = {spec.label for spec in plan_study(cfg)}
     if label in taken or label.startswith("shadow-"):
         raise PrivtuneError(f"audit label {label!r} is already a run of study {cfg.name!r}",
                             "pick another name with --label")
