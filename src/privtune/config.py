@@ -179,13 +179,6 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
-class ScrubSettings(_Strict):
-    tagger: Literal["exact", "regex", "presidio"] = Field(
-        "regex", description="finds the values to remove: exact (the true spans), regex or presidio")
-    replacement: Literal["placeholder", "surrogate"] = Field(
-        "placeholder", description="placeholder ([EMAIL]) or a surrogate value of the same type")
-
-
 #: The method-specific settings sections a ``methods`` entry may hold.
 SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 
@@ -200,7 +193,6 @@ class MethodSpec(_Strict):
     prompt: PromptSettings | None = Field(None, description="prompt-tuning")
     ia3: IA3Settings | None = Field(None, description="ia3")
     dp: DPSettings | None = None
-    scrub: ScrubSettings | None = Field(None, description="train on scrubbed text (measured on the original)")
 
     @field_validator("method")
     @classmethod
@@ -225,7 +217,7 @@ class MethodSpec(_Strict):
             if method.no_dp_reason:
                 raise ValueError(f"method {self.method} is not private and has no DP variant: {method.no_dp_reason}")
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
-        self.label = self.label or self.method + (f"+scrub-{self.scrub.tagger}" if self.scrub else "")
+        self.label = self.label or self.method
         return self
 
     @property

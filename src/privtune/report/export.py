@@ -30,7 +30,7 @@ from privtune.report.plots import exposure_by_repetition, top_exposure
 
 IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
 #: Nested sections flattened into the CSV, with the prefix their keys get.
-SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"), ("scrub", "scrub_"))
+SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"))
 #: Keys that lead their section's columns (the store sorts keys alphabetically, which
 #: would bury the headline measures among the raw losses); the rest follow as found.
 LEADING = {

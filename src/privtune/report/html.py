@@ -280,13 +280,6 @@ def _escaped(show: Callable[[dict], str]) -> Callable[[dict], str]:
     return lambda r: escape(show(r))
 
 
-def _scrub_cell(run: dict) -> str:
-    scrub = run.get("scrub")
-    if not scrub:
-        return "–"
-    return f"{scrub['tagger']} → {scrub['replacement']}, recall {pct(scrub['recall'])}"
-
-
 RUN_COLUMNS: tuple[Column, ...] = (
     Column("method", 0, None, lambda r: escape(str(r.get("method")))),
     Column("ε", -1, epsilon, _escaped(fmt_epsilon), "DP budget; lower is more private (– = no DP)"),
@@ -299,19 +292,11 @@ RUN_COLUMNS: tuple[Column, ...] = (
            "mean exposure (bits) of the canaries inserted most often"),
     Column("MIA AUC, strongest attack", -1, lambda r: auc(strongest_mia(r)), _strongest_mia_cell,
            "highest membership-inference AUC over all attacks and levels; 0.5 = chance"),
-    Column("scrubbed", 0, None, lambda r: escape(_scrub_cell(r)),
-           "trained on text scrubbed by this tagger; recall = share of true sensitive characters it removed"),
     Column("train time", -1, *_eff("train_seconds", fmt_seconds)),
     Column("peak memory", -1, *_eff("peak_memory_bytes", fmt_bytes)),
     Column("trainable params", -1, *_eff("trainable_params", fmt_count)),
     Column("status", 0, None, _status_cell),
 )
-
-
-def run_columns(runs: Sequence[dict]) -> list[Column]:
-    """The run table's columns; "scrubbed" only when some run was."""
-    scrubbed = any(r.get("scrub") for r in runs)
-    return [c for c in RUN_COLUMNS if c.header != "scrubbed" or scrubbed]
 
 
 def _best_index(runs: Sequence[dict], column: Column) -> set[int]:
@@ -780,7 +765,7 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
         verdict=escape(verdict(runs)), figures="\n".join(sections),
-        table=table(runs, run_columns(runs)),
+        table=table(runs, RUN_COLUMNS),
         glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),
         version=f" {escape(str(version))}" if version else "")
 

@@ -67,7 +67,7 @@ def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
         "dp": m.dp.model_dump() if m.dp else None,
         # The other sections only when set, so runs planned before they existed keep
         # their identity (and are found in the database).
-        **{name: getattr(m, name).model_dump() for name in (*SETTINGS_FIELDS, "scrub")
+        **{name: getattr(m, name).model_dump() for name in SETTINGS_FIELDS
            if name != "lora" and getattr(m, name) is not None},
     }
 

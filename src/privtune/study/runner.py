@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from privtune.config import StudyConfig
-from privtune.data.scrub import scrub_records
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.measures.efficiency import PeakMemory, count_parameters, training_flops
 from privtune.measures.exposure import canary_exposure
@@ -129,7 +128,6 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
-    train_set, scrub = _training_set(ctx, spec, ctx.data.train)
     baseline = ctx.base.measures | {"epsilon": 0.0 if method.private else None}
     on_epoch(0, baseline)
     epochs: list[dict] = [{"epoch": 0, **baseline}]
@@ -145,7 +143,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         latest[:] = [evaluation]
 
     with PeakMemory(runtime.device) as memory:
-        result = train(model, train_set, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
+        result = train(model, ctx.data.train, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
                        on_step=on_step)
     artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     return {
@@ -158,17 +156,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         "efficiency": _efficiency(result, memory, trainable, total, runtime),
         "artifact": str(artifact) if artifact else None,
         "data": ctx.data.summary(),
-        **({"scrub": scrub} if scrub else {}),
     }
-
-
-def _training_set(ctx: StudyContext, spec: RunSpec, data: EncodedDataset) -> tuple[EncodedDataset, dict | None]:
-    """What the run trains on: ``data``, or its scrubbed copy and the scrub stats."""
-    settings = method_spec(ctx.cfg, spec).scrub
-    if settings is None:
-        return data, None
-    scrubbed, stats = scrub_records(data.records, settings.tagger, settings.replacement, ctx.cfg.data.seed)
-    return encode_records(scrubbed, ctx.loaded.tokenizer, ctx.cfg.data.max_length), stats
 
 
 def _efficiency(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
@@ -209,7 +197,6 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
     inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
     half = encode_records([r for r, keep in zip(population, inside) if keep], ctx.loaded.tokenizer,
                           cfg.data.max_length)
-    half, _ = _training_set(ctx, spec, half)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)
