@@ -89,3 +89,13 @@ def test_unknown_executor_and_address_without_ray(tmp_path, monkeypatch, capsys)
     assert_one_line_error(code, err, "unknown executor 'slurm'", "--executor ray")
     code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)), "--address", "auto")
     assert_one_line_error(code, err, "--address needs --executor ray")
+
+
+def test_summary_names_what_scrubbing_missed():
+    scrub = {"tagger": "regex", "recall": 0.69, "precision": 1.0,
+             "per_type": {"EMAIL": {"recall": 1.0}, "NAME": {"recall": 0.32}, "ADDRESS": {"recall": 0.0}}}
+    runs = [{"label": "fft", "status": "done", "scrub": None},
+            {"label": "fft+scrub-regex", "status": "done", "scrub": scrub},
+            {"label": "fft+scrub-exact", "status": "failed", "scrub": None}]
+    assert cli.scrub_lines(runs) == ["fft+scrub-regex: regex scrubbing removed 69% of the true values whole "
+                                     "(precision 100%); lowest recall: ADDRESS 0%, NAME 32%"]
