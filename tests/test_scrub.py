@@ -171,3 +171,23 @@ def test_scrub_settings_are_strict():
         ScrubSettings(tagger="spacy")
     with pytest.raises(ValueError):
         ScrubSettings(tagger="regex", mode="x")
+
+
+def test_training_scrubber_tags_once_per_tagger(monkeypatch):
+    from privtune.models.tiny import tiny_tokenizer
+    from privtune.study import scrubbing
+
+    records = generate_corpus("customer-sim", 8, seed=4)
+    calls = []
+    monkeypatch.setattr(scrubbing, "regex_spans", lambda text: calls.append(text) or regex_spans(text))
+    scrubber = scrubbing.TrainingScrubber(records, "exact", tiny_tokenizer(), 256, seed=0)
+    placeholders = scrubber.training_set(ScrubSettings(tagger="regex"))
+    surrogates = scrubber.training_set(ScrubSettings(tagger="regex", replacement="surrogate"))
+    assert len(calls) == len(records) and scrubber.training_set(ScrubSettings(tagger="regex")) is placeholders
+    assert placeholders.stats == {**surrogates.stats, "replacement": "placeholder"}
+    assert placeholders.stats["truth"] == "exact" and 0 < placeholders.stats["recall"] < 1
+    texts = [r.text for r in surrogates.data.records]
+    assert "[EMAIL]" not in "".join(texts) and "[EMAIL]" in "".join(r.text for r in placeholders.data.records)
+    for before, after in zip(records, surrogates.data.records):  # e-mails are always caught: none survives
+        assert not any(v in after.text for label, v in before.span_values() if label == "EMAIL")
+        assert len(after.spans) <= len(before.spans)
