@@ -186,6 +186,9 @@ def test_training_scrubber_tags_once_per_tagger(monkeypatch):
     assert len(calls) == len(records) and scrubber.training_set(ScrubSettings(tagger="regex")) is placeholders
     assert placeholders.stats == {**surrogates.stats, "replacement": "placeholder"}
     assert placeholders.stats["truth"] == "exact" and 0 < placeholders.stats["recall"] < 1
+    # Other records (a shadow model's half) are scrubbed the same way.
+    shadow_half = scrubber.scrub(records[2:5], ScrubSettings(tagger="regex"))
+    assert [r.text for r in shadow_half] == [r.text for r in placeholders.data.records[2:5]]
     texts = [r.text for r in surrogates.data.records]
     assert "[EMAIL]" not in "".join(texts) and "[EMAIL]" in "".join(r.text for r in placeholders.data.records)
     for before, after in zip(records, surrogates.data.records):  # e-mails are always caught: none survives
