@@ -89,3 +89,26 @@ def test_unknown_executor_and_address_without_ray(tmp_path, monkeypatch, capsys)
     assert_one_line_error(code, err, "unknown executor 'slurm'", "--executor ray")
     code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)), "--address", "auto")
     assert_one_line_error(code, err, "--address needs --executor ray")
+
+
+def test_summary_names_what_scrubbing_missed():
+    scrub = {"tagger": "regex", "recall": 0.69, "precision": 1.0,
+             "per_type": {"EMAIL": {"recall": 1.0}, "NAME": {"recall": 0.32}, "ADDRESS": {"recall": 0.0}}}
+    runs = [{"label": "fft", "status": "done", "scrub": None},
+            {"label": "fft+scrub-regex", "status": "done", "scrub": scrub},
+            {"label": "fft+scrub-exact", "status": "failed", "scrub": None}]
+    assert cli.scrub_lines(runs) == ["fft+scrub-regex: regex scrubbing removed 69% of the true values whole "
+                                     "(precision 100%); lowest recall: ADDRESS 0%, NAME 32%"]
+
+
+def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "tickets.jsonl"
+    rows = [{"text": f"Mail me at user{i}@example.org or call +44 20 7946 09{i:02d}.", "individual": f"p{i}"}
+            for i in range(8)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    path = write_study(tmp_path, data={"source": str(data), "tagger": "regex", "max_length": 48},
+                       methods=[{"method": "fft", "scrub": {"tagger": "exact"}}],
+                       attacks={"mia": {"n_bootstrap": 10}, "extraction": {"enabled": False}})
+    code, _, err = run_cli(monkeypatch, capsys, "run", "--no-report", str(path))
+    assert_one_line_error(code, err, "run fft+scrub-exact failed", "labelled by the regex tagger",
+                          "use scrub.tagger: regex or presidio")

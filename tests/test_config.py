@@ -133,3 +133,18 @@ def test_bad_method_combinations_are_rejected_on_one_line(raw, needle):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_studies_are_valid(path):
     assert plan_study(load_config(path))
+
+
+def test_scrub_settings_label_and_identity():
+    cfg = parse_config({"methods": [{"method": "fft"}, {"method": "fft", "scrub": {"tagger": "regex"}},
+                                    {"method": "fft", "scrub": {"tagger": "regex", "replacement": "surrogate"}},
+                                    {"method": "lora", "label": "lora-clean", "scrub": {"tagger": "exact"}}]})
+    runs = plan_study(cfg)[1:]
+    assert [r.label for r in runs] == ["fft", "fft+scrub-regex", "fft+scrub-regex-surrogate", "lora-clean"]
+    assert "scrub" not in runs[0].config["method"]  # unscrubbed runs keep their old identity
+    assert runs[1].config["method"]["scrub"] == {"tagger": "regex", "replacement": "placeholder"}
+    assert len({r.run_id for r in runs}) == 4
+    with pytest.raises(PrivtuneError, match="methods.0.scrub.tagger: Field required"):
+        parse_config({"methods": [{"method": "fft", "scrub": {}}]})
+    with pytest.raises(PrivtuneError, match="repeated: fft\\+scrub-regex"):
+        parse_config({"methods": [{"method": "fft", "scrub": {"tagger": "regex"}}] * 2})

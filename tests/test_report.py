@@ -257,3 +257,16 @@ def test_json_round_trips(runs, tmp_path):
 def test_json_writes_non_finite_numbers_as_null(tmp_path):
     path = write_json([{"final": {"utility_ppl": math.inf, "x": math.nan}, "t": (1, 2)}], tmp_path / "r.json")
     assert json.loads(path.read_text()) == [{"final": {"utility_ppl": None, "x": None}, "t": [1, 2]}]
+
+
+def test_scrub_section_only_when_a_run_scrubbed(runs):
+    assert report_html.scrub_section(runs) == ""
+    scrub = {"tagger": "regex", "replacement": "placeholder", "truth": "presidio", "recall": 0.5, "precision": 0.75,
+             "spans_removed": 12, "per_type": {"NAME": {"spans": 4, "caught": 1, "recall": 0.25}}}
+    scrubbed = [*runs, {**by_label(runs, "fft"), "label": "fft+scrub-regex", "scrub": scrub}]
+    section = report_html.scrub_section(scrubbed)
+    assert section.count("<tr") == 2 and "fft+scrub-regex" in section  # header and the one scrubbed run
+    assert "50.0%" in section and "75.0%" in section and "25% <small>1/4</small>" in section
+    assert "labelled by the presidio tagger" in section  # not ground truth: said so
+    text = report_html.render_html(scrubbed, title="t", meta={})
+    assert text.index('id="scrubbing"') < text.index('id="runs"')

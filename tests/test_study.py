@@ -140,3 +140,53 @@ def test_every_parameter_efficient_method_in_one_study(tmp_path):
         assert run["artifact"] is not None
         assert (run["dp"] is not None) == label.startswith("dp-")
     assert runs["dp-bitfit"]["dp"]["epsilon"] > 0
+
+
+@pytest.mark.slow
+def test_scrubbed_run_trains_on_scrubbed_text_and_is_measured_on_the_original(tmp_path):
+    from privtune.report import write_csv, write_report
+    from privtune.study.runner import StudyContext
+
+    cfg = tiny_study(tmp_path, methods=[{"method": "fft"}, {"method": "fft", "scrub": {"tagger": "exact"}}],
+                     data={"source": "customer-sim", "n_individuals": 16, "max_length": 256},
+                     attacks={"mia": {"n_bootstrap": 50}, "extraction": {"max_spans_per_type": 2, "n_samples": 0}})
+    ctx = StudyContext.build(cfg)
+    scrubbed = ctx.scrubber.training_set(cfg.methods[1].scrub)
+    tok = ctx.loaded.tokenizer
+
+    def decoded(data):
+        return [tok.decode(ids[mask.bool()]) for ids, mask in zip(data.input_ids, data.attention_mask)]
+
+    members = ctx.data.members.records
+    values = {v for r in members for _, v in r.span_values()} | {c.secret for c in ctx.data.canaries if c.repetitions}
+    original, cleaned = "\n".join(decoded(ctx.data.train)), "\n".join(decoded(scrubbed.data))
+    seen = {v for v in values if v in original}
+    assert len(seen) > 0.9 * len(values)  # the unscrubbed training text holds them (but a truncated few)
+    assert not [v for v in seen if v in cleaned]
+    assert "[EMAIL]" in cleaned and "[CANARY]" in cleaned
+    # Every training record is still there, its spans now on the placeholders.
+    assert len(scrubbed.data) == len(ctx.data.train) and scrubbed.data.sensitive.any()
+    assert {r.text[s.start:s.end] for r in scrubbed.data.records for s in r.spans} <= {
+        f"[{label}]" for label in ("NAME", "EMAIL", "PHONE", "ADDRESS", "ACCOUNT", "ORDER", "CARD", "DOB", "IBAN",
+                                   "CANARY")}
+
+    outcome = run_study(cfg, show_progress=False)
+    assert outcome.failed == {} and outcome.done == ["base", "fft", "fft+scrub-exact"]
+    store = open_store(cfg)
+    runs = store.runs("tiny")
+    store.close()
+    by_label = {r["label"]: r for r in runs}
+    plain, scrub = by_label["fft"], by_label["fft+scrub-exact"]
+    assert scrub["scrub"]["tagger"] == "exact" and scrub["scrub"]["recall"] == 1.0
+    assert scrub["scrub"]["per_type"]["CANARY"]["recall"] == 1.0 and plain["scrub"] is None
+    # Measured on the original members: same records, same base, and the true values
+    # leak less from a model that never saw them.
+    assert scrub["data"]["members"] == plain["data"]["members"]
+    assert scrub["epochs"][0]["ce_s_train"] == plain["epochs"][0]["ce_s_train"]
+    assert scrub["data"]["train_tokens"] < plain["data"]["train_tokens"]
+    assert scrub["final"]["leakage_gain"] < plain["final"]["leakage_gain"]
+
+    text = write_report(runs, tmp_path / "report", title="t", meta={}).read_text()
+    assert 'id="scrubbing"' in text and "100%" in text
+    header = (write_csv(runs, tmp_path / "runs.csv")).read_text().splitlines()[0].split(",")
+    assert {"scrub_tagger", "scrub_recall", "scrub_precision"} <= set(header)

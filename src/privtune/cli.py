@@ -236,7 +236,8 @@ def _print_summary(output_dir: str, study: str) -> None:
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
                 "MIA AUC ↓", "train s", "peak GB", "trainable"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
-    for r in _load_runs(output_dir, study):
+    runs = _load_runs(output_dir, study)
+    for r in runs:
         if r["status"] != "done":
             table.add_row(r["label"], *["–"] * 9, f"[red]{r['status']}[/]")
             continue
@@ -252,6 +253,23 @@ def _print_summary(output_dir: str, study: str) -> None:
                       fmt_count(eff.get("trainable_params", 0)))
     # Wide enough for every column even when stdout is a file or a narrow terminal.
     Console(width=max(console.width, 140)).print(table)
+    for line in scrub_lines(runs):
+        console.print(line, highlight=False)
+
+
+def scrub_lines(runs: list[dict]) -> list[str]:
+    """One line per scrubbed run: how much of the true values its tagger removed, and the
+    types it missed most (the full table is in the report)."""
+    lines = []
+    for r in runs:
+        scrub = r.get("scrub") or {}
+        if r.get("status") != "done" or not scrub:
+            continue
+        worst = sorted((v["recall"], t) for t, v in scrub.get("per_type", {}).items() if v["recall"] < 1)[:3]
+        missed = ", ".join(f"{t} {100 * rec:.0f}%" for rec, t in worst) or "none"
+        lines.append(f"{r['label']}: {scrub['tagger']} scrubbing removed {100 * scrub['recall']:.0f}% of the true "
+                     f"values whole (precision {100 * scrub['precision']:.0f}%); lowest recall: {missed}")
+    return lines
 
 
 def _quiet_hugging_face_bars() -> None:

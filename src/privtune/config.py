@@ -171,6 +171,18 @@ class DPSettings(_Strict):
         return self
 
 
+class ScrubSettings(_Strict):
+    tagger: Literal["exact", "regex", "presidio"] = Field(
+        description="finds the spans removed from the training text: exact (the data's own spans), regex, presidio")
+    replacement: Literal["placeholder", "surrogate"] = Field(
+        "placeholder", description="what takes their place: the type, like [EMAIL], or a fake value of that type")
+
+    @property
+    def label_suffix(self) -> str:
+        """What a method's default label gets: ``+scrub-regex``, ``+scrub-regex-surrogate``."""
+        return f"+scrub-{self.tagger}" + ("-surrogate" if self.replacement == "surrogate" else "")
+
+
 class TrainSettings(_Strict):
     epochs: int = Field(2, ge=1, description="passes over the training set")
     batch_size: int = Field(8, ge=1, description="logical batch (expected batch under DP's Poisson sampling)")
@@ -185,7 +197,8 @@ SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 
 class MethodSpec(_Strict):
     method: str = Field(description="fine-tuning method: " + ", ".join(METHODS))
-    label: str | None = Field(None, description="unique name in the study; default: the method")
+    label: str | None = Field(
+        None, description="unique name in the study; default: the method (plus +scrub-TAGGER when scrubbed)")
     lr: float | None = Field(None, gt=0, description="overrides train.lr")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
     lora: LoraSettings | None = Field(None, description="lora, dora and their dp- variants")
@@ -193,6 +206,8 @@ class MethodSpec(_Strict):
     prompt: PromptSettings | None = Field(None, description="prompt-tuning")
     ia3: IA3Settings | None = Field(None, description="ia3")
     dp: DPSettings | None = None
+    scrub: ScrubSettings | None = Field(
+        None, description="train on scrubbed copies of the records; evaluation stays on the originals")
 
     @field_validator("method")
     @classmethod
@@ -217,7 +232,7 @@ class MethodSpec(_Strict):
             if method.no_dp_reason:
                 raise ValueError(f"method {self.method} is not private and has no DP variant: {method.no_dp_reason}")
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
-        self.label = self.label or self.method
+        self.label = self.label or self.method + (self.scrub.label_suffix if self.scrub else "")
         return self
 
     @property

@@ -7,7 +7,9 @@ The CSV keeps the identity of each run, every final measure under its own name
 (``exposure_r16``: mean over the canaries inserted 16 times), and the attacks' headline
 numbers: per (attack, level) the AUC and the TPR at 1% FPR (``mia_lira_online_record_auc``,
 ``mia_lira_online_record_tpr_at_1pct_fpr``), the strongest attack, the extraction
-advantage and PII-inference top-1 over all PII types, the backdoor success rates.
+advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
+runs that trained on scrubbed text, the tagger and its span recall and precision
+(``scrub_tagger``, ``scrub_recall``, ...).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -40,6 +42,10 @@ LEADING = {
                    "trainable_params", "total_params", "flops_estimate"),
     "dp": ("epsilon", "delta", "noise_multiplier", "max_grad_norm"),
 }
+
+#: The keys of a run's ``scrub`` section the CSV keeps (per-type recall is left to the JSON).
+SCRUB_KEYS = ("tagger", "replacement", "truth", "recall", "precision", "char_recall", "char_precision",
+              "spans_true", "spans_caught", "spans_removed")
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -75,6 +81,8 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     if reps:
         columns += ["exposure_top_repetitions", "exposure_top_mean"]
     columns += [c for c in attack_columns(runs) if c not in taken]
+    if any(run.get("scrub") for run in runs):
+        columns += [f"scrub_{k}" for k in SCRUB_KEYS]
     columns += ["epochs"]
     return columns
 
@@ -147,6 +155,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     row["exposure_top_repetitions"], row["exposure_top_mean"] = top_r, top_mean
     pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
+    row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 

@@ -10,8 +10,9 @@ Order follows what a reader asks: the headline (which method leaks least, which 
 the most utility, which trades best, which attack hurts most), then each figure with
 its numbers beside it, then the attacks (ROC curves with a table of AUC and TPR at low
 FPR under them, extraction, PII inference, backdoor; each shown only when some run was
-attacked that way, so an older study renders as before), then a table of every run,
-failed ones included with their error. Every column says
+attacked that way, so an older study renders as before), then what scrubbing left
+behind (when some run trained on scrubbed text), then a table of every run, failed ones
+included with their error. Every column says
 which way is better. All text from runs and metadata is HTML-escaped.
 
 Plain ``string.Template``: the page is small and a template engine would add a
@@ -641,6 +642,61 @@ def report_figures(runs: Sequence[dict]) -> list[tuple[str, str, Callable]]:
         (name, title, make) for name, title, make, shown in attack_plots.FIGURES if shown(runs)]
 
 
+# --- scrubbing ---------------------------------------------------------------------------
+
+#: Where spans are ground truth (see study/scrubbing.py); otherwise recall compares two taggers.
+TRUE_SPANS = ("exact", "given")
+
+
+def _scrub(run: dict) -> dict:
+    return run.get("scrub") or {}
+
+
+def _type_recall(label: str) -> Column:
+    def entry(run: dict) -> dict:
+        return _scrub(run).get("per_type", {}).get(label) or {}
+
+    def show(run: dict) -> str:
+        e = entry(run)
+        return f'{escape(pct(e.get("recall"), ".0f"))} <small>{e["caught"]}/{e["spans"]}</small>' if e else "–"
+
+    return Column(label, 1, lambda r: number(entry(r).get("recall")), show, f"{label} values removed whole")
+
+
+def scrub_section(runs: Sequence[dict]) -> str:
+    """What each scrubbing run's tagger removed from its training text, and what it left:
+    span recall and precision against the data's own spans, overall and per type
+    (empty when no run scrubbed)."""
+    colors = {id(r): s.color for r, s in zip(runs, styles(runs))}
+    scrubbed = [r for r in runs if is_done(r) and _scrub(r)]
+    if not scrubbed:
+        return ""
+    types = sorted({t for r in scrubbed for t in _scrub(r).get("per_type", {})})
+    columns = (
+        Column("tagger", 0, None, lambda r: escape(str(_scrub(r).get("tagger")))),
+        Column("replaced by", 0, None, lambda r: escape(str(_scrub(r).get("replacement")))),
+        Column("spans removed", 0, None, lambda r: fmt(_scrub(r).get("spans_removed"), ".0f"),
+               "tagged spans replaced in the whole training set (canary copies and poison included)"),
+        Column("recall", 1, lambda r: number(_scrub(r).get("recall")), lambda r: escape(pct(_scrub(r).get("recall"))),
+               "share of true sensitive values removed whole"),
+        Column("precision", 1, lambda r: number(_scrub(r).get("precision")),
+               lambda r: escape(pct(_scrub(r).get("precision"))), "share of removed spans that overlap a true value"),
+        *(_type_recall(t) for t in types),
+    )
+    truths = sorted({str(_scrub(r).get("truth")) for r in scrubbed} - set(TRUE_SPANS))
+    caveat = (f" Here the data's spans were themselves labelled by the {', '.join(truths)} tagger, so these "
+              "numbers compare two taggers, not a tagger with the truth." if truths else "")
+    note = ("Scrubbed runs train on copies of the records (canaries and poison included) with every span their "
+            "tagger found replaced; everything above is measured on the original records, so it shows whether "
+            "the true values still leak. A true value counts as removed when the tagger's spans cover all of its "
+            "non-space characters (a half-removed name still leaks the other half); a tagger span counts as "
+            "correct when it overlaps a true value. Measured on the members and one copy of each canary, "
+            "against the data's own spans (exact for the built-in corpora)." + caveat)
+    return (f'<section id="scrubbing"><h2>What scrubbing leaves behind</h2><p class="note">{escape(note)}</p>'
+            f'<div class="wide">{table(scrubbed, columns, "side", [colors[id(r)] for r in scrubbed])}</div>'
+            f'</section>')
+
+
 # --- the page ----------------------------------------------------------------------------
 
 CSS = """
@@ -712,6 +768,7 @@ PAGE = Template("""<!DOCTYPE html>
 <div class="cards">$cards</div>
 <p class="verdict">$verdict</p>
 $figures
+$scrub
 <section id="runs"><h2>Every run</h2>
 <p class="note">↑ higher is better, ↓ lower is better; the best fine-tuned run of each column is shaded.
 The base model (the untouched model, in italics) is the reference the gains are measured against.</p>
@@ -764,7 +821,7 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
     version = meta.get("privtune") or meta.get("version")
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
-        verdict=escape(verdict(runs)), figures="\n".join(sections),
+        verdict=escape(verdict(runs)), figures="\n".join(sections), scrub=scrub_section(runs),
         table=table(runs, RUN_COLUMNS),
         glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),
         version=f" {escape(str(version))}" if version else "")

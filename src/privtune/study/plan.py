@@ -69,6 +69,7 @@ def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
         # their identity (and are found in the database).
         **{name: getattr(m, name).model_dump() for name in SETTINGS_FIELDS
            if name != "lora" and getattr(m, name) is not None},
+        **({"scrub": m.scrub.model_dump()} if m.scrub else {}),
     }
 
 

@@ -1,9 +1,10 @@
 """Executing one run: copy the base model, train it with its method, measure and attack it.
 
 A :class:`StudyContext` holds what every run of a study shares and what is costly to
-build twice: the loaded base model, the tokenised data, and the base model's token
-scores, against which every trained model's leakage is measured and which serve as the
-reference of the calibrated membership attack.
+build twice: the loaded base model, the tokenised data (and its scrubbed copies, for
+methods that scrub), and the base model's token scores, against which every trained
+model's leakage is measured and which serve as the reference of the calibrated
+membership attack.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from privtune.models.loading import LoadedModel, load_model
 from privtune.study import attacking
 from privtune.study.dataset import StudyData, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
+from privtune.study.scrubbing import TrainingScrubber
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
@@ -56,6 +58,7 @@ class StudyContext:
     reference: LoadedModel | None = None
     _base: Evaluation | None = field(default=None, repr=False)
     _reference_scores: tuple[TokenScores, TokenScores] | None = field(default=None, repr=False)
+    _scrubber: TrainingScrubber | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: StudyConfig) -> "StudyContext":
@@ -101,6 +104,14 @@ class StudyContext:
         return self._reference_scores
 
     @property
+    def scrubber(self) -> TrainingScrubber:
+        """Scrubbed copies of the training set, for the methods that ask for them."""
+        if self._scrubber is None:
+            self._scrubber = TrainingScrubber(self.data.train.records, self.data.tagger, self.loaded.tokenizer,
+                                              self.cfg.data.max_length, self.cfg.data.seed)
+        return self._scrubber
+
+    @property
     def autocast_dtype(self):
         return torch.bfloat16 if self.runtime.precision == "bf16" else None
 
@@ -124,6 +135,9 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     if spec.is_shadow:
         return _train_shadow(ctx, spec, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
+    scrub = method_spec(cfg, spec).scrub
+    scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
+    train_set = scrubbed.data if scrubbed else ctx.data.train
     method = get_method(spec.method)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
@@ -143,7 +157,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         latest[:] = [evaluation]
 
     with PeakMemory(runtime.device) as memory:
-        result = train(model, ctx.data.train, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
+        result = train(model, train_set, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
                        on_step=on_step)
     artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     return {
@@ -155,7 +169,8 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         "dp": result.privacy.as_dict() if result.privacy else None,
         "efficiency": _efficiency(result, memory, trainable, total, runtime),
         "artifact": str(artifact) if artifact else None,
-        "data": ctx.data.summary(),
+        "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
+        "scrub": scrubbed.stats if scrubbed else None,
     }
 
 
@@ -186,7 +201,7 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
                        "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
                        "trainable_params": 0, "total_params": total, "flops_estimate": 0.0,
                        "device": str(ctx.runtime.device), "precision": ctx.runtime.precision},
-        "artifact": None, "data": ctx.data.summary(),
+        "artifact": None, "data": ctx.data.summary(), "scrub": None,
     }
 
 
@@ -195,8 +210,11 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
     cfg = ctx.cfg
     population = ctx.data.members.records + ctx.data.nonmembers.records
     inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
-    half = encode_records([r for r, keep in zip(population, inside) if keep], ctx.loaded.tokenizer,
-                          cfg.data.max_length)
+    records = [r for r, keep in zip(population, inside) if keep]
+    scrub = method_spec(cfg, spec).scrub
+    if scrub:  # trained like the target: on scrubbed text
+        records = ctx.scrubber.scrub(records, scrub)
+    half = encode_records(records, ctx.loaded.tokenizer, cfg.data.max_length)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
     trainable, total = count_parameters(model)

@@ -1,0 +1,122 @@
+"""Scrubbed training sets: one per scrub setting of a study, built on first use.
+
+What is scrubbed is everything a model trains on (member records, canary copies and
+poisoned records), since a real user scrubs all of their training text. Canaries are
+scrubbed with the same tagger, so whether the tagger catches a canary's 6-digit secret
+is a finding of the study, not a choice of the harness. The members and non-members
+that leakage, membership inference and extraction are measured on stay untouched: the
+question is whether the *true* values leak.
+
+The tagger's quality is measured once per tagger against the data's own spans
+(:func:`privtune.data.tagging.span_scores`) over the distinct training texts: the
+members and one copy of each canary (poisoned records repeat members). Those spans are
+ground truth for the built-in corpora and for files that give spans; for a file the
+study had to tag itself, the scores compare two taggers and say so (``truth``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from privtune.config import ScrubSettings
+from privtune.data.records import Record, Span
+from privtune.data.scrub import merge_spans, replacer, scrub_record
+from privtune.data.tagging import presidio_spans, regex_spans, resolve_tagger, span_scores, tagger_precision, tagger_recall
+from privtune.data.tokenize import EncodedDataset, encode_records
+from privtune.errors import PrivtuneError
+
+#: Where a study's spans come from when they are the true ones: a built-in corpus, or a file that gives them.
+TRUE_SPANS = ("exact", "given")
+
+
+def find_spans(records: list[Record], tagger: str, truth: str) -> list[list[Span]]:
+    """The spans ``tagger`` finds in each record; ``exact`` takes the records' own spans.
+
+    Raises:
+        PrivtuneError: ``exact`` when the records' spans came from a tagger (``truth``),
+            or ``presidio`` when it is not installed.
+    """
+    if tagger == "exact":
+        if truth not in TRUE_SPANS:
+            raise PrivtuneError(f"scrub.tagger 'exact' needs data with its own spans, but these records were "
+                                f"labelled by the {truth} tagger",
+                                "give spans in the data file, or use scrub.tagger: regex or presidio")
+        return [list(r.spans) for r in records]
+    find = presidio_spans if resolve_tagger(tagger) == "presidio" else regex_spans
+    return [find(r.text) for r in records]
+
+
+def _distinct(records: list[Record]) -> list[int]:
+    """Indices of the records that tagger quality is measured on: no poison, one copy per canary."""
+    seen, keep = set(), []
+    for i, r in enumerate(records):
+        key = r.meta.get("canary", r.id)
+        if not r.meta.get("backdoor") and key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def tagger_stats(records: list[Record], found: list[list[Span]]) -> dict:
+    """Span-level recall and precision (overall, recall per type), character-level recall
+    and precision, and how many spans scrubbing removes from ``records``."""
+    rows = _distinct(records)
+    truth = [records[i] for i in rows]
+    tagged = [dataclasses.replace(records[i], spans=found[i]) for i in rows]
+    return {
+        **span_scores(truth, tagged),
+        "char_recall": tagger_recall(truth, tagged).get("ALL", 1.0),
+        "char_precision": tagger_precision(truth, tagged),
+        "spans_removed": sum(len(merge_spans(f)) for f in found),
+    }
+
+
+@dataclass
+class Scrubbed:
+    """A scrubbed training set and what the run's result says about it."""
+
+    data: EncodedDataset
+    stats: dict
+
+
+@dataclass
+class TrainingScrubber:
+    """Scrubbed copies of one study's training records, cached per setting.
+
+    Attributes:
+        records: the training records, in training order.
+        truth: where their spans came from (``exact``, ``given``, or a tagger's name).
+        seed: seeds the surrogates, so every run with one setting trains on one text.
+    """
+
+    records: list[Record]
+    truth: str
+    tokenizer: object
+    max_length: int
+    seed: int
+    _found: dict[str, list[list[Span]]] = field(default_factory=dict, repr=False)
+    _stats: dict[str, dict] = field(default_factory=dict, repr=False)
+    _built: dict[tuple[str, str], Scrubbed] = field(default_factory=dict, repr=False)
+
+    def training_set(self, settings: ScrubSettings) -> Scrubbed:
+        """The training set scrubbed as ``settings`` say, tokenised, with the tagger's stats."""
+        key = (settings.tagger, settings.replacement)
+        if key not in self._built:
+            if settings.tagger not in self._found:
+                found = find_spans(self.records, settings.tagger, self.truth)
+                self._found[settings.tagger] = found
+                self._stats[settings.tagger] = tagger_stats(self.records, found)
+            found = self._found[settings.tagger]
+            replace = replacer(settings.replacement, self.seed)
+            scrubbed = [scrub_record(r, f, replace) for r, f in zip(self.records, found)]
+            stats = {"tagger": settings.tagger, "replacement": settings.replacement, "truth": self.truth,
+                     **self._stats[settings.tagger]}
+            self._built[key] = Scrubbed(encode_records(scrubbed, self.tokenizer, self.max_length), stats)
+        return self._built[key]
+
+    def scrub(self, records: list[Record], settings: ScrubSettings) -> list[Record]:
+        """Other records (a shadow model's half of the population) scrubbed the same way."""
+        replace = replacer(settings.replacement, self.seed)
+        found = find_spans(records, settings.tagger, self.truth)
+        return [scrub_record(r, f, replace) for r, f in zip(records, found)]
