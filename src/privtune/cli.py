@@ -251,8 +251,9 @@ def _print_summary(output_dir: str, study: str) -> None:
                       _fmt(_strongest_auc(r), ".2f"),
                       _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
                       fmt_count(eff.get("trainable_params", 0)))
-    # Wide enough for every column even when stdout is a file or a narrow terminal.
-    Console(width=max(console.width, 140)).print(table)
+    # Wide enough for every column and the longest label, even when stdout is a file.
+    longest = max((len(str(r["label"])) for r in runs), default=0)
+    Console(width=max(console.width, 132 + longest)).print(table)
     for line in scrub_lines(runs):
         console.print(line, highlight=False)
 
