@@ -273,6 +273,16 @@ def _covered(spans: list[Span], length: int, label: str | None = None) -> list[b
     return mask
 
 
+def _paired(true_records: list[Record], tagged_records: list[Record]) -> dict[str, Record]:
+    """The tagged copies by id; every true record must have one."""
+    tagged = {r.id: r for r in tagged_records}
+    missing = [r.id for r in true_records if r.id not in tagged]
+    if missing:
+        raise PrivtuneError(f"{len(missing)} record(s) have no tagged counterpart, e.g. '{missing[0]}'",
+                            "pass the tagged copies of the same records")
+    return tagged
+
+
 def tagger_recall(true_records: list[Record], tagged_records: list[Record],
                   match_label: bool = False) -> dict[str, float]:
     """Share of truly sensitive characters a tagger labelled, per true label, plus ``"ALL"``.
@@ -281,11 +291,7 @@ def tagger_recall(true_records: list[Record], tagged_records: list[Record],
     masking), or, with ``match_label``, a tagged span with the same label. Records are
     paired by id.
     """
-    tagged = {r.id: r for r in tagged_records}
-    missing = [r.id for r in true_records if r.id not in tagged]
-    if missing:
-        raise PrivtuneError(f"{len(missing)} record(s) have no tagged counterpart, e.g. '{missing[0]}'",
-                            "pass the tagged copies of the same records")
+    tagged = _paired(true_records, tagged_records)
     hit: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for truth in true_records:
@@ -327,11 +333,7 @@ def span_scores(true_records: list[Record], tagged_records: list[Record]) -> dic
     tagged), ``spans_true``, ``spans_caught``, ``spans_tagged`` and ``per_type``:
     ``{label: {"spans", "caught", "recall"}}``.
     """
-    tagged = {r.id: r for r in tagged_records}
-    missing = [r.id for r in true_records if r.id not in tagged]
-    if missing:
-        raise PrivtuneError(f"{len(missing)} record(s) have no tagged counterpart, e.g. '{missing[0]}'",
-                            "pass the tagged copies of the same records")
+    tagged = _paired(true_records, tagged_records)
     caught: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     n_tagged = n_correct = 0
