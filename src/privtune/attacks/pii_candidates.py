@@ -40,6 +40,7 @@ from faker import Faker
 
 from privtune.data.corpora.customer_sim import CARD_TYPES, LOCALES, MONTHS, _ascii
 from privtune.data.corpora.synbio import UNIVERSITY_FORMS
+from privtune.data.scrub import perturb
 from privtune.errors import PrivtuneError
 
 POOL_SIZE = 1500
@@ -153,21 +154,6 @@ def _pool(label: str, seed: int) -> tuple[dict, dict, dict]:
     return by_exact, by_coarse, by_loose
 
 
-def perturb(value: str, rng: random.Random) -> str:
-    """``value`` with every digit and letter redrawn within its class (case kept); a
-    leading ``+`` country code (``+44``) is kept, as decoys from another country would
-    stand out."""
-    code = re.match(r"\+\d{1,3}(?=\D)", value)
-    keep = code.end() if code else 0
-    out = [value[:keep]]
-    for ch in value[keep:]:
-        if ch.isdigit():
-            out.append(rng.choice(string.digits))
-        elif ch.isalpha():
-            out.append(rng.choice(string.ascii_uppercase if ch.isupper() else string.ascii_lowercase))
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def loose_shape(value: str) -> tuple[int, int]:

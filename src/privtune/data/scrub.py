@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+import string
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -114,10 +116,21 @@ def _faker() -> Faker:
     return Faker("en_US")
 
 
-def same_shape(rng: random.Random, value: str) -> str:
-    """Each digit, upper- and lower-case letter of ``value`` redrawn; everything else kept."""
-    pools = ("0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-    return "".join(next((rng.choice(p) for p in pools if ch in p), ch) for ch in value)
+def perturb(value: str, rng: random.Random) -> str:
+    """``value`` with every digit and letter redrawn within its class (case kept); a
+    leading ``+`` country code (``+44``) is kept, as decoys from another country would
+    stand out."""
+    code = re.match(r"\+\d{1,3}(?=\D)", value)
+    keep = code.end() if code else 0
+    out = [value[:keep]]
+    for ch in value[keep:]:
+        if ch.isdigit():
+            out.append(rng.choice(string.digits))
+        elif ch.isalpha():
+            out.append(rng.choice(string.ascii_uppercase if ch.isupper() else string.ascii_lowercase))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def surrogate(label: str, value: str, seed: int = 0) -> str:
@@ -132,7 +145,7 @@ def surrogate(label: str, value: str, seed: int = 0) -> str:
     make = _FAKERS.get(label)
     for _ in range(_DRAWS):
         if make is None:
-            fake = same_shape(rng, value)
+            fake = perturb(value, rng)  # same shape, every letter and digit redrawn
         else:
             f = _faker()
             f.seed_instance(rng.getrandbits(63))
