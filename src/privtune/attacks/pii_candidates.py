@@ -30,7 +30,6 @@ same call gives the same decoys.
 from __future__ import annotations
 
 import random
-import re
 import string
 from datetime import date
 from functools import lru_cache
