@@ -1,7 +1,6 @@
 """A whole study on a tiny model: every method trains, lands in the database, is
 skipped on rerun, and reaches the report."""
 
-import json
 
 import pytest
 
