@@ -19,6 +19,7 @@ import random
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from faker import Faker
 
@@ -284,14 +285,29 @@ def _format_date(d, locale: str, rng: random.Random) -> str:
     return f"{d.day} {MONTHS[d.month - 1]} {d.year}" if style == 1 else f"{d.day:02d}/{d.month:02d}/{d.year}"
 
 
-def make_profile(rng: random.Random) -> dict:
-    """One synthetic person: every sensitive value the templates may mention."""
+class Person(NamedTuple):
+    """Where every corpus's person starts: a locale, a faker seeded for them, a name."""
+
+    locale: str
+    faker: Faker
+    female: bool
+    first: str
+    last: str
+
+
+def draw_person(rng: random.Random) -> Person:
+    """A person's locale (weighted as :data:`LOCALES`), seeded faker and name, from ``rng``."""
     locale = rng.choices([loc for loc, _, _ in LOCALES], weights=[w for _, w, _ in LOCALES])[0]
     fk = _faker(locale)
     fk.seed_instance(rng.getrandbits(63))
     female = rng.random() < 0.5
     first = fk.first_name_female() if female else fk.first_name_male()
-    last = fk.last_name()
+    return Person(locale, fk, female, first, fk.last_name())
+
+
+def make_profile(rng: random.Random) -> dict:
+    """One synthetic person: every sensitive value the templates may mention."""
+    locale, fk, _, first, last = draw_person(rng)
     sep = rng.choice([".", "_", "", "."])
     local = f"{_ascii(first)}{sep}{_ascii(last)}" if rng.random() < 0.6 else f"{_ascii(first)[0]}{_ascii(last)}"
     if rng.random() < 0.4:

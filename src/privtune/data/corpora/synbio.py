@@ -11,12 +11,9 @@ fixed string.
 from __future__ import annotations
 
 import random
-from functools import lru_cache
-
-from faker import Faker
 
 from privtune.data.corpora import TextBuilder, individual_rng, register_corpus
-from privtune.data.corpora.customer_sim import LOCALES, MONTHS, _ascii
+from privtune.data.corpora.customer_sim import MONTHS, _ascii, draw_person
 from privtune.data.records import Record
 
 NAME = "synbio"
@@ -64,23 +61,13 @@ UNIVERSITY_FORMS = ("University of {city}", "{city} State University", "{last} C
                     "{city} Institute of Technology", "{last} University")
 
 
-@lru_cache(maxsize=None)
-def _faker(locale: str) -> Faker:
-    return Faker(locale)
-
-
 def _date(d, rng: random.Random) -> str:
     return rng.choice((f"{MONTHS[d.month - 1]} {d.day}, {d.year}", f"{d.day} {MONTHS[d.month - 1]} {d.year}"))
 
 
 def make_profile(rng: random.Random) -> dict:
     """One synthetic person with biography facts."""
-    locale = rng.choices([loc for loc, _, _ in LOCALES], weights=[w for _, w, _ in LOCALES])[0]
-    fk = _faker(locale)
-    fk.seed_instance(rng.getrandbits(63))
-    female = rng.random() < 0.5
-    first = fk.first_name_female() if female else fk.first_name_male()
-    last = fk.last_name()
+    _, fk, female, first, last = draw_person(rng)
     uni = rng.choice(UNIVERSITY_FORMS).format(city=fk.city(), last=fk.last_name())
     return {
         "first": first, "name": f"{first} {last}", "female": female,
