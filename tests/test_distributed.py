@@ -2,7 +2,7 @@
 one process gives, for plain and DP-SGD training, with clipping that binds and with
 noise (added once, not once per rank)."""
 
-import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +122,41 @@ def test_secure_noise_is_drawn_on_rank_zero_and_shared(two_ranks):
     a, b = (rank["secure"] for rank in two_ranks)
     for name in a["params"]:
         assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+@pytest.mark.slow
+def test_privtune_run_under_torchrun_writes_one_row_per_run_from_rank_zero(tmp_path):
+    methods = [{"method": "fft"}, {"method": "dp-lora", "lora": {"r": 2},
+                                   "dp": {"noise_multiplier": 0.5, "max_grad_norm": 0.01, "accountant": "rdp"}}]
+    one = fast_study(tmp_path / "one", methods=methods)
+    two = fast_study(tmp_path / "two", methods=methods)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(two.model_dump(mode="json")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "privtune", "run", str(study), "--no-report"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("data-parallel over 2 processes") == 1  # rank 0 alone prints
+    from privtune.study.driver import run_study
+
+    assert run_study(one, show_progress=False).failed == {}
+    rows = {cfg.name: _rows(cfg) for cfg in (one, two)}
+    assert sorted(rows[two.name]) == ["base", "dp-lora", "fft"]
+    for label, row in rows[two.name].items():
+        assert row["status"] == "done"
+        if label != "base":
+            assert row["efficiency"]["world_size"] == 2
+            assert row["efficiency"]["tokens"] == rows[one.name][label]["efficiency"]["tokens"]
+        assert row["final"] == pytest.approx(rows[one.name][label]["final"], rel=1e-3, abs=1e-5), label
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "skipped: base, fft, dp-lora" in again.stdout, again.stderr[-2000:]
+
+
+def _rows(cfg) -> dict:
+    store = open_store(cfg)
+    try:
+        return {r["label"]: r for r in store.runs(cfg.name)}
+    finally:
+        store.close()
