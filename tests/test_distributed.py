@@ -149,9 +149,17 @@ def test_privtune_run_under_torchrun_writes_one_row_per_run_from_rank_zero(tmp_p
             assert row["efficiency"]["world_size"] == 2
             assert row["efficiency"]["tokens"] == rows[one.name][label]["efficiency"]["tokens"]
         assert row["final"] == pytest.approx(rows[one.name][label]["final"], rel=1e-3, abs=1e-5), label
+    # Rerun with a bad run added: rank 0 skips the finished ones (the others follow it), records
+    # the failure, and the job stops there; the three rows are untouched.
+    bad = {"method": "dp-lora", "label": "bad-delta", "dp": {"target_epsilon": 4.0, "delta": 0.5}}
+    study.write_text(yaml.safe_dump(fast_study(tmp_path / "two", methods=[*methods, bad]).model_dump(mode="json")))
     again = subprocess.run(command, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and "skipped: base, fft, dp-lora" in again.stdout, again.stderr[-2000:]
+    assert again.returncode != 0 and "run bad-delta failed in a data-parallel study" in again.stderr
+    after = _rows(two)
+    assert after["bad-delta"]["status"] == "failed" and "delta" in after["bad-delta"]["error"]
+    assert {label: row["final"] for label, row in after.items() if label != "bad-delta"} == \
+        {label: row["final"] for label, row in rows[two.name].items()}
 
 
 def _rows(cfg) -> dict:
