@@ -29,12 +29,13 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from dp_engines import ARCHS, hardware, prepare, synthetic_data
 from privtune.config import DPSettings
 from privtune.measures.efficiency import PeakMemory
 from privtune.train import distributed
 from privtune.train.loop import TrainPlan, train
 from privtune.train.precision import Runtime
+
+from dp_engines import ARCHS, hardware, prepare, synthetic_data  # the sibling benchmark: same models
 
 
 def run_row(method: str, args) -> dict:

@@ -15,9 +15,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from privtune.config import DPSettings, LoraSettings
 from privtune.models.tiny import tiny_model
-from privtune.study.driver import open_store
+from privtune.study.driver import open_store, run_study
 from privtune.train import distributed
 from privtune.train.loop import TrainPlan, train
+from privtune.train.losses import per_record_loss
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime
 from test_faults import fast_study
@@ -84,8 +85,6 @@ def one_process():
 def test_clipping_binds_on_the_tiny_model():
     model = tiny_model("llama")
     data = toy_data(12)
-    from privtune.train.losses import per_record_loss
-
     for i in range(3):
         model.zero_grad()
         logits = model(input_ids=data.input_ids[i:i + 1], attention_mask=data.attention_mask[i:i + 1]).logits
@@ -138,8 +137,6 @@ def test_privtune_run_under_torchrun_writes_one_row_per_run_from_rank_zero(tmp_p
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("data-parallel over 2 processes") == 1  # rank 0 alone prints
-    from privtune.study.driver import run_study
-
     assert run_study(one, show_progress=False).failed == {}
     rows = {cfg.name: _rows(cfg) for cfg in (one, two)}
     assert sorted(rows[two.name]) == ["base", "dp-lora", "fft"]
