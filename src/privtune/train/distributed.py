@@ -16,9 +16,9 @@ is drawn on rank 0 alone and broadcast). One reduction per step also lets ranks 
 different numbers of physical chunks (a Poisson batch rarely splits evenly), which DDP
 would need ``no_sync`` juggling for.
 
-Rank 0 alone evaluates, attacks and writes; the other ranks wait for it at the end of
-each epoch on a CPU (gloo) group whose timeout is long, so a slow evaluation never trips
-the short watchdog of the NCCL group the gradients go through.
+Rank 0 alone evaluates, attacks and writes; the other ranks wait for it before training
+starts and at the end of each epoch on a CPU (gloo) group whose timeout is long, so a
+slow evaluation never trips the short watchdog of the NCCL group the gradients go through.
 
 A single process never enters this module's collectives: :func:`current` is ``None`` and
 the loop runs exactly as before.

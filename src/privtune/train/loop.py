@@ -107,6 +107,9 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
         result.privacy = plan_privacy(plan.dp, len(data), plan.batch_size, plan.epochs)
     step_fn = _private_steps if plan.dp is not None else _plain_steps
     model.train()
+    group = distributed.current()
+    if group:  # rank 0 may have measured the base model first: wait here, not in a gradient all-reduce
+        group.wait_for_main()
     try:
         step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
     except torch.OutOfMemoryError:
@@ -115,7 +118,6 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
         if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
             raise _out_of_memory(plan.physical_batch_size) from None
         raise
-    group = distributed.current()
     if group is not None:
         result.tokens = group.sum_int(result.tokens)
     return result
