@@ -97,3 +97,33 @@ def test_user_error_fails_at_once_and_the_rest_finish(tmp_path, markers):
     outcome = run_study(cfg, executor=executor)
     assert "delta" in outcome.failed["dp-lora"] and sorted(outcome.done) == ["base", "lora"]
     assert len(list(markers.glob("dp-lora-*"))) == 1  # not retried
+
+
+def sleepy_task(config_json, spec, threads):
+    """A stand-in run: a second of work, and an error for lora."""
+    import time
+
+    time.sleep(1.0)
+    return {"error": "boom"} if spec.label == "lora" else {"result": {"label": spec.label}}
+
+
+def test_progress_counts_runs_queued_running_done_and_failed(tmp_path):
+    from privtune.study.executor import RunHooks
+    from privtune.study.plan import plan_study
+    from privtune.study.ray_executor import RunCounts
+
+    cfg = fast_study(tmp_path)
+    runs = plan_study(cfg)  # base, fft, lora, lora-r4: four runs on two CPUs
+    seen, outcomes = [], {}
+    hooks = RunHooks(started=lambda s: None, epoch=lambda s, e, m: None,
+                     finished=lambda s, r: outcomes.update({s.label: "done"}),
+                     failed=lambda s, e: outcomes.update({s.label: e}))
+    RayExecutor(cfg, show_progress=False, task=sleepy_task, on_counts=seen.append, poll_seconds=0.1).execute(runs, hooks)
+    assert outcomes == {"base": "done", "fft": "done", "lora": "boom", "lora-r4": "done"}
+    assert seen[0] == RunCounts(queued=4, running=0, done=0, failed=0)  # nothing has started yet
+    assert seen[-1] == RunCounts(queued=0, running=0, done=3, failed=1)
+    assert all(c.queued + c.running + c.done + c.failed == 4 and c.running <= 2 for c in seen)
+    assert any(c.running == 2 for c in seen)  # two CPUs: two at a time
+    for before, after in zip(seen, seen[1:]):
+        assert after.queued <= before.queued and after.done + after.failed >= before.done + before.failed
+    assert RunCounts(1, 2, 3, 4).line() == "ray: 1 queued, 2 running, 3 done, 4 failed"

@@ -6,6 +6,7 @@ Every user-fixable problem surfaces as one line on stderr and a non-zero exit; a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -51,10 +52,19 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     cfg = load_config(config)
     if output_dir:
         cfg = cfg.model_copy(update={"output_dir": output_dir})
+    group = _join_data_parallel(cfg, executor)
+    if group is not None and not group.is_main:
+        from privtune.study.data_parallel import follow_study
+
+        with _left_at_the_end(group):
+            follow_study(cfg, group)  # rank 0 alone writes and prints
+        return
     console.print(f"[bold]privtune[/] study [cyan]{cfg.name}[/]: model {cfg.model}, data {cfg.data.source}, "
-                  f"methods {', '.join(m.label for m in cfg.methods)}")
+                  f"methods {', '.join(m.label for m in cfg.methods)}"
+                  + (f", data-parallel over {group.world_size} processes" if group else ""))
     started = time.perf_counter()
-    outcome = run_study(cfg, executor=_executor(cfg, executor, address, cpus_per_run))
+    with _left_at_the_end(group):
+        outcome = run_study(cfg, executor=_executor(cfg, executor, address, cpus_per_run, group))
     elapsed = time.perf_counter() - started
     if outcome.skipped:
         console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")
@@ -154,11 +164,41 @@ def data_export(config: Path = typer.Argument(None, help="study YAML; default: t
                   "privtune audit MODEL_DIR with the same study config.", highlight=False)
 
 
-def _executor(cfg, name: str, address: str | None, cpus_per_run: int):
-    """``None`` (the driver's local default) or a Ray executor."""
+def _join_data_parallel(cfg, executor: str):
+    """The data-parallel group when ``torchrun`` started this process, else ``None``."""
+    from privtune.train import distributed
+
+    if not distributed.launched_by_torchrun():
+        return None
+    if executor != "local":
+        raise PrivtuneError(f"--executor {executor} cannot run under torchrun",
+                            "use torchrun for one large run at a time, or --executor ray without torchrun")
+    from privtune.train.precision import resolve_runtime
+
+    return distributed.init_from_env(resolve_runtime(cfg.device, cfg.precision).device.type)
+
+
+@contextlib.contextmanager
+def _left_at_the_end(group):
+    """Leave the data-parallel group (if any) once the study's training is over."""
+    from privtune.train import distributed
+
+    try:
+        yield
+    finally:
+        if group is not None:
+            distributed.shutdown()
+
+
+def _executor(cfg, name: str, address: str | None, cpus_per_run: int, group=None):
+    """``None`` (the driver's local default), the data-parallel rank 0's, or a Ray executor."""
     if name == "local":
         if address:
             raise PrivtuneError("--address needs --executor ray", "add --executor ray, or drop --address")
+        if group is not None:
+            from privtune.study.data_parallel import data_parallel_executor
+
+            return data_parallel_executor(cfg, group)
         return None
     if name == "ray":
         from privtune.study.ray_executor import RayExecutor

@@ -5,7 +5,9 @@ whose worker died; privtune adds only what Ray cannot know: which errors are the
 user's to fix (a :class:`PrivtuneError` comes back as a value and is never retried,
 everything else is retried ``retries`` times), and that the driver alone writes the
 database, so workers need no access to it. Each worker process keeps the study context
-(model, data, base scores) it built for its first run, for the runs it gets after.
+(model, data, base scores) it built for its first run, for the runs it gets after. The
+progress line counts runs queued, running, done and failed: each task reports its start
+to a small actor the driver polls.
 
 Ray is an optional extra: ``pip install 'privtune[ray]'``.
 """
@@ -25,6 +27,45 @@ from privtune.study.executor import Executor, RunHooks
 from privtune.study.plan import RunSpec
 
 _CONTEXTS: dict[str, object] = {}  # per worker process: study config hash -> StudyContext
+
+
+def execute_tracked(board, task: Callable[[str, RunSpec, int], dict], config_json: str, spec: RunSpec,
+                    threads: int) -> dict:
+    """The Ray task: tell the driver's :class:`StartBoard` the run has started, then run it."""
+    board.start.remote(spec.run_id)
+    return task(config_json, spec, threads)
+
+
+class StartBoard:
+    """A small Ray actor (no CPU of its own) that knows which runs have started on a worker.
+
+    Ray's task states would tell the same, but its state API needs the dashboard, which
+    privtune does not start; one fire-and-forget call per task, one poll per half-second
+    by the driver, is all this costs. A run whose worker died and which waits for its
+    retry still counts as running.
+    """
+
+    def __init__(self) -> None:
+        self._started: set[str] = set()
+
+    def start(self, run_id: str) -> None:
+        self._started.add(run_id)
+
+    def started(self) -> set[str]:
+        return self._started
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """Where the study's runs are, across the cluster."""
+
+    queued: int
+    running: int
+    done: int
+    failed: int
+
+    def line(self) -> str:
+        return f"ray: {self.queued} queued, {self.running} running, {self.done} done, {self.failed} failed"
 
 
 def execute_remote(config_json: str, spec: RunSpec, threads: int) -> dict:
@@ -51,7 +92,8 @@ class RayExecutor(Executor):
 
     ``address``: ``None`` starts a local Ray instance, ``"auto"`` joins the cluster this
     machine belongs to, ``"ray://host:10001"`` a remote one. ``task`` is the remote
-    function (tests wrap it to inject faults).
+    function (tests wrap it to inject faults); ``on_counts`` is called with the
+    :class:`RunCounts` each time they change (the progress bar shows them, tests watch them).
     """
 
     cfg: StudyConfig
@@ -60,6 +102,8 @@ class RayExecutor(Executor):
     retries: int = 1
     show_progress: bool = True
     task: Callable[[str, RunSpec, int], dict] = execute_remote
+    on_counts: Callable[[RunCounts], None] = lambda counts: None
+    poll_seconds: float = 0.5
 
     def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
         if not runs:
@@ -69,33 +113,57 @@ class RayExecutor(Executor):
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and self.cfg.device != "cpu" else 0
-        remote = ray.remote(self.task).options(num_cpus=self.cpus_per_run, num_gpus=gpus,
-                                               max_retries=self.retries, retry_exceptions=True)
+        remote = ray.remote(execute_tracked).options(num_cpus=self.cpus_per_run, num_gpus=gpus,
+                                                     max_retries=self.retries, retry_exceptions=True)
+        board = ray.remote(num_cpus=0)(StartBoard).remote()
+        ray.get(board.started.remote())  # up before the first task, so the counts are right from the start
         # Workers run in their own directories: artifacts go to the driver's output_dir.
         cfg = self.cfg.model_copy(update={"output_dir": str(Path(self.cfg.output_dir).resolve())})
         config_json = json.dumps(cfg.model_dump())
         pending = {}
         for spec in runs:
             hooks.started(spec)
-            pending[remote.remote(config_json, spec, self.cpus_per_run)] = spec
+            pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
+        try:
+            self._collect(ray, pending, board, hooks)
+        finally:
+            ray.kill(board)
+
+    def _collect(self, ray, pending: dict, board, hooks: RunHooks) -> None:
+        """Hand each result to ``hooks`` as it comes, showing the counts meanwhile."""
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=not self.show_progress) as progress:
-            bar = progress.add_task("ray", total=len(runs))
-            failed = 0
-            while pending:
-                progress.update(bar, description=f"ray: {len(pending)} queued or running, {failed} failed")
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                spec = pending.pop(ready)
-                try:
-                    outcome = ray.get(ready)
-                except Exception as e:  # noqa: BLE001 - retries exhausted: record it, go on
-                    outcome = {"error": _one_line(e)}
-                if "error" in outcome:
-                    failed += 1
-                    hooks.failed(spec, outcome["error"])
-                else:
-                    hooks.finished(spec, outcome["result"])
-                progress.advance(bar)
+            bar = progress.add_task("ray", total=len(pending))
+            done = failed = 0
+            shown = RunCounts(len(pending), 0, 0, 0)  # submitted, none seen starting yet
+            progress.update(bar, description=shown.line())
+            self.on_counts(shown)
+            while True:
+                # The board first, then the results: a run whose successor on the same worker
+                # has reported its start has finished by then, so it is not counted running.
+                started = ray.get(board.started.remote())
+                for ready in ray.wait(list(pending), num_returns=len(pending), timeout=0)[0] if pending else []:
+                    spec = pending.pop(ready)
+                    try:
+                        outcome = ray.get(ready)
+                    except Exception as e:  # noqa: BLE001 - retries exhausted: record it, go on
+                        outcome = {"error": _one_line(e)}
+                    if "error" in outcome:
+                        failed += 1
+                        hooks.failed(spec, outcome["error"])
+                    else:
+                        done += 1
+                        hooks.finished(spec, outcome["result"])
+                    progress.advance(bar)
+                queued = sum(spec.run_id not in started for spec in pending.values())
+                counts = RunCounts(queued, len(pending) - queued, done, failed)
+                if counts != shown:
+                    progress.update(bar, description=counts.line())
+                    self.on_counts(counts)
+                    shown = counts
+                if not pending:
+                    return
+                ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds)  # sleep until one is ready
 
 
 def _one_line(error: Exception) -> str:

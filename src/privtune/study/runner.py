@@ -31,6 +31,7 @@ from privtune.study import attacking
 from privtune.study.dataset import StudyData, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.study.scrubbing import TrainingScrubber
+from privtune.train import distributed
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
@@ -135,14 +136,10 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     if spec.is_shadow:
         return _train_shadow(ctx, spec, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
-    scrub = method_spec(cfg, spec).scrub
-    scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
-    train_set = scrubbed.data if scrubbed else ctx.data.train
-    method = get_method(spec.method)
-    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
-    model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
+    scrubbed, train_set = _training_set(ctx, spec)
+    model = _prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
-    baseline = ctx.base.measures | {"epsilon": 0.0 if method.private else None}
+    baseline = ctx.base.measures | {"epsilon": 0.0 if get_method(spec.method).private else None}
     on_epoch(0, baseline)
     epochs: list[dict] = [{"epoch": 0, **baseline}]
     latest: list[Evaluation] = []
@@ -156,9 +153,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         epochs.append({"epoch": epoch, **measures})
         latest[:] = [evaluation]
 
-    with PeakMemory(runtime.device) as memory:
-        result = train(model, train_set, train_plan(cfg, spec), runtime, on_epoch_end=after_epoch,
-                       on_step=on_step)
+    result, memory = _measured_training(ctx, spec, model, train_set, on_epoch_end=after_epoch, on_step=on_step)
     artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     return {
         "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
@@ -174,7 +169,43 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
     }
 
 
+def train_share(ctx: StudyContext, spec: RunSpec) -> None:
+    """A data-parallel rank other than 0: the run's training, on its share of each batch, and nothing else.
+
+    It builds the model and training set exactly as rank 0 does (same seeds), so every
+    rank starts from the same weights; rank 0 alone evaluates, attacks and saves.
+    """
+    if spec.is_base:
+        return
+    data = _shadow_half(ctx, spec)[1] if spec.is_shadow else _training_set(ctx, spec)[1]
+    _measured_training(ctx, spec, _prepared_model(ctx, spec), data)
+
+
+def _training_set(ctx: StudyContext, spec: RunSpec):
+    """(scrubbing outcome or None, the encoded set the run trains on)."""
+    scrub = method_spec(ctx.cfg, spec).scrub
+    scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
+    return scrubbed, scrubbed.data if scrubbed else ctx.data.train
+
+
+def _prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
+    return get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(ctx.cfg, spec).settings)
+
+
+def _measured_training(ctx: StudyContext, spec: RunSpec, model, data: EncodedDataset,
+                       **callbacks) -> tuple[TrainResult, PeakMemory]:
+    """Train under the peak-memory probe; in a data-parallel run the peak is the largest rank's."""
+    with PeakMemory(ctx.runtime.device) as memory:
+        result = train(model, data, train_plan(ctx.cfg, spec), ctx.runtime, **callbacks)
+    group = distributed.current()
+    if group is not None:
+        memory.peak_bytes = int(group.max_float(memory.peak_bytes))
+    return result, memory
+
+
 def _efficiency(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
+    group = distributed.current()
     return {
         "train_seconds": result.seconds,
         "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),
@@ -184,6 +215,7 @@ def _efficiency(result: TrainResult, memory: PeakMemory, trainable: int, total: 
         "trainable_params": trainable, "total_params": total,
         "flops_estimate": training_flops(total, trainable, result.tokens),
         "device": str(runtime.device), "precision": runtime.precision,
+        **({"world_size": group.world_size} if group else {}),  # tokens summed, memory the max, over ranks
     }
 
 
@@ -207,19 +239,10 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
 
 def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None]) -> dict:
     """Train a shadow model on a random half of the population; keep only its record stats."""
-    cfg = ctx.cfg
-    population = ctx.data.members.records + ctx.data.nonmembers.records
-    inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
-    records = [r for r, keep in zip(population, inside) if keep]
-    scrub = method_spec(cfg, spec).scrub
-    if scrub:  # trained like the target: on scrubbed text
-        records = ctx.scrubber.scrub(records, scrub)
-    half = encode_records(records, ctx.loaded.tokenizer, cfg.data.max_length)
-    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
-    model = get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
+    inside, half = _shadow_half(ctx, spec)
+    model = _prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
-    with PeakMemory(ctx.runtime.device) as memory:
-        result = train(model, half, train_plan(cfg, spec), ctx.runtime, on_step=on_step)
+    result, memory = _measured_training(ctx, spec, model, half, on_step=on_step)
     evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
     return {
         "record_stats": attacking.record_stats(evaluation),
@@ -227,6 +250,18 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
         "dp": result.privacy.as_dict() if result.privacy else None,
         "efficiency": _efficiency(result, memory, trainable, total, ctx.runtime),
     }
+
+
+def _shadow_half(ctx: StudyContext, spec: RunSpec) -> tuple[list[bool], EncodedDataset]:
+    """(membership of each population record, the encoded random half a shadow model trains on)."""
+    cfg = ctx.cfg
+    population = ctx.data.members.records + ctx.data.nonmembers.records
+    inside = shadow_membership(population, spec.shadow_index, cfg.data.seed)
+    records = [r for r, keep in zip(population, inside) if keep]
+    scrub = method_spec(cfg, spec).scrub
+    if scrub:  # trained like the target: on scrubbed text
+        records = ctx.scrubber.scrub(records, scrub)
+    return inside, encode_records(records, ctx.loaded.tokenizer, cfg.data.max_length)
 
 
 def _save_artifact(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module) -> Path:

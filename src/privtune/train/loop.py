@@ -22,7 +22,7 @@ from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import Stopwatch
 from privtune.models.forward import token_logits
-from privtune.train import dp
+from privtune.train import distributed, dp
 from privtune.train.losses import per_record_loss
 from privtune.train.precision import Runtime
 
@@ -94,6 +94,9 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     """Train ``model`` in place on ``data``; call ``on_epoch_end(epoch, result)`` after each epoch.
 
     Time spent inside ``on_epoch_end`` (evaluation) is not counted as training time.
+    Under ``torchrun`` every rank calls this with the same arguments and trains on its
+    share of each batch (``train/distributed.py``); ``result.tokens`` is then the total
+    over ranks.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
@@ -104,6 +107,9 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
         result.privacy = plan_privacy(plan.dp, len(data), plan.batch_size, plan.epochs)
     step_fn = _private_steps if plan.dp is not None else _plain_steps
     model.train()
+    group = distributed.current()
+    if group:  # rank 0 may have measured the base model first: wait here, not in a gradient all-reduce
+        group.wait_for_main()
     try:
         step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
     except torch.OutOfMemoryError:
@@ -112,6 +118,8 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
         if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
             raise _out_of_memory(plan.physical_batch_size) from None
         raise
+    if group is not None:
+        result.tokens = group.sum_int(result.tokens)
     return result
 
 
@@ -125,15 +133,20 @@ def _forward_loss(module, data: EncodedDataset, labels, rows, runtime: Runtime) 
 
 def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
     n = len(data)
+    group = distributed.current()
+    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(1, plan.epochs + 1):
         with Stopwatch(runtime.device) as clock:
             order = torch.randperm(n, generator=generator)
             for batch in order.split(plan.batch_size):
-                for rows in batch.split(plan.physical_batch_size):
+                mine = group.shard(batch) if group else batch  # may be empty when batch < ranks
+                for rows in mine.split(plan.physical_batch_size) if mine.numel() else ():
                     # Sum of record losses / logical batch size: accumulation gives the batch mean.
                     loss = _forward_loss(model, data, labels, rows, runtime).sum() / len(batch)
                     loss.backward()
                     result.tokens += int(data.attention_mask[rows].sum())
+                if group:  # the ranks' partial sums make the whole batch's gradient
+                    group.all_reduce_grads_(params)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
@@ -148,6 +161,9 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
     module = clipper.attach(model)
     ledger = dp.PrivacyLedger(privacy.accountant)
     noise = dp.make_noise_generator(plan.seed, secure=plan.dp.secure_mode, device=runtime.device)
+    group = distributed.current()
+    if group and noise.secure:  # unseeded: one draw, on rank 0, for every rank
+        noise = distributed.BroadcastNoise(noise, group)
     steps_per_epoch = privacy.steps // plan.epochs
     expected_batch = privacy.sample_rate * n
     # In secure mode batch membership is secret too: sample it from the secure source.
@@ -156,10 +172,12 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
         for epoch in range(1, plan.epochs + 1):
             with Stopwatch(runtime.device) as clock:
                 for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, sampler):
-                    for rows in dp.physical_chunks(batch, plan.physical_batch_size):
+                    for rows in dp.physical_chunks(group.shard(batch) if group else batch, plan.physical_batch_size):
                         clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
                                                    privacy.max_grad_norm)
                         result.tokens += int(data.attention_mask[rows].sum())
+                    if group:  # clipped per record on each rank, summed over ranks, noised once below
+                        group.all_reduce_sum_(clipper.clipped_sums())
                     # An empty Poisson batch still gets its noisy step: the accountant assumes it.
                     clipper.finish_step(privacy.noise_multiplier, privacy.max_grad_norm, expected_batch, noise)
                     optimizer.step()
@@ -177,3 +195,6 @@ def _close_epoch(epoch: int, seconds: float, result: TrainResult, on_epoch_end) 
     result.seconds += seconds
     result.epoch_seconds.append(seconds)
     on_epoch_end(epoch, result)
+    group = distributed.current()
+    if group:  # the other ranks wait while rank 0 evaluates
+        group.wait_for_main()

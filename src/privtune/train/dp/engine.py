@@ -120,6 +120,16 @@ class PerSampleClipper(ABC):
             p.grad = total.div_(expected_batch_size).to(p.dtype)
         self._reset_sums()
 
+    def clipped_sums(self) -> list[torch.Tensor]:
+        """The running float32 clipped sums, zeros where no record added to one yet.
+
+        For a data-parallel step: summed over processes in place before :meth:`finish_step`.
+        """
+        for i, p in enumerate(self._params):
+            if self._sums[i] is None:
+                self._sums[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return self._sums
+
     def _start(self, params: list[nn.Parameter]) -> None:
         if not params:
             raise PrivtuneError("the model has no trainable parameters",
