@@ -134,6 +134,10 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         return _measure_base(ctx, on_epoch)
     if spec.is_shadow:
         return _train_shadow(ctx, spec, on_step)
+    if method_spec(ctx.cfg, spec).federated:
+        from privtune.study.federated import execute_federated
+
+        return execute_federated(ctx, spec, on_epoch)
     cfg, runtime = ctx.cfg, ctx.runtime
     scrub = method_spec(cfg, spec).scrub
     scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
