@@ -179,6 +179,19 @@ def test_dp_fedavg_clips_each_update_and_noises_the_sum():
     assert np.std(arrays.to_numpy_ndarrays()[0]) == pytest.approx(2.0 * 0.5 / (0.5 * 4), rel=0.03)
 
 
+def test_a_client_s_user_error_reaches_the_study_as_one_line():
+    class Failed:
+        error = type("E", (), {"reason": "ClientAppException: PrivtuneError: out of memory; lower it.\ntraceback"})
+
+        def has_error(self):
+            return True
+
+    out = FederatedResult(participation=[0, 0])
+    strategy = _strategy(FederatedSettings(clients=2), 2, None, 0, out)
+    with pytest.raises(PrivtuneError, match=r"^out of memory; lower it\.$"):
+        strategy.aggregate_train(1, [Failed()])
+
+
 def test_client_level_epsilon_is_the_accountants():
     target = ClientDPSettings(target_epsilon=5.0, clip_norm=1.0)
     privacy = plan_client_privacy(target, 20, 0.25, 10)
