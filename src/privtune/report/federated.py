@@ -22,7 +22,9 @@ def _fed(run: dict) -> dict:
 
 
 def _fmt(value, spec: str = ".3f") -> str:
-    return "–" if value is None or value != value else format(value, spec)
+    from privtune.report.html import fmt  # html imports this module: import its formatters on use
+
+    return fmt(value, spec)
 
 
 def _bytes(value) -> str:
