@@ -249,3 +249,20 @@ def test_federated_study_end_to_end(tmp_path):
     assert 'id="federated"' in text and "Federated clients" in text and "fft+fed3" in text
     header = write_csv(runs, tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
     assert {"bytes_communicated", "fed_clients", "fed_leakage_gain_spread"} <= set(header)
+
+
+def test_report_section_lists_every_client_and_shades_the_leakiest():
+    from privtune.report.federated import federated_section
+
+    run = {"label": "lora+fed2", "status": "done", "method": "lora", "federated": {
+        "clients": 2, "rounds": 3, "local_epochs": 1, "split": "non-iid", "alpha": 0.5, "bytes_down": 2e6,
+        "bytes_up": 2e6, "client_dp": {"epsilon": 4.0, "delta": 0.05, "noise_multiplier": 1.1, "clip_norm": 0.1},
+        "per_client": [{"client": 0, "records": 9, "individuals": 4, "rounds": 3, "kinds": ["en_CA"],
+                        "ce_s_train": 5.0, "leakage_gain": 0.2},
+                       {"client": 1, "records": 7, "individuals": 3, "rounds": 2, "kinds": ["en_GB"],
+                        "ce_s_train": 5.5, "leakage_gain": None}]}}
+    html = federated_section([{"label": "base", "status": "done", "method": "base"}, run])
+    assert 'id="federated"' in html and html.count("<tr><td") == 2
+    assert '<td class="worst">0.200</td>' in html and "–" in html
+    assert "2.00 MB down" in html and "client-level ε 4 at δ 0.05" in html
+    assert federated_section([{"label": "base", "status": "done"}]) == ""
