@@ -8,22 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-
-from privtune.config import ClientDPSettings, FederatedSettings, LoraSettings, parse_config  # noqa: E402
-from privtune.data.canaries import canary_records, make_canaries  # noqa: E402
-from privtune.data.backdoor import poison_records  # noqa: E402
-from privtune.data.clients import split_clients  # noqa: E402
-from privtune.data.corpora import generate_corpus  # noqa: E402
-from privtune.data.tokenize import encode_records  # noqa: E402
-from privtune.errors import PrivtuneError  # noqa: E402
-from privtune.models.loading import load_model  # noqa: E402
-from privtune.train import dp  # noqa: E402
-from privtune.train.federated import (  # noqa: E402
+from privtune.config import ClientDPSettings, FederatedSettings, LoraSettings, parse_config
+from privtune.data.backdoor import poison_records
+from privtune.data.canaries import canary_records, make_canaries
+from privtune.data.clients import split_clients
+from privtune.data.corpora import generate_corpus
+from privtune.data.tokenize import encode_records
+from privtune.errors import PrivtuneError
+from privtune.models.loading import load_model
+from privtune.train import dp
+from privtune.train.federated import (
     ClientPrivacy, FederatedResult, _strategy, client_seed, federated_train, plan_client_privacy, to_arrays, trainable_names)
-from privtune.train.loop import TrainPlan, train  # noqa: E402
-from privtune.train.methods import get_method  # noqa: E402
-from privtune.train.precision import resolve_runtime  # noqa: E402
+from privtune.train.loop import TrainPlan, train
+from privtune.train.methods import get_method
+from privtune.train.precision import resolve_runtime
 
 RUNTIME = resolve_runtime("cpu", "fp32")
 PLAN = TrainPlan(epochs=1, batch_size=4, physical_batch_size=4, lr=1e-2, weight_decay=0.0, seed=3)

@@ -22,7 +22,9 @@ def _fed(run: dict) -> dict:
 
 
 def _fmt(value, spec: str = ".3f") -> str:
-    from privtune.report.html import fmt  # html imports this module: import its formatters on use
+    from privtune.report.html import (
+        fmt,  # html imports this module: import its formatters on use
+    )
 
     return fmt(value, spec)
 

@@ -355,7 +355,7 @@ def federated_train(model: torch.nn.Module, clients: list[EncodedDataset], plan:
 
         def evaluate(server_round, arrays):
             if server_round == 0:
-                return None
+                return
             began = time.perf_counter()
             load_arrays(model, names, arrays)
             if out.client_privacy is not None:
@@ -364,7 +364,6 @@ def federated_train(model: torch.nn.Module, clients: list[EncodedDataset], plan:
             out.record_privacy = _record_privacy(plans, clients, out.participation)
             on_round_end(server_round, out)
             evaluating[0] += time.perf_counter() - began
-            return None
 
         server = ServerApp()
 
