@@ -183,6 +183,49 @@ class ScrubSettings(_Strict):
         return f"+scrub-{self.tagger}" + ("-surrogate" if self.replacement == "surrogate" else "")
 
 
+class ClientDPSettings(_Strict):
+    noise_multiplier: float | None = Field(None, ge=0, description="Gaussian noise on the sum of client updates, "
+                                                                   "in units of clip_norm; or give target_epsilon")
+    target_epsilon: float | None = Field(None, gt=0, description="client-level epsilon the noise is derived to reach")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update (its change of the "
+                                                    "trainable parameters in one round)")
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 clients)")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="prv (tight) or rdp (classic) accountant")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self):
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("client_dp needs exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
+class FederatedSettings(_Strict):
+    clients: int = Field(4, ge=2, description="simulated clients; each holds the records of its own individuals")
+    rounds: int = Field(3, ge=1, description="FedAvg rounds; each is measured like an epoch")
+    local_epochs: int = Field(1, ge=1, description="passes a client makes over its records in one round")
+    split: Literal["iid", "non-iid"] = Field(
+        "iid", description="iid: individuals dealt at random; non-iid: Dirichlet(alpha) skew over the "
+                           "individuals' locale (or record template)")
+    alpha: float = Field(0.5, gt=0, description="non-iid concentration; lower is more skewed")
+    fraction_fit: float = Field(1.0, gt=0, le=1, description="share of clients sampled per round "
+                                                             "(Poisson rate under client_dp)")
+    client_dp: ClientDPSettings | None = Field(
+        None, description="client-level DP-FedAvg: clip each client's update, noise the sum at the server")
+
+    @model_validator(mode="after")
+    def _some_client_per_round(self):
+        if self.client_dp is None and int(self.clients * self.fraction_fit) < 1:
+            raise ValueError(f"fraction_fit {self.fraction_fit:g} of {self.clients} clients samples no client "
+                             f"per round; raise it to at least {1 / self.clients:.3g}")
+        return self
+
+    @property
+    def label_suffix(self) -> str:
+        """What a method's default label gets: ``+fed4``, ``+fed4-noniid-cdp``."""
+        return (f"+fed{self.clients}" + ("-noniid" if self.split == "non-iid" else "")
+                + ("-cdp" if self.client_dp else ""))
+
+
 class TrainSettings(_Strict):
     epochs: int = Field(2, ge=1, description="passes over the training set")
     batch_size: int = Field(8, ge=1, description="logical batch (expected batch under DP's Poisson sampling)")
@@ -198,7 +241,8 @@ SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 class MethodSpec(_Strict):
     method: str = Field(description="fine-tuning method: " + ", ".join(METHODS))
     label: str | None = Field(
-        None, description="unique name in the study; default: the method (plus +scrub-TAGGER when scrubbed)")
+        None, description="unique name in the study; default: the method (plus +scrub-TAGGER when scrubbed, "
+                          "+fedN when federated)")
     lr: float | None = Field(None, gt=0, description="overrides train.lr")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
     lora: LoraSettings | None = Field(None, description="lora, dora and their dp- variants")
@@ -208,6 +252,8 @@ class MethodSpec(_Strict):
     dp: DPSettings | None = None
     scrub: ScrubSettings | None = Field(
         None, description="train on scrubbed copies of the records; evaluation stays on the originals")
+    federated: FederatedSettings | None = Field(
+        None, description="train by FedAvg over simulated clients (Flower); rounds replace epochs")
 
     @field_validator("method")
     @classmethod
@@ -232,7 +278,8 @@ class MethodSpec(_Strict):
             if method.no_dp_reason:
                 raise ValueError(f"method {self.method} is not private and has no DP variant: {method.no_dp_reason}")
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
-        self.label = self.label or self.method + (self.scrub.label_suffix if self.scrub else "")
+        self.label = self.label or (self.method + (self.scrub.label_suffix if self.scrub else "")
+                                    + (self.federated.label_suffix if self.federated else ""))
         return self
 
     @property
@@ -284,6 +331,11 @@ class StudyConfig(_Strict):
         shadow = self.attacks.shadow.method
         if shadow is not None and shadow not in labels:
             raise ValueError(f"attacks.shadow.method {shadow!r} names no method of the study; use one of: {', '.join(labels)}")
+        if self.attacks.enabled and self.attacks.shadow.models:
+            chosen = next(m for m in self.methods if m.label == (shadow or labels[0]))
+            if chosen.federated:
+                raise ValueError(f"shadow models train centrally, so they cannot stand in for the federated method "
+                                 f"{chosen.label!r}; set attacks.shadow.method to a method without federated")
         return self
 
 

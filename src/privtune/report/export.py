@@ -9,7 +9,9 @@ numbers: per (attack, level) the AUC and the TPR at 1% FPR (``mia_lira_online_re
 ``mia_lira_online_record_tpr_at_1pct_fpr``), the strongest attack, the extraction
 advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
 runs that trained on scrubbed text, the tagger and its span recall and precision
-(``scrub_tagger``, ``scrub_recall``, ...).
+(``scrub_tagger``, ``scrub_recall``, ...); for federated runs the bytes communicated
+(``bytes_communicated``, an efficiency figure) and the spread of leakage gain over clients
+(``fed_leakage_gain_spread``).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -39,13 +41,17 @@ LEADING = {
     "final": ("leakage_gain", "memorisation_gap", "memorisation_gap_net", "utility_ce", "utility_ppl",
               "utility_gain"),
     "efficiency": ("train_seconds", "seconds_per_epoch", "tokens_per_second", "peak_memory_bytes", "memory_kind",
-                   "trainable_params", "total_params", "flops_estimate"),
+                   "trainable_params", "total_params", "flops_estimate", "bytes_communicated"),
     "dp": ("epsilon", "delta", "noise_multiplier", "max_grad_norm"),
 }
 
 #: The keys of a run's ``scrub`` section the CSV keeps (per-type recall is left to the JSON).
 SCRUB_KEYS = ("tagger", "replacement", "truth", "recall", "precision", "char_recall", "char_precision",
               "spans_true", "spans_caught", "spans_removed")
+
+#: The keys of a run's ``federated`` section the CSV keeps (per-client rows are left to the JSON).
+FED_KEYS = ("clients", "rounds", "local_epochs", "split", "alpha", "fraction_fit", "bytes_down", "bytes_up",
+            "leakage_gain_spread")
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -83,6 +89,8 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     columns += [c for c in attack_columns(runs) if c not in taken]
     if any(run.get("scrub") for run in runs):
         columns += [f"scrub_{k}" for k in SCRUB_KEYS]
+    if any(run.get("federated") for run in runs):
+        columns += [f"fed_{k}" for k in FED_KEYS]
     columns += ["epochs"]
     return columns
 
@@ -156,6 +164,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})
+    row.update({f"fed_{k}": (run.get("federated") or {}).get(k) for k in FED_KEYS})
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 

@@ -70,6 +70,7 @@ def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
         **{name: getattr(m, name).model_dump() for name in SETTINGS_FIELDS
            if name != "lora" and getattr(m, name) is not None},
         **({"scrub": m.scrub.model_dump()} if m.scrub else {}),
+        **({"federated": m.federated.model_dump()} if m.federated else {}),
     }
 
 

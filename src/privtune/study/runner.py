@@ -135,6 +135,10 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         return _measure_base(ctx, on_epoch)
     if spec.is_shadow:
         return _train_shadow(ctx, spec, on_step)
+    if method_spec(ctx.cfg, spec).federated:
+        from privtune.study.federated import execute_federated
+
+        return execute_federated(ctx, spec, on_epoch)
     cfg, runtime = ctx.cfg, ctx.runtime
     scrubbed, train_set = _training_set(ctx, spec)
     model = _prepared_model(ctx, spec)

@@ -1,0 +1,132 @@
+"""A federated run of a study: deal the training set to clients, train by FedAvg, measure.
+
+The result is one model, measured exactly like any run (every measure after every round,
+the round standing for an epoch; exposure and attacks on the final model), plus a
+``federated`` section: the split, per-client records and individuals, per-client
+leakage (CE_S on each client's own member records, from the same token scores as the
+study-wide measures, so no extra forward pass), bytes communicated each way, and the
+privacy of the run. ``dp`` carries the headline epsilon: client-level under
+``client_dp`` (the privacy unit is a client), else for ``dp-`` methods the largest
+record-level epsilon over the clients (each client's DP-SGD protects its own records).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from privtune.data.clients import client_summary, split_clients
+from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.measures.leakage import mean_loss
+from privtune.measures.token_scores import TokenScores
+from privtune.study import attacking
+from privtune.study.plan import RunSpec, method_spec, train_plan
+from privtune.train.federated import FederatedResult, federated_train
+from privtune.train.loop import TrainResult
+from privtune.train.methods import get_method
+
+
+def _rows(scores: TokenScores, rows: list[int]) -> TokenScores:
+    return TokenScores(*(getattr(scores, k)[rows] for k in ("nll", "mu", "sigma", "valid", "sensitive")))
+
+
+def client_leakage(model_members: TokenScores, base_members: TokenScores, model_nonmembers: TokenScores,
+                   member_rows: list[list[int]]) -> list[dict]:
+    """Per client, on its own member records: CE_S of the model and of the base, the
+    leakage gain, and the memorisation gap against the study's held-out records."""
+    ce_s_test = mean_loss(model_nonmembers, True)
+    out = []
+    for rows in member_rows:
+        model, base = _rows(model_members, rows), _rows(base_members, rows)
+        ce_s, base_s = mean_loss(model, True), mean_loss(base, True)
+        out.append({"ce_s_train": ce_s, "base_ce_s_train": base_s, "leakage_gain": base_s - ce_s,
+                    "memorisation_gap": ce_s_test - ce_s, "ce_n_train": mean_loss(model, False)})
+    return out
+
+
+def _privacy(progress: FederatedResult) -> dict | None:
+    if progress.client_privacy is not None:
+        return {**progress.client_privacy.as_dict(), "unit": "client"}
+    if progress.record_privacy:
+        worst = max(progress.record_privacy, key=lambda r: r["epsilon"])
+        return {**worst, "unit": "record, largest over clients"}
+    return None
+
+
+def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None]) -> dict:
+    """Train and measure one federated run (``ctx``: the study's :class:`StudyContext`)."""
+    from privtune.study.runner import Evaluation, _efficiency, _save_artifact
+
+    cfg, runtime = ctx.cfg, ctx.runtime
+    entry = method_spec(cfg, spec)
+    fed = entry.federated
+    scrubbed = ctx.scrubber.training_set(entry.scrub) if entry.scrub else None
+    train_set = scrubbed.data if scrubbed else ctx.data.train
+    rows = split_clients(ctx.data.train.records, fed.clients, fed.split, fed.alpha, cfg.data.seed)
+    clients = [train_set.subset(r) for r in rows]
+    n_members = len(ctx.data.members)
+    member_rows = [[i for i in r if i < n_members] for r in rows]
+    method = get_method(spec.method)
+    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
+    model = method.prepare(copy.deepcopy(ctx.loaded.model), entry.settings)
+    trainable, total = count_parameters(model)
+    private = method.private or fed.client_dp is not None
+    baseline = ctx.base.measures | {"epsilon": 0.0 if private else None}
+    on_epoch(0, baseline)
+    epochs: list[dict] = [{"epoch": 0, **baseline}]
+    latest: list[Evaluation] = []
+
+    def after_round(server_round: int, progress: FederatedResult) -> None:
+        evaluation = ctx.evaluate(model)
+        measures = dict(evaluation.measures)
+        privacy = _privacy(progress)
+        if privacy is not None:
+            measures["epsilon"] = privacy["epsilon"]
+        epochs.append({"epoch": server_round, **measures})
+        latest[:] = [evaluation]
+
+    local = replace(train_plan(cfg, spec), epochs=fed.local_epochs)
+    with PeakMemory(runtime.device) as memory:
+        progress = federated_train(model, clients, local, fed, runtime, on_round_end=after_round)
+    for row in epochs[1:]:  # here, not in after_round: Flower's server runs that in its own thread
+        on_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+    artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
+    evaluation = latest[0]
+    summary = client_summary(ctx.data.train.records, rows)
+    leakage = client_leakage(evaluation.members, ctx.base.members, evaluation.nonmembers, member_rows)
+    for row, leak, rounds in zip(summary, leakage, progress.participation):
+        row.update(leak, rounds=rounds)
+    for row, privacy in zip(summary, progress.record_privacy or []):
+        row["epsilon"] = privacy["epsilon"]
+    as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
+                          steps=progress.steps, tokens=progress.tokens)
+    efficiency = _efficiency(as_loop, memory, trainable, total, runtime)
+    efficiency.update(bytes_communicated=progress.bytes_down + progress.bytes_up,
+                      client_train_seconds=progress.client_seconds)
+    return {
+        "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
+        "epochs": epochs,
+        "exposure": ctx.exposure(model),
+        "attacks": ctx.attack(model, evaluation),
+        "record_stats": attacking.record_stats(evaluation),
+        "dp": _privacy(progress),
+        "efficiency": efficiency,
+        "artifact": str(artifact) if artifact else None,
+        "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
+        "scrub": scrubbed.stats if scrubbed else None,
+        "federated": {
+            "clients": fed.clients, "rounds": fed.rounds, "local_epochs": fed.local_epochs, "split": fed.split,
+            "alpha": fed.alpha if fed.split == "non-iid" else None, "fraction_fit": fed.fraction_fit,
+            "bytes_down": progress.bytes_down, "bytes_up": progress.bytes_up,
+            "per_round": progress.rounds, "per_client": summary,
+            "client_dp": progress.client_privacy.as_dict() if progress.client_privacy else None,
+            "record_dp": progress.record_privacy,
+            "leakage_gain_spread": float(np.nanmax([c["leakage_gain"] for c in leakage])
+                                         - np.nanmin([c["leakage_gain"] for c in leakage])),
+        },
+    }

@@ -1,0 +1,397 @@
+"""FedAvg over simulated clients, run by Flower's simulation engine (flwr >= 1.42).
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data" (2017, https://arxiv.org/abs/1602.05629): every round the server sends the
+current trainable parameters to a sample of clients, each trains on its own records and
+sends its parameters back, and the server takes their mean weighted by record count.
+What travels is exactly the parameters with ``requires_grad`` (the whole model under
+fft, the adapter under LoRA and the other PEFT methods), so every method federates the
+same way and the frozen base model never travels after the start.
+
+The pieces are Flower's own (``flwr.simulation.run_simulation`` with a ``ServerApp``
+and a ``ClientApp`` on the Message API, a subclass of Flower's ``FedAvg`` strategy,
+Flower's clipping helpers); each client trains with privtune's one loop
+(:func:`privtune.train.loop.train`), so DP-SGD, precision and out-of-memory handling
+stay one code path. Three things are privtune's, and why:
+
+- *The base model ships once.* Flower's Ray backend pickles the ``ClientApp`` with
+  every message; the app therefore carries only a Ray object reference to a "kit"
+  (the prepared model, the clients' tensors, their training plans), which each Ray
+  actor fetches once and keeps.
+- *Client-level DP sampling.* DP-FedAvg (McMahan et al., "Learning Differentially
+  Private Recurrent Language Models", 2018, https://arxiv.org/abs/1710.06963) clips each
+  client's update to ``clip_norm`` and adds N(0, sigma^2 clip^2) to their sum, divided
+  by the *expected* number of clients q N. Flower's ``DifferentialPrivacyServerSideFixedClipping``
+  samples a fixed number of clients per round and divides by it; privtune's
+  accountant (:mod:`privtune.train.dp`) analyses Poisson sampling, so under
+  ``client_dp`` every client joins a round independently with probability
+  ``fraction_fit`` (a round nobody joins still releases noise, as the accountant
+  assumes) and every client weighs the same (a record-count weight would let a big
+  client exceed the sensitivity). The privacy unit is then the client. The noise comes
+  from a seeded numpy generator, not a secure source.
+- *Record-level DP inside a client* (the ``dp-`` methods): each client runs DP-SGD
+  locally with the loop's own accountant; its noise multiplier is derived once for
+  all ``rounds x local_epochs`` of its records, and its epsilon is accounted over the
+  rounds it actually took part in. That epsilon is per client and per record.
+
+Without ``client_dp`` Flower samples ``int(fraction_fit x clients)`` clients per round
+at random (not seeded by privtune). Non-private clients of one round share a shuffle
+seed (their records differ anyway), which is what makes FedAvg of identical clients
+equal to centralised training step for step; DP clients draw their own noise.
+
+The engine cannot nest in a Ray task (privtune's Ray executor): its actors would ask
+the cluster for CPUs the run's own task already holds, so federated runs are refused
+there with a one-line error; run them with the local executor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from privtune.config import ClientDPSettings, FederatedSettings
+from privtune.data.tokenize import EncodedDataset
+from privtune.errors import PrivtuneError
+from privtune.train import dp
+from privtune.train.loop import TrainPlan, plan_privacy, train
+from privtune.train.precision import Runtime
+
+INSTALL_FIX = "install the federated extra: pip install 'privtune[federated]'"
+
+
+def _flwr():
+    try:
+        import flwr  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError:
+        raise PrivtuneError("federated fine-tuning needs Flower (flwr) with its simulation engine", INSTALL_FIX) from None
+
+
+@dataclass
+class ClientPrivacy:
+    """What DP-FedAvg was run with, and the client-level (epsilon, delta) it gives."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    rounds: int
+    delta: float
+    accountant: str
+    epsilon: float = math.nan
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_client_privacy(settings: ClientDPSettings, n_clients: int, sample_rate: float, rounds: int) -> ClientPrivacy:
+    """The noise for ``target_epsilon`` (or the given noise) over ``rounds`` Poisson rounds."""
+    delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_clients)
+    dp.check_dp_settings(n_records=n_clients, delta=delta, sample_rate=sample_rate, max_grad_norm=settings.clip_norm,
+                         noise_multiplier=settings.noise_multiplier, accountant=settings.accountant)
+    if settings.noise_multiplier is not None:
+        sigma = settings.noise_multiplier
+    else:
+        sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, rounds,
+                                            accountant=settings.accountant)
+    return ClientPrivacy(sigma, settings.clip_norm, sample_rate, rounds, delta, settings.accountant)
+
+
+def local_plans(plan: TrainPlan, clients: list[EncodedDataset], rounds: int) -> list[TrainPlan]:
+    """Each client's local plan; under DP-SGD its noise is fixed for all its rounds of training."""
+    if plan.dp is None:
+        return [plan] * len(clients)
+    plans = []
+    for data in clients:
+        setup = plan_privacy(plan.dp, len(data), plan.batch_size, rounds * plan.epochs)
+        settings = plan.dp.model_copy(update={"noise_multiplier": setup.noise_multiplier, "target_epsilon": None,
+                                              "delta": setup.delta})
+        plans.append(replace(plan, dp=settings))
+    return plans
+
+
+@dataclass
+class FederatedResult:
+    """What a federated training run did: rounds, communication, time, privacy."""
+
+    seconds: float = 0.0
+    client_seconds: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    rounds: list[dict] = field(default_factory=list)
+    participation: list[int] = field(default_factory=list)
+    client_privacy: ClientPrivacy | None = None
+    #: per client, record-level DP-SGD inside it (``dp-`` methods): noise, sample rate, steps, epsilon
+    record_privacy: list[dict] | None = None
+
+
+@dataclass
+class _Kit:
+    """What a client needs, shipped once per actor: the model, the data, the plans."""
+
+    model: torch.nn.Module
+    names: list[str]
+    data: list[EncodedDataset]
+    plans: list[TrainPlan]
+    runtime: Runtime
+    threads: int
+
+
+_KITS: dict[str, _Kit] = {}  # per Ray actor: kit id -> kit
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def to_arrays(model: torch.nn.Module, names: list[str]):
+    from flwr.app import ArrayRecord
+
+    params = dict(model.named_parameters())
+    return ArrayRecord(torch_state_dict={n: params[n].detach().float().cpu() for n in names})
+
+
+def load_arrays(model: torch.nn.Module, names: list[str], arrays) -> None:
+    state = arrays.to_torch_state_dict()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(state[n].to(params[n].device, params[n].dtype))
+
+
+def client_seed(seed: int, server_round: int, client: int, private: bool) -> int:
+    """A round's shuffle seed; DP clients get their own, so their noise is independent."""
+    return seed * 1_000_003 + server_round * 7919 + (client if private else 0)
+
+
+def _client_app(kit_id: str, kit_ref, seed: int):
+    """A ClientApp that carries only the kit's reference (it is pickled with every message)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg, context):
+        import ray
+
+        if kit_id not in _KITS:
+            _KITS.clear()
+            _KITS[kit_id] = ray.get(kit_ref)
+        kit = _KITS[kit_id]
+        torch.set_num_threads(kit.threads)
+        kit.model.to(kit.runtime.device)
+        client = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        load_arrays(kit.model, kit.names, msg.content["arrays"])
+        plan = kit.plans[client]
+        plan = replace(plan, seed=client_seed(seed, server_round, client, plan.dp is not None))
+        try:
+            result = train(kit.model, kit.data[client], plan, kit.runtime)
+        except PrivtuneError as e:  # Flower keeps only the text: mark it as the user's to fix
+            raise RuntimeError(f"PrivtuneError: {e.one_line()}") from None
+        metrics = {"num-examples": len(kit.data[client]), "client": client, "steps": result.steps,
+                   "tokens": result.tokens, "seconds": result.seconds}
+        return Message(RecordDict({"arrays": to_arrays(kit.model, kit.names), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    return app
+
+
+def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | None, seed: int,
+              out: FederatedResult):
+    """Flower's FedAvg, counting what it sends; Poisson sampling, clipping and noise under client DP."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+    class PrivtuneFedAvg(FedAvg):
+        def __init__(self):
+            super().__init__(fraction_train=fed.fraction_fit, fraction_evaluate=0.0,
+                             min_train_nodes=max(1, int(n_clients * fed.fraction_fit)),
+                             min_available_nodes=n_clients)
+            self.rng = np.random.default_rng(seed)
+            self.current = None
+            self.started = 0.0
+
+        def configure_train(self, server_round, arrays, config, grid):
+            self.current, self.started = arrays, time.perf_counter()
+            if privacy is None:
+                messages = list(super().configure_train(server_round, arrays, config, grid))
+            else:
+                nodes, _ = sample_nodes(grid, n_clients, n_clients)
+                chosen = [n for n in sorted(nodes) if self.rng.random() < privacy.sample_rate]
+                config["server-round"] = server_round
+                record = RecordDict({"arrays": arrays, "config": config})
+                messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in chosen]
+            out.bytes_down += arrays.count_bytes() * len(messages)
+            out.rounds.append({"round": server_round, "clients": len(messages),
+                               "bytes_down": arrays.count_bytes() * len(messages)})
+            return messages
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            failed = [m.error.reason for m in replies if m.has_error()]
+            if failed:
+                reason = failed[0].split("PrivtuneError: ", 1)
+                if len(reason) == 2:
+                    raise PrivtuneError(reason[1].splitlines()[0])
+                raise RuntimeError(f"a federated client failed: {failed[0]}")
+            up = sum(m.content["arrays"].count_bytes() for m in replies)
+            out.bytes_up += up
+            for m in replies:
+                metrics = m.content["metrics"]
+                out.participation[int(metrics["client"])] += 1
+                out.steps += int(metrics["steps"])
+                out.tokens += int(metrics["tokens"])
+                out.client_seconds += float(metrics["seconds"])
+            row = out.rounds[-1]
+            row.update(bytes_up=up, seconds=time.perf_counter() - self.started)
+            if privacy is None:
+                return super().aggregate_train(server_round, replies)
+            arrays, row["update_norms"] = self._noisy_mean(replies)
+            return arrays, None
+
+        def _noisy_mean(self, replies):
+            """DP-FedAvg: current + (sum of clipped updates + N(0, (sigma C)^2)) / (q N)."""
+            keys = list(self.current.keys())
+            current = self.current.to_numpy_ndarrays()
+            total = [np.zeros_like(a, dtype=np.float64) for a in current]
+            norms = []
+            for m in replies:
+                update = [np.subtract(x, y) for x, y in zip(m.content["arrays"].to_numpy_ndarrays(), current)]
+                norms.append(get_norm(update))
+                clip_inputs_inplace(update, privacy.clip_norm)
+                for t, u in zip(total, update):
+                    t += u
+            scale = privacy.sample_rate * n_clients
+            std = privacy.noise_multiplier * privacy.clip_norm
+            new = [(c + (t + self.rng.normal(0.0, std, c.shape)) / scale).astype(c.dtype)
+                   for c, t in zip(current, total)]
+            return ArrayRecord(array_dict={k: Array(v) for k, v in zip(keys, new)}), norms
+
+    return PrivtuneFedAvg()
+
+
+def _inside_ray_task() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def _backend_config(runtime: Runtime, n_clients: int) -> tuple[dict, int]:
+    """Ray resources: the machine's CPUs shared among at most ``n_clients`` actors."""
+    cpus = max(1, os.cpu_count() or 1)
+    actors = min(n_clients, cpus)
+    threads = max(1, cpus // actors)
+    resources = {"num_cpus": threads, "num_gpus": 1.0 / actors if runtime.device.type == "cuda" else 0.0}
+    init = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    return {"client_resources": resources, "init_args": init}, threads
+
+
+class _QuietFlower:
+    """Flower logs every round at INFO (and its Python API's deprecation at WARNING): keep the study's output clean."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("flwr")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+        os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences Ray's FutureWarning about it
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def federated_train(model: torch.nn.Module, clients: list[EncodedDataset], plan: TrainPlan,
+                    fed: FederatedSettings, runtime: Runtime, *,
+                    on_round_end: Callable[[int, FederatedResult], None] = lambda r, result: None) -> FederatedResult:
+    """Train ``model``'s trainable parameters in place by FedAvg over ``clients``.
+
+    ``plan`` is one client's local schedule (``epochs`` = local epochs); ``on_round_end``
+    sees the model after each round's aggregate (its time is not counted as training).
+
+    Raises:
+        PrivtuneError: flwr missing, inside a Ray task, a client with no records, or an
+            impossible client_dp setting.
+    """
+    _flwr()
+    import ray
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    if _inside_ray_task():
+        raise PrivtuneError("federated runs cannot start Flower's simulation engine inside a Ray task",
+                            "run federated methods with the local executor (privtune run --executor local)")
+    if any(len(c) == 0 for c in clients):
+        raise PrivtuneError("a federated client holds no records", "use fewer federated.clients")
+    n = len(clients)
+    out = FederatedResult(participation=[0] * n)
+    if fed.client_dp is not None:
+        out.client_privacy = plan_client_privacy(fed.client_dp, n, fed.fraction_fit, fed.rounds)
+    plans = local_plans(plan, clients, fed.rounds)
+    names = trainable_names(model)
+    backend, threads = _backend_config(runtime, n)
+    started_ray = not ray.is_initialized()
+    kit = _Kit(copy.deepcopy(model).cpu(), names, clients, plans, runtime, threads)
+    with _QuietFlower():
+        if started_ray:
+            ray.init(**backend["init_args"])
+        kit_ref = ray.put(kit)
+        del kit
+        strategy = _strategy(fed, n, out.client_privacy, plan.seed, out)
+        evaluating = [0.0]
+
+        def evaluate(server_round, arrays):
+            if server_round == 0:
+                return
+            began = time.perf_counter()
+            load_arrays(model, names, arrays)
+            if out.client_privacy is not None:
+                p = out.client_privacy
+                p.epsilon = dp.epsilon_for(p.noise_multiplier, p.delta, p.sample_rate, server_round, p.accountant)
+            out.record_privacy = _record_privacy(plans, clients, out.participation)
+            on_round_end(server_round, out)
+            evaluating[0] += time.perf_counter() - began
+
+        server = ServerApp()
+
+        @server.main()
+        def _main(grid, context):
+            began = time.perf_counter()
+            strategy.start(grid=grid, initial_arrays=to_arrays(model, names), num_rounds=fed.rounds,
+                           evaluate_fn=evaluate)
+            out.seconds = time.perf_counter() - began - evaluating[0]
+
+        try:
+            run_simulation(server_app=server, client_app=_client_app(uuid.uuid4().hex, kit_ref, plan.seed),
+                           num_supernodes=n, backend_config=backend)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return out
+
+
+def _record_privacy(plans: list[TrainPlan], clients: list[EncodedDataset], participation: list[int]) -> list[dict] | None:
+    """Per client: record-level epsilon of local DP-SGD over the rounds it took part in."""
+    if plans[0].dp is None:
+        return None
+    rows = []
+    for p, data, rounds in zip(plans, clients, participation):
+        q = min(1.0, p.batch_size / len(data))
+        steps = rounds * p.epochs * math.ceil(len(data) / p.batch_size)
+        rows.append({"noise_multiplier": p.dp.noise_multiplier, "sample_rate": q, "steps": steps,
+                     "delta": p.dp.delta, "accountant": p.dp.accountant,
+                     "epsilon": dp.epsilon_for(p.dp.noise_multiplier, p.dp.delta, q, steps, p.dp.accountant)})
+    return rows
