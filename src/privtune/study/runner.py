@@ -31,6 +31,7 @@ from privtune.study import attacking
 from privtune.study.dataset import StudyData, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.study.scrubbing import TrainingScrubber
+from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
@@ -134,10 +135,17 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         return _measure_base(ctx, on_epoch)
     if spec.is_shadow:
         return _train_shadow(ctx, spec, on_step)
+    from privtune.study import unlearning  # it builds on this module
+
+    if spec.role == UNLEARN_ROLE:
+        return unlearning.run_unlearning(ctx, spec, on_epoch, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
     scrub = method_spec(cfg, spec).scrub
     scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
     train_set = scrubbed.data if scrubbed else ctx.data.train
+    retrain = spec.role == RETRAIN_ROLE
+    if retrain:  # the reference an unlearned model is held to: never saw the forget set
+        train_set = unlearning.retrain_training_set(ctx, spec, train_set)
     method = get_method(spec.method)
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     model = method.prepare(copy.deepcopy(ctx.loaded.model), method_spec(cfg, spec).settings)
@@ -171,6 +179,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         "artifact": str(artifact) if artifact else None,
         "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
         "scrub": scrubbed.stats if scrubbed else None,
+        **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}),
     }
 
 
