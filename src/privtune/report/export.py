@@ -9,7 +9,9 @@ numbers: per (attack, level) the AUC and the TPR at 1% FPR (``mia_lira_online_re
 ``mia_lira_online_record_tpr_at_1pct_fpr``), the strongest attack, the extraction
 advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
 runs that trained on scrubbed text, the tagger and its span recall and precision
-(``scrub_tagger``, ``scrub_recall``, ...).
+(``scrub_tagger``, ``scrub_recall``, ...); for unlearning runs and their retrained
+references, the forget-set figures (``unlearn_forget_ce_s``, ``unlearn_forget_mia_auc``, ...,
+and the source model's as ``unlearn_source_*``).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -26,7 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from privtune.report import attack_plots
+from privtune.report import attack_plots, unlearning
 from privtune.report.attack_plots import ALL, auc, mia_entry, strongest_mia, tpr_at
 from privtune.report.plots import exposure_by_repetition, top_exposure
 
@@ -83,6 +85,7 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     columns += [c for c in attack_columns(runs) if c not in taken]
     if any(run.get("scrub") for run in runs):
         columns += [f"scrub_{k}" for k in SCRUB_KEYS]
+    columns += unlearning.csv_columns(runs)
     columns += ["epochs"]
     return columns
 
@@ -156,6 +159,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})
+    row.update(unlearning.csv_cells(run))
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 
