@@ -334,3 +334,21 @@ def test_unlearning_section_reaches_the_report_and_the_csv(tmp_path):
     assert {"unlearn_forget_ce_s", "unlearn_forget_mia_auc", "unlearn_source_run"} <= set(columns)
     row = csv_row(next(r for r in runs if r["label"] == "fft+unlearn-ga"), columns)
     assert row["unlearn_forget_ce_s"] != "" and row["unlearn_retrain_run"] != ""
+
+
+@pytest.mark.parametrize("methods, needle", [
+    ([{"method": "lora", "lora": {"r": 2}},
+      {"method": "unlearn-ga", "unlearn": {"source": "lora", "forget": {"individuals": ["ghost"]}}}],
+     "names no known individual: ghost"),
+    ([{"method": "unlearn-npo", "unlearn": {"source": "fft", "forget": {"fraction": 0.5}}}],
+     "unlearn.source 'fft' names no method of the study"),
+])
+def test_cli_bad_unlearning_input_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys, methods, needle):
+    from test_cli import assert_one_line_error, run_cli, write_study
+
+    db = tmp_path / "out" / "privtune.db"
+    db.parent.mkdir()
+    db.write_bytes(b"")  # an earlier study's database stays as it was
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path, methods=methods)))
+    assert_one_line_error(code, err, needle)
+    assert db.read_bytes() == b""
