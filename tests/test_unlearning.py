@@ -176,6 +176,22 @@ def test_labels_defaults_and_identity(tmp_path):
         ["fft+retrain", "fft"], ["fft+unlearn-npo", "fft+unlearn-ga"]]
 
 
+def test_the_retrained_reference_trains_on_every_record_but_the_forget_sets(tmp_path):
+    from privtune.study.unlearning import retrain_training_set
+
+    cfg = tiny_study(tmp_path, backdoor={"enabled": True, "fraction": 0.3, "n_eval": 2},
+                     data={"source": "customer-sim", "n_individuals": 12, "max_length": 160},
+                     canaries={"repetitions": [2], "n_reference": 1, "n_candidates": 16})
+    ctx = StudyContext.build(cfg)
+    retrain = next(r for r in plan_study(cfg) if r.role == "retrain")
+    kept = retrain_training_set(ctx, retrain, ctx.data.train)
+    forgotten = {r.individual for r in ctx.data.members.records} - {r.individual for r in kept.records}
+    assert len(forgotten) == 2  # a third of 6 members
+    assert not [r for r in kept.records if r.individual in forgotten]  # their poisoned copies too
+    assert [r.id for r in kept.records] == [r.id for r in ctx.data.train.records if r.individual not in forgotten]
+    assert any(r.meta.get("canary") for r in kept.records) and any(r.meta.get("backdoor") for r in kept.records)
+
+
 def test_two_forget_sets_get_two_retrain_runs_and_seeds_suffix_labels(tmp_path):
     cfg = tiny_study(tmp_path, seeds=[0, 1], methods=[
         {"method": "fft"},
@@ -352,3 +368,13 @@ def test_cli_bad_unlearning_input_is_one_line_and_loses_nothing(tmp_path, monkey
     code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path, methods=methods)))
     assert_one_line_error(code, err, needle)
     assert db.read_bytes() == b""
+
+
+def test_an_unlearning_run_whose_source_left_no_model_fails_on_one_line(tmp_path):
+    from privtune.study.unlearning import load_source
+
+    cfg = tiny_study(tmp_path)
+    ga = next(r for r in plan_study(cfg) if r.label == "fft+unlearn-ga")
+    with pytest.raises(PrivtuneError, match="starts from the saved model of fft, but .* does not exist") as e:
+        load_source(StudyContext.build(cfg), ga)
+    assert "fix run fft and run the study again" in e.value.one_line()

@@ -105,7 +105,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
     out.update(mia=mia, forget_mia_auc=strongest["auc"] if strongest else None,
                forget_mia_attack=f"{strongest['attack']}/{strongest['level']}" if strongest else None,
                forget_mia_loss_auc=loss["auc"] if loss else None)
-    if cfg.extraction.enabled:
+    if cfg.extraction.enabled and any(r.spans for r in forget_records):
         ex = cfg.extraction
         extraction = prefix_extraction(model, ctx.loaded.tokenizer, forget_records, nonmembers,
                                        max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,

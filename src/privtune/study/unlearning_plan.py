@@ -71,8 +71,8 @@ def execution_phases(pending: list[RunSpec]) -> list[list[RunSpec]]:
 
 
 def missing_sources(plan: list[RunSpec], pending: list[RunSpec], artifacts_dir: Path) -> list[RunSpec]:
-    """Source runs a pending unlearning run needs whose saved model is gone (deleted, or
-    never saved): they are trained again, which reproduces them (training is seeded)."""
+    """Source runs a pending unlearning run needs whose saved model is gone (deleted by
+    hand): they are trained again, from the same config and seed."""
     by_id = {r.run_id: r for r in plan}
     needed = {source_run_id(r) for r in pending if r.role == UNLEARN_ROLE}
     return [by_id[i] for i in sorted(needed) if not (Path(artifacts_dir) / i).is_dir()]
