@@ -346,6 +346,7 @@ def test_unlearning_section_reaches_the_report_and_the_csv(tmp_path):
     runs = list(_runs(cfg).values())
     page = render_html(runs, title="t", meta={})
     assert 'id="unlearning"' in page and "fft+unlearn-ga" in page and "fft+retrain" in page
+    assert "forget MIA AUC" in page and "forget extraction" not in page  # extraction was off
     columns = csv_columns(runs)
     assert {"unlearn_forget_ce_s", "unlearn_forget_mia_auc", "unlearn_source_run"} <= set(columns)
     row = csv_row(next(r for r in runs if r["label"] == "fft+unlearn-ga"), columns)

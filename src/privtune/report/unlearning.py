@@ -24,9 +24,9 @@ COLUMNS: tuple[tuple[str, str, str, int, str], ...] = (
     ("forget leakage gain", "forget_leakage_gain", ".3f", 0,
      "CE_S(base; forget) − CE_S(model; forget), nats: should match retrain"),
     ("forget MIA AUC", "forget_mia_loss_auc", ".3f", 0,
-     "loss attack on whole records, forget records against non-members: retrain's is near 0.5, and so should "
-     "the unlearned model's be (the strongest of all attacks is in the CSV, but on a forget set of a few records "
-     "the largest of many AUCs is mostly noise)"),
+     ("loss attack on whole records, forget records against non-members: retrain's is near 0.5, and so should "
+      "the unlearned model's be (the strongest of all attacks is in the CSV, but on a forget set of a few records "
+      "the largest of many AUCs is mostly noise)")),
     ("forget extraction", "forget_extraction", "pct", 0, "share of forget-set values written out exactly (greedy)"),
     ("retain CE_N", "retain_ce_n", ".3f", -1, "loss on the non-sensitive tokens of the members kept, nats"),
     ("utility CE", "utility_ce", ".3f", -1, "loss on non-sensitive held-out tokens, nats"),
@@ -66,8 +66,10 @@ def unlearning_section(runs: Sequence[dict]) -> str:
         return ""
     colors = {id(r): s.color for r, s in zip(runs, styles(runs))}
     by_id = {r.get("run_id"): r for r in runs if is_done(r)}
+    # Attack columns only where the attack ran (a study may turn extraction off).
+    columns = [c for c in COLUMNS if any(r["unlearning"].get(c[1]) is not None for r in unlearned)]
     head = ("<tr><th>run</th><th>source</th><th>forgets</th>"
-            + "".join(f'<th title="{escape(tip)}">{escape(h)}{_arrow(better)}</th>' for h, _, _, better, tip in COLUMNS)
+            + "".join(f'<th title="{escape(tip)}">{escape(h)}{_arrow(better)}</th>' for h, _, _, better, tip in columns)
             + '<th title="forget CE_S of the unlearned model minus the retrained model\'s: 0 is the target; '
               'below 0 still remembers, above 0 overshoots">gap to retrain</th></tr>')
     rows = []
@@ -81,7 +83,7 @@ def unlearning_section(runs: Sequence[dict]) -> str:
                  f'<td>{escape(str(section.get("source_label")))}<br><small>'
                  f'{escape(str(retrain_run.get("label", "retrain not done")))}</small></td>',
                  f'<td>{section.get("individuals")} people<br><small>{section.get("forget_records")} records</small></td>']
-        cells += [f"<td>{_cell(section, source, retrain, key, spec)}</td>" for _, key, spec, _, _ in COLUMNS]
+        cells += [f"<td>{_cell(section, source, retrain, key, spec)}</td>" for _, key, spec, _, _ in columns]
         cells.append(f"<td>{escape(_gap(section, retrain))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = ("Each unlearning run starts from its source run's trained model and tries to forget a set of members "
