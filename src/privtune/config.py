@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from privtune.errors import PrivtuneError
 from privtune.train.methods import METHODS, NO_DP_VARIANT
+from privtune.train.unlearn_objectives import DEFAULT_BETA, OBJECTIVES
 
 
 class _Strict(BaseModel):
@@ -234,15 +235,39 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
+class ForgetSettings(_Strict):
+    individuals: list[str] | None = Field(None, description="ids of the members to forget (privtune data export lists them)")
+    fraction: float | None = Field(None, gt=0, lt=1, description="or: this share of the members, drawn with seed")
+    seed: int = Field(0, description="seed of the fraction's draw")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if (self.individuals is None) == (self.fraction is None):
+            raise ValueError("give exactly one of forget.individuals and forget.fraction")
+        if self.individuals == []:
+            raise ValueError("forget.individuals names no one")
+        return self
+
+
+class UnlearnSettings(_Strict):
+    source: str = Field(description="label of the study method whose trained model is unlearned")
+    forget: ForgetSettings = Field(description="the individuals whose records the model should forget")
+    beta: float | None = Field(None, gt=0, description="NPO's inverse temperature; default 0.1; unlearn-npo only")
+    retain_weight: float | None = Field(
+        None, ge=0, description="weight of the retain term; default 1 for unlearn-ga-retain/ga-kl, 0 for "
+                                "unlearn-npo (> 0: NPO plus retain NLL); unlearn-ga has none")
+
+
 #: The method-specific settings sections a ``methods`` entry may hold.
 SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 
 
 class MethodSpec(_Strict):
-    method: str = Field(description="fine-tuning method: " + ", ".join(METHODS))
+    method: str = Field(description="fine-tuning method: " + ", ".join(METHODS) + "; or unlearning method: "
+                                    + ", ".join(OBJECTIVES))
     label: str | None = Field(
         None, description="unique name in the study; default: the method (plus +scrub-TAGGER when scrubbed, "
-                          "+fedN when federated)")
+                          "+fedN when federated; SOURCE+METHOD for unlearning)")
     lr: float | None = Field(None, gt=0, description="overrides train.lr")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
     lora: LoraSettings | None = Field(None, description="lora, dora and their dp- variants")
@@ -254,18 +279,27 @@ class MethodSpec(_Strict):
         None, description="train on scrubbed copies of the records; evaluation stays on the originals")
     federated: FederatedSettings | None = Field(
         None, description="train by FedAvg over simulated clients (Flower); rounds replace epochs")
+    unlearn: UnlearnSettings | None = Field(None, description="unlearning methods: what to unlearn from where")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
         if name in NO_DP_VARIANT:
             raise ValueError(f"method {name!r} is not available: {NO_DP_VARIANT[name]}")
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; use one of: {', '.join(METHODS)}")
+        if name not in METHODS and name not in OBJECTIVES:
+            raise ValueError(f"unknown method {name!r}; use one of: {', '.join([*METHODS, *OBJECTIVES])}")
         return name
+
+    @property
+    def is_unlearning(self) -> bool:
+        return self.method in OBJECTIVES
 
     @model_validator(mode="after")
     def _fill_defaults(self):
+        if self.is_unlearning:
+            return self._fill_unlearning_defaults()
+        if self.unlearn is not None:
+            raise ValueError(f"method {self.method} takes no unlearn settings; use one of: {', '.join(OBJECTIVES)}")
         method = METHODS[self.method]
         for name in SETTINGS_FIELDS:
             if name == method.settings and getattr(self, name) is None:
@@ -280,6 +314,27 @@ class MethodSpec(_Strict):
             raise ValueError(f"method {self.method} is not private; use dp-{self.method} for DP settings")
         self.label = self.label or (self.method + (self.scrub.label_suffix if self.scrub else "")
                                     + (self.federated.label_suffix if self.federated else ""))
+        return self
+
+    def _fill_unlearning_defaults(self):
+        """An unlearning method trains what its source trained, so it takes none of the
+        training sections; its own settings get their per-method defaults."""
+        if self.unlearn is None:
+            raise ValueError(f"method {self.method} needs unlearn settings (unlearn.source and unlearn.forget)")
+        given = [n for n in (*SETTINGS_FIELDS, "dp", "scrub", "federated") if getattr(self, n) is not None]
+        if given:
+            raise ValueError(f"method {self.method} takes no {given[0]} settings: it trains what its source trained")
+        objective, u = OBJECTIVES[self.method], self.unlearn
+        if u.beta is not None and objective.forget != "npo":
+            raise ValueError(f"unlearn.beta is NPO's; method {self.method} takes none")
+        if objective.forget == "npo" and u.beta is None:
+            u.beta = DEFAULT_BETA
+        if u.retain_weight is None:
+            u.retain_weight = objective.default_retain_weight
+        problem = objective.check_retain_weight(u.retain_weight)
+        if problem:
+            raise ValueError(problem)
+        self.label = self.label or f"{u.source}+{self.method}"
         return self
 
     @property
@@ -331,12 +386,36 @@ class StudyConfig(_Strict):
         shadow = self.attacks.shadow.method
         if shadow is not None and shadow not in labels:
             raise ValueError(f"attacks.shadow.method {shadow!r} names no method of the study; use one of: {', '.join(labels)}")
+        self._check_unlearning_sources()  # first: it makes sure some method trains
         if self.attacks.enabled and self.attacks.shadow.models:
-            chosen = next(m for m in self.methods if m.label == (shadow or labels[0]))
+            chosen = next(m for m in self.methods if m.label == shadow) if shadow else \
+                next(m for m in self.methods if not m.is_unlearning)
             if chosen.federated:
                 raise ValueError(f"shadow models train centrally, so they cannot stand in for the federated method "
                                  f"{chosen.label!r}; set attacks.shadow.method to a method without federated")
         return self
+
+    def _check_unlearning_sources(self) -> None:
+        by_label = {m.label: m for m in self.methods}
+        trained = [m.label for m in self.methods if not m.is_unlearning]
+        for m in self.methods:
+            if not m.is_unlearning:
+                continue
+            source = by_label.get(m.unlearn.source)
+            if source is None:
+                raise ValueError(f"method {m.label}: unlearn.source {m.unlearn.source!r} names no method of the "
+                                 f"study; use one of: {', '.join(trained)}")
+            if source.is_unlearning:
+                raise ValueError(f"method {m.label}: unlearn.source {source.label!r} is itself an unlearning run; "
+                                 f"unlearn from a trained one: {', '.join(trained)}")
+            if source.federated:
+                raise ValueError(f"method {m.label}: unlearn.source {source.label!r} is federated; unlearning starts "
+                                 "from a centrally trained model (its retrained reference trains centrally too)")
+            if not self.save_artifacts:
+                raise ValueError(f"method {m.label} unlearns from the saved model of {source.label}; "
+                                 "set save_artifacts: true")
+        if self.attacks.shadow.method is not None and by_label[self.attacks.shadow.method].is_unlearning:
+            raise ValueError("attacks.shadow.method must name a trained method, not an unlearning one")
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -11,7 +11,9 @@ advantage and PII-inference top-1 over all PII types, the backdoor success rates
 runs that trained on scrubbed text, the tagger and its span recall and precision
 (``scrub_tagger``, ``scrub_recall``, ...); for federated runs the bytes communicated
 (``bytes_communicated``, an efficiency figure) and the spread of leakage gain over clients
-(``fed_leakage_gain_spread``).
+(``fed_leakage_gain_spread``); for unlearning runs and their retrained references, the
+forget-set figures (``unlearn_forget_ce_s``, ``unlearn_forget_mia_auc``, ..., and the
+source model's as ``unlearn_source_*``).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -28,7 +30,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from privtune.report import attack_plots
+from privtune.report import attack_plots, unlearning
 from privtune.report.attack_plots import ALL, auc, mia_entry, strongest_mia, tpr_at
 from privtune.report.plots import exposure_by_repetition, top_exposure
 
@@ -91,6 +93,7 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
         columns += [f"scrub_{k}" for k in SCRUB_KEYS]
     if any(run.get("federated") for run in runs):
         columns += [f"fed_{k}" for k in FED_KEYS]
+    columns += unlearning.csv_columns(runs)
     columns += ["epochs"]
     return columns
 
@@ -165,6 +168,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})
     row.update({f"fed_{k}": (run.get("federated") or {}).get(k) for k in FED_KEYS})
+    row.update(unlearning.csv_cells(run))
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from privtune.config import StudyConfig
 from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
+from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.store import Store
+from privtune.study.unlearning_plan import execution_phases, missing_sources
 
 DB_NAME = "privtune.db"
 
@@ -34,9 +36,12 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     """
     from privtune.study.runner import StudyContext
 
+    check_forget_sets(cfg)  # a bad forget set fails the study before any run starts
     store = open_store(cfg)
     plan = plan_study(cfg)
     pending = [r for r in plan if store.status(r.run_id) != "done"]
+    retrain = {r.run_id for r in missing_sources(plan, pending, Path(cfg.output_dir) / "artifacts")}
+    pending = [r for r in plan if r in pending or r.run_id in retrain]
     outcome = StudyOutcome(done=[], skipped=[r.label for r in plan if r not in pending], failed={},
                            db_path=store.path)
     if executor is None:
@@ -57,7 +62,8 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     hooks = RunHooks(started=started, epoch=lambda s, e, m: store.add_epoch(s.run_id, e, m),
                      finished=finished, failed=failed)
     try:
-        executor.execute(pending, hooks)
+        for phase in execution_phases(pending):  # unlearning runs after the runs they start from
+            executor.execute(phase, hooks)
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
             add_shadow_attacks(cfg, store)
     finally:

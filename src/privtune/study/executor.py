@@ -123,4 +123,8 @@ def _total_steps(ctx, spec: RunSpec) -> int:
     n = len(ctx.data.train)
     if spec.is_shadow:  # half of the population
         n = (len(ctx.data.members) + len(ctx.data.nonmembers)) // 2
+    if "unlearn" in method:  # one pass over the forget set per epoch
+        from privtune.study.unlearning import forget_set
+
+        n = len(forget_set(ctx, method["unlearn"]["forget"]).rows(ctx.data.train.records)[0])
     return method["epochs"] * -(-n // method["batch_size"])

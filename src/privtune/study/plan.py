@@ -6,6 +6,9 @@ Three roles:
 - ``target``: one per (method, seed), the runs the study compares;
 - ``shadow``: K models trained like one of the targets, each on a random half of the
   population (members and non-members), for the LiRA and RMIA attacks.
+
+Unlearning methods add two more, ``retrain`` and ``unlearn``
+(:mod:`privtune.study.unlearning_plan`).
 """
 
 from __future__ import annotations
@@ -88,20 +91,23 @@ def train_plan(cfg: StudyConfig, spec: RunSpec) -> TrainPlan:
 
 
 def plan_study(cfg: StudyConfig) -> list[RunSpec]:
-    """Base run, then shadows (when asked for), then one run per (method, seed)."""
+    """Base run, then shadows (when asked for), then one run per (method, seed), then the
+    retrain and unlearning runs of the unlearning methods."""
+    from privtune.study.unlearning_plan import unlearning_runs  # it builds on this module
+
     shared = shared_config(cfg)
     base_cfg = {**shared, "method": {"method": "base"}}
     runs = [RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg, role="base")]
     if cfg.attacks.enabled and cfg.attacks.shadow.models:
-        label = cfg.attacks.shadow.method or cfg.methods[0].label
+        label = cfg.attacks.shadow.method or next(m.label for m in cfg.methods if not m.is_unlearning)
         m = next(x for x in cfg.methods if x.label == label)
         for k in range(cfg.attacks.shadow.models):
             run_cfg = {**shared, "method": _method_config(cfg, m), "seed": k, "shadow": k}
             runs.append(RunSpec(config_hash(run_cfg), cfg.name, f"shadow-{k}", m.method, k, run_cfg, role="shadow"))
     multi_seed = len(cfg.seeds) > 1
     for seed in cfg.seeds:
-        for m in cfg.methods:
+        for m in (m for m in cfg.methods if not m.is_unlearning):
             run_cfg = {**shared, "method": _method_config(cfg, m), "seed": seed}
             label = f"{m.label}-s{seed}" if multi_seed else m.label
             runs.append(RunSpec(config_hash(run_cfg), cfg.name, label, m.method, seed, run_cfg))
-    return runs
+    return runs + unlearning_runs(cfg, runs)

@@ -31,6 +31,7 @@ from privtune.study import attacking
 from privtune.study.dataset import StudyData, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.study.scrubbing import TrainingScrubber
+from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
 from privtune.train import distributed
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
@@ -139,7 +140,12 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         from privtune.study.federated import execute_federated
 
         return execute_federated(ctx, spec, on_epoch)
+    from privtune.study import unlearning  # it builds on this module
+
+    if spec.role == UNLEARN_ROLE:
+        return unlearning.run_unlearning(ctx, spec, on_epoch, on_step)
     cfg, runtime = ctx.cfg, ctx.runtime
+    retrain = spec.role == RETRAIN_ROLE
     scrubbed, train_set = _training_set(ctx, spec)
     model = _prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
@@ -170,6 +176,7 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         "artifact": str(artifact) if artifact else None,
         "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
         "scrub": scrubbed.stats if scrubbed else None,
+        **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}),
     }
 
 
@@ -179,8 +186,8 @@ def train_share(ctx: StudyContext, spec: RunSpec) -> None:
     It builds the model and training set exactly as rank 0 does (same seeds), so every
     rank starts from the same weights; rank 0 alone evaluates, attacks and saves.
     """
-    if spec.is_base:
-        return
+    if spec.is_base or spec.role == UNLEARN_ROLE or method_spec(ctx.cfg, spec).federated:
+        return  # rank 0 alone: the base is only measured; unlearning and Flower's clients have loops of their own
     data = _shadow_half(ctx, spec)[1] if spec.is_shadow else _training_set(ctx, spec)[1]
     _measured_training(ctx, spec, _prepared_model(ctx, spec), data)
 
@@ -189,7 +196,12 @@ def _training_set(ctx: StudyContext, spec: RunSpec):
     """(scrubbing outcome or None, the encoded set the run trains on)."""
     scrub = method_spec(ctx.cfg, spec).scrub
     scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
-    return scrubbed, scrubbed.data if scrubbed else ctx.data.train
+    train_set = scrubbed.data if scrubbed else ctx.data.train
+    if spec.role == RETRAIN_ROLE:  # the reference an unlearned model is held to: never saw the forget set
+        from privtune.study import unlearning
+
+        train_set = unlearning.retrain_training_set(ctx, spec, train_set)
+    return scrubbed, train_set
 
 
 def _prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:

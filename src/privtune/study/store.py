@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS runs (
     study       TEXT NOT NULL,
     label       TEXT NOT NULL,
     method      TEXT NOT NULL,
-    role        TEXT NOT NULL,          -- base | target | shadow | audit
+    role        TEXT NOT NULL,          -- base | target | shadow | audit | retrain | unlearn
     status      TEXT NOT NULL,          -- running | done | failed
     config      TEXT NOT NULL,          -- resolved run config, JSON
     result      TEXT,                   -- measures, JSON (done runs)
@@ -97,7 +97,8 @@ class Store:
     def studies(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
 
-    def runs(self, study: str | None = None, roles: tuple[str, ...] = ("base", "target", "audit")) -> list[dict]:
+    def runs(self, study: str | None = None,
+             roles: tuple[str, ...] = ("base", "target", "audit", "retrain", "unlearn")) -> list[dict]:
         """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs included."""
         query = (f"SELECT run_id, study, label, method, role, status, config, result, error FROM runs"
                  f" WHERE role IN ({','.join('?' * len(roles))})")

@@ -1,0 +1,123 @@
+"""The report's "Unlearning" section: what each unlearned model still knows of its
+forget set, next to the model it started from and the model retrained without it.
+
+The retrained model is the target: an unlearned model has forgotten well when its
+forget-set figures are close to the retrained model's, not when they are as bad as
+possible (a forget-set loss far above the retrained model's, or a membership AUC far
+below 0.5, tells an attacker just as surely who was forgotten). Each cell reads
+"unlearned" with "source → retrain" under it; the last column is the gap that matters
+most, forget-set CE_S minus the retrained model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from html import escape
+
+from privtune.report.attack_plots import pct
+from privtune.report.plots import is_done, number, styles
+
+#: (header, key of the ``unlearning`` section, format, which way is better, what it is).
+COLUMNS: tuple[tuple[str, str, str, int, str], ...] = (
+    ("forget CE_S", "forget_ce_s", ".3f", 0, "loss on the forget set's sensitive tokens, nats: should match retrain"),
+    ("forget leakage gain", "forget_leakage_gain", ".3f", 0,
+     "CE_S(base; forget) − CE_S(model; forget), nats: should match retrain"),
+    ("forget MIA AUC", "forget_mia_loss_auc", ".3f", 0,
+     ("loss attack on whole records, forget records against non-members: retrain's is near 0.5, and so should "
+      "the unlearned model's be (the strongest of all attacks is in the CSV, but on a forget set of a few records "
+      "the largest of many AUCs is mostly noise)")),
+    ("forget extraction", "forget_extraction", "pct", 0, "share of forget-set values written out exactly (greedy)"),
+    ("retain CE_N", "retain_ce_n", ".3f", -1, "loss on the non-sensitive tokens of the members kept, nats"),
+    ("utility CE", "utility_ce", ".3f", -1, "loss on non-sensitive held-out tokens, nats"),
+)
+
+
+def _show(value, spec: str) -> str:
+    value = number(value)
+    if math.isnan(value):
+        return "–"
+    return pct(value) if spec == "pct" else format(value, spec)
+
+
+def _arrow(better: int) -> str:
+    return {1: "\u00a0↑", -1: "\u00a0↓"}.get(better, "")
+
+
+def _cell(unlearned: dict, source: dict, retrain: dict, key: str, spec: str) -> str:
+    return (f"{escape(_show(unlearned.get(key), spec))}<br><small>{escape(_show(source.get(key), spec))} → "
+            f"{escape(_show(retrain.get(key), spec))}</small>")
+
+
+def _gap(unlearned: dict, retrain: dict) -> str:
+    gap = number(unlearned.get("forget_ce_s")) - number(retrain.get("forget_ce_s"))
+    return "–" if math.isnan(gap) else f"{gap:+.3f}"
+
+
+def unlearning_runs(runs: Sequence[dict]) -> list[dict]:
+    """The finished runs with an unlearning section of their own (not retrained references)."""
+    return [r for r in runs if is_done(r) and r.get("role") == "unlearn" and r.get("unlearning")]
+
+
+def unlearning_section(runs: Sequence[dict]) -> str:
+    """The section's HTML (empty when no unlearning run finished)."""
+    unlearned = unlearning_runs(runs)
+    if not unlearned:
+        return ""
+    colors = {id(r): s.color for r, s in zip(runs, styles(runs))}
+    by_id = {r.get("run_id"): r for r in runs if is_done(r)}
+    # Attack columns only where the attack ran (a study may turn extraction off).
+    columns = [c for c in COLUMNS if any(r["unlearning"].get(c[1]) is not None for r in unlearned)]
+    head = ("<tr><th>run</th><th>source</th><th>forgets</th>"
+            + "".join(f'<th title="{escape(tip)}">{escape(h)}{_arrow(better)}</th>' for h, _, _, better, tip in columns)
+            + '<th title="forget CE_S of the unlearned model minus the retrained model\'s: 0 is the target; '
+              'below 0 still remembers, above 0 overshoots">gap to retrain</th></tr>')
+    rows = []
+    for run in unlearned:
+        section = run["unlearning"]
+        retrain_run = by_id.get(section.get("retrain_run")) or {}
+        retrain = retrain_run.get("unlearning") or {}
+        source = section.get("source") or {}
+        cells = [f'<td class="label"><span class="swatch" style="background:{colors[id(run)]}"></span>'
+                 f'{escape(str(run.get("label")))}</td>',
+                 f'<td>{escape(str(section.get("source_label")))}<br><small>'
+                 f'{escape(str(retrain_run.get("label", "retrain not done")))}</small></td>',
+                 f'<td>{section.get("individuals")} people<br><small>{section.get("forget_records")} records</small></td>']
+        cells += [f"<td>{_cell(section, source, retrain, key, spec)}</td>" for _, key, spec, _, _ in columns]
+        cells.append(f"<td>{escape(_gap(section, retrain))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = ("Each unlearning run starts from its source run's trained model and tries to forget a set of members "
+            "(every record about them). The retrained model is the source method trained from the base model "
+            "without them: the gold standard. Each cell shows the unlearned model, and under it source → retrain; "
+            "an unlearned model has forgotten well when it is close to the retrained model on the forget set "
+            "while keeping the source's retain CE_N and utility. Unlearned models also appear on the plots and in "
+            "the run table, measured on all members like every run; DP sources lose their ε when unlearned.")
+    return (f'<section id="unlearning"><h2>Unlearning</h2><p class="note">{escape(note)}</p>'
+            f'<div class="wide"><table class="side"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+            f'</div></section>')
+
+
+#: The CSV columns of the unlearning section (``unlearn_`` + key), for runs that have one.
+CSV_KEYS = ("source_label", "source_run", "retrain_run", "objective", "individuals", "forget_records",
+            "retain_records", "forget_ce_s", "forget_ce_n", "forget_leakage_gain", "retain_ce_s", "retain_ce_n",
+            "retain_leakage_gain", "forget_mia_auc", "forget_mia_attack", "forget_mia_loss_auc", "forget_extraction")
+
+#: The source model's figures the CSV repeats beside them (``unlearn_source_`` + key).
+SOURCE_CSV_KEYS = ("forget_ce_s", "forget_leakage_gain", "forget_mia_auc", "forget_extraction", "retain_ce_n")
+
+
+def csv_cells(run: dict) -> dict:
+    """A run's unlearning numbers under their CSV names (the source model's as ``unlearn_source_*``)."""
+    section = run.get("unlearning") or {}
+    source = section.get("source") or {}
+    cells: dict[str, object] = {f"unlearn_{k}": section.get(k) for k in CSV_KEYS}
+    cells.update({f"unlearn_source_{k}": source.get(k) for k in SOURCE_CSV_KEYS})
+    return cells
+
+
+def csv_columns(runs: Sequence[dict]) -> list[str]:
+    """The unlearning columns, when some run has the section."""
+    if not any(r.get("unlearning") for r in runs):
+        return []
+    return [f"unlearn_{k}" for k in CSV_KEYS] + [f"unlearn_source_{k}" for k in SOURCE_CSV_KEYS]
+
