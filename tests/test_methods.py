@@ -16,7 +16,7 @@ from privtune.config import IA3Settings, LoraSettings, PrefixSettings, PromptSet
 from privtune.measures.efficiency import count_parameters
 from privtune.models.forward import token_logits
 from privtune.models.tiny import tiny_config, tiny_model, tiny_tokenizer
-from privtune.study.runner import _save_artifact
+from privtune.study.runner import save_artifact
 from privtune.train.loop import TrainPlan, train
 from privtune.train.methods import METHODS, get_method
 
@@ -130,7 +130,7 @@ def test_saved_artifact_reloads_to_identical_logits(name, family, tmp_path):
     model = prepared(name, family)
     train(model, data, TrainPlan(1, 4, 4, LR[name], 0.0, 0), CPU)
     ctx = SimpleNamespace(artifacts_dir=tmp_path, loaded=SimpleNamespace(tokenizer=tiny_tokenizer()))
-    path = _save_artifact(ctx, SimpleNamespace(run_id="run"), model)
+    path = save_artifact(ctx, SimpleNamespace(run_id="run"), model)
     files = {p.name for p in path.iterdir()}
     assert ("adapter_model.safetensors" in files) == METHODS[name].adapter
     assert "model.safetensors" in files or "adapter_model.safetensors" in files

@@ -32,6 +32,10 @@ class TokenScores:
     valid: np.ndarray
     sensitive: np.ndarray
 
+    def rows(self, rows: list[int]) -> "TokenScores":
+        """The scores of some records only (a client's, a forget set's)."""
+        return TokenScores(self.nll[rows], self.mu[rows], self.sigma[rows], self.valid[rows], self.sensitive[rows])
+
     def record_mean(self, positions: np.ndarray) -> np.ndarray:
         """Mean NLL per record over ``positions`` (N, L-1) bool; NaN where a record has none."""
         counts = positions.sum(axis=1)

@@ -12,27 +12,21 @@ record-level epsilon over the clients (each client's DP-SGD protects its own rec
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from privtune.data.clients import client_summary, split_clients
 from privtune.measures.efficiency import PeakMemory, count_parameters
 from privtune.measures.leakage import mean_loss
 from privtune.measures.token_scores import TokenScores
-from privtune.study import attacking
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.train.federated import FederatedResult, federated_train
 from privtune.train.loop import TrainResult
 from privtune.train.methods import get_method
 
-
-def _rows(scores: TokenScores, rows: list[int]) -> TokenScores:
-    return TokenScores(*(getattr(scores, k)[rows] for k in ("nll", "mu", "sigma", "valid", "sensitive")))
 
 
 def client_leakage(model_members: TokenScores, base_members: TokenScores, model_nonmembers: TokenScores,
@@ -42,7 +36,7 @@ def client_leakage(model_members: TokenScores, base_members: TokenScores, model_
     ce_s_test = mean_loss(model_nonmembers, True)
     out = []
     for rows in member_rows:
-        model, base = _rows(model_members, rows), _rows(base_members, rows)
+        model, base = model_members.rows(rows), base_members.rows(rows)
         ce_s, base_s = mean_loss(model, True), mean_loss(base, True)
         out.append({"ce_s_train": ce_s, "base_ce_s_train": base_s, "leakage_gain": base_s - ce_s,
                     "memorisation_gap": ce_s_test - ce_s, "ce_n_train": mean_loss(model, False)})
@@ -60,22 +54,19 @@ def _privacy(progress: FederatedResult) -> dict | None:
 
 def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None]) -> dict:
     """Train and measure one federated run (``ctx``: the study's :class:`StudyContext`)."""
-    from privtune.study.runner import Evaluation, _efficiency, _save_artifact
+    from privtune.study.runner import Evaluation, efficiency_record, measured_result, prepared_model, training_set
 
     cfg, runtime = ctx.cfg, ctx.runtime
     entry = method_spec(cfg, spec)
     fed = entry.federated
-    scrubbed = ctx.scrubber.training_set(entry.scrub) if entry.scrub else None
-    train_set = scrubbed.data if scrubbed else ctx.data.train
+    scrubbed, train_set = training_set(ctx, spec)
     rows = split_clients(ctx.data.train.records, fed.clients, fed.split, fed.alpha, cfg.data.seed)
     clients = [train_set.subset(r) for r in rows]
     n_members = len(ctx.data.members)
     member_rows = [[i for i in r if i < n_members] for r in rows]
-    method = get_method(spec.method)
-    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
-    model = method.prepare(copy.deepcopy(ctx.loaded.model), entry.settings)
+    model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
-    private = method.private or fed.client_dp is not None
+    private = get_method(spec.method).private or fed.client_dp is not None
     baseline = ctx.base.measures | {"epsilon": 0.0 if private else None}
     on_epoch(0, baseline)
     epochs: list[dict] = [{"epoch": 0, **baseline}]
@@ -95,7 +86,6 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
         progress = federated_train(model, clients, local, fed, runtime, on_round_end=after_round)
     for row in epochs[1:]:  # here, not in after_round: Flower's server runs that in its own thread
         on_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
-    artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     evaluation = latest[0]
     summary = client_summary(ctx.data.train.records, rows)
     leakage = client_leakage(evaluation.members, ctx.base.members, evaluation.nonmembers, member_rows)
@@ -105,21 +95,13 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
         row["epsilon"] = privacy["epsilon"]
     as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
                           steps=progress.steps, tokens=progress.tokens)
-    efficiency = _efficiency(as_loop, memory, trainable, total, runtime)
+    efficiency = efficiency_record(as_loop, memory, trainable, total, runtime)
     efficiency.update(bytes_communicated=progress.bytes_down + progress.bytes_up,
                       client_train_seconds=progress.client_seconds)
-    return {
-        "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
-        "epochs": epochs,
-        "exposure": ctx.exposure(model),
-        "attacks": ctx.attack(model, evaluation),
-        "record_stats": attacking.record_stats(evaluation),
-        "dp": _privacy(progress),
-        "efficiency": efficiency,
-        "artifact": str(artifact) if artifact else None,
-        "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
-        "scrub": scrubbed.stats if scrubbed else None,
-        "federated": {
+    return measured_result(
+        ctx, spec, model, epochs, evaluation, dp=_privacy(progress), efficiency=efficiency,
+        train_tokens=train_set.n_tokens, scrub=scrubbed.stats if scrubbed else None,
+        federated={
             "clients": fed.clients, "rounds": fed.rounds, "local_epochs": fed.local_epochs, "split": fed.split,
             "alpha": fed.alpha if fed.split == "non-iid" else None, "fraction_fit": fed.fraction_fit,
             "bytes_down": progress.bytes_down, "bytes_up": progress.bytes_up,
@@ -128,5 +110,4 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
             "record_dp": progress.record_privacy,
             "leakage_gain_spread": float(np.nanmax([c["leakage_gain"] for c in leakage])
                                          - np.nanmin([c["leakage_gain"] for c in leakage])),
-        },
-    }
+        })

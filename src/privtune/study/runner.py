@@ -144,10 +144,10 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
 
     if spec.role == UNLEARN_ROLE:
         return unlearning.run_unlearning(ctx, spec, on_epoch, on_step)
-    cfg, runtime = ctx.cfg, ctx.runtime
+    runtime = ctx.runtime
     retrain = spec.role == RETRAIN_ROLE
-    scrubbed, train_set = _training_set(ctx, spec)
-    model = _prepared_model(ctx, spec)
+    scrubbed, train_set = training_set(ctx, spec)
+    model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
     baseline = ctx.base.measures | {"epsilon": 0.0 if get_method(spec.method).private else None}
     on_epoch(0, baseline)
@@ -164,19 +164,31 @@ def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lamb
         latest[:] = [evaluation]
 
     result, memory = _measured_training(ctx, spec, model, train_set, on_epoch_end=after_epoch, on_step=on_step)
-    artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
+    return measured_result(
+        ctx, spec, model, epochs, latest[0], dp=result.privacy.as_dict() if result.privacy else None,
+        efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=train_set.n_tokens,
+        scrub=scrubbed.stats if scrubbed else None,
+        **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}))
+
+
+def measured_result(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, epochs: list[dict],
+                    evaluation: Evaluation, *, dp: dict | None, efficiency: dict, train_tokens: int,
+                    **sections) -> dict:
+    """The result every trained run stores (a plain, federated or unlearning run alike):
+    its per-epoch measures, exposure and attacks on the final model, its cost, and the
+    method's own ``sections``; the model is saved first when the study keeps artifacts."""
+    artifact = save_artifact(ctx, spec, model) if ctx.cfg.save_artifacts else None
     return {
         "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
         "epochs": epochs,
         "exposure": ctx.exposure(model),
-        "attacks": ctx.attack(model, latest[0]),
-        "record_stats": attacking.record_stats(latest[0]),
-        "dp": result.privacy.as_dict() if result.privacy else None,
-        "efficiency": _efficiency(result, memory, trainable, total, runtime),
+        "attacks": ctx.attack(model, evaluation),
+        "record_stats": attacking.record_stats(evaluation),
+        "dp": dp,
+        "efficiency": efficiency,
         "artifact": str(artifact) if artifact else None,
-        "data": {**ctx.data.summary(), "train_tokens": train_set.n_tokens},
-        "scrub": scrubbed.stats if scrubbed else None,
-        **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}),
+        "data": {**ctx.data.summary(), "train_tokens": train_tokens},
+        **sections,
     }
 
 
@@ -188,11 +200,11 @@ def train_share(ctx: StudyContext, spec: RunSpec) -> None:
     """
     if spec.is_base or spec.role == UNLEARN_ROLE or method_spec(ctx.cfg, spec).federated:
         return  # rank 0 alone: the base is only measured; unlearning and Flower's clients have loops of their own
-    data = _shadow_half(ctx, spec)[1] if spec.is_shadow else _training_set(ctx, spec)[1]
-    _measured_training(ctx, spec, _prepared_model(ctx, spec), data)
+    data = _shadow_half(ctx, spec)[1] if spec.is_shadow else training_set(ctx, spec)[1]
+    _measured_training(ctx, spec, prepared_model(ctx, spec), data)
 
 
-def _training_set(ctx: StudyContext, spec: RunSpec):
+def training_set(ctx: StudyContext, spec: RunSpec):
     """(scrubbing outcome or None, the encoded set the run trains on)."""
     scrub = method_spec(ctx.cfg, spec).scrub
     scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
@@ -204,7 +216,7 @@ def _training_set(ctx: StudyContext, spec: RunSpec):
     return scrubbed, train_set
 
 
-def _prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
+def prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
     torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
     return get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(ctx.cfg, spec).settings)
 
@@ -220,7 +232,7 @@ def _measured_training(ctx: StudyContext, spec: RunSpec, model, data: EncodedDat
     return result, memory
 
 
-def _efficiency(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
+def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
     group = distributed.current()
     return {
         "train_seconds": result.seconds,
@@ -256,7 +268,7 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
 def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None]) -> dict:
     """Train a shadow model on a random half of the population; keep only its record stats."""
     inside, half = _shadow_half(ctx, spec)
-    model = _prepared_model(ctx, spec)
+    model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
     result, memory = _measured_training(ctx, spec, model, half, on_step=on_step)
     evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
@@ -264,7 +276,7 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
         "record_stats": attacking.record_stats(evaluation),
         "shadow_in": np.asarray(inside, dtype=bool).tolist(),
         "dp": result.privacy.as_dict() if result.privacy else None,
-        "efficiency": _efficiency(result, memory, trainable, total, ctx.runtime),
+        "efficiency": efficiency_record(result, memory, trainable, total, ctx.runtime),
     }
 
 
@@ -280,7 +292,7 @@ def _shadow_half(ctx: StudyContext, spec: RunSpec) -> tuple[list[bool], EncodedD
     return inside, encode_records(records, ctx.loaded.tokenizer, cfg.data.max_length)
 
 
-def _save_artifact(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module) -> Path:
+def save_artifact(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module) -> Path:
     """Save the model (or adapter) as safetensors; written aside, then renamed into place."""
     final = ctx.artifacts_dir / spec.run_id
     partial = ctx.artifacts_dir / f".{spec.run_id}.partial-{os.getpid()}"

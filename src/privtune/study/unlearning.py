@@ -42,12 +42,10 @@ from privtune.config import ForgetSettings
 from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import PeakMemory, count_parameters
 from privtune.measures.leakage import mean_loss
-from privtune.measures.token_scores import TokenScores
-from privtune.study import attacking
 from privtune.study.external import load_audited_model
 from privtune.study.forget import ForgetSet, resolve_forget_set
 from privtune.study.plan import RunSpec
-from privtune.study.runner import Evaluation, StudyContext, _efficiency, _save_artifact
+from privtune.study.runner import Evaluation, StudyContext, efficiency_record, measured_result
 from privtune.study.unlearning_plan import retrain_run_id, source_run_id
 from privtune.train.methods import get_method
 from privtune.train.unlearn import UnlearnPlan, unlearn
@@ -64,14 +62,11 @@ def _method(ctx: StudyContext, label: str):
     return next(m for m in ctx.cfg.methods if m.label == label)
 
 
-def training_set(ctx: StudyContext, label: str):
+def source_training_set(ctx: StudyContext, label: str):
     """What method ``label`` trains on: the study's training set, or its scrubbed copy."""
     scrub = _method(ctx, label).scrub
     return ctx.scrubber.training_set(scrub).data if scrub else ctx.data.train
 
-
-def _rows(scores: TokenScores, rows: list[int]) -> TokenScores:
-    return TokenScores(*(getattr(scores, k)[rows] for k in ("nll", "mu", "sigma", "valid", "sensitive")))
 
 
 def _strongest(entries: list[dict]) -> dict | None:
@@ -82,8 +77,8 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
     """What ``model`` still knows of the forget set, and what it kept of the rest."""
     members = ctx.data.members.records
     f_rows, r_rows = forget.rows(members)
-    own_f, own_r = _rows(evaluation.members, f_rows), _rows(evaluation.members, r_rows)
-    base_f, base_r = _rows(ctx.base.members, f_rows), _rows(ctx.base.members, r_rows)
+    own_f, own_r = evaluation.members.rows(f_rows), evaluation.members.rows(r_rows)
+    base_f, base_r = ctx.base.members.rows(f_rows), ctx.base.members.rows(r_rows)
     out = {
         "individuals": len(forget.individuals), "forget_records": len(f_rows), "retain_records": len(r_rows),
         "forget_ce_s": mean_loss(own_f, True), "forget_ce_n": mean_loss(own_f, False),
@@ -97,7 +92,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
         return out
     forget_records, nonmembers = [members[i] for i in f_rows], ctx.data.nonmembers.records
     ref_members, ref_nonmembers = ctx.reference_scores()
-    mia = score_attacks(own_f, evaluation.nonmembers, _rows(ref_members, f_rows), ref_nonmembers, forget_records,
+    mia = score_attacks(own_f, evaluation.nonmembers, ref_members.rows(f_rows), ref_nonmembers, forget_records,
                         nonmembers, levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k,
                         fprs=tuple(cfg.mia.fprs), n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)
     strongest = _strongest(mia)
@@ -118,7 +113,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
 def forget_curve(evaluation: Evaluation, forget: ForgetSet, records) -> dict:
     """The forget set's losses, for the per-epoch rows (cheap: no attack)."""
     f_rows, _ = forget.rows(records)
-    own = _rows(evaluation.members, f_rows)
+    own = evaluation.members.rows(f_rows)
     return {"forget_ce_s": mean_loss(own, True), "forget_ce_n": mean_loss(own, False)}
 
 
@@ -144,7 +139,7 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     settings = spec.config["method"]
     objective = OBJECTIVES[settings["method"]]
     forget = forget_set(ctx, settings["unlearn"]["forget"])
-    forget_data, retain_data = forget.split(training_set(ctx, settings["unlearn"]["source"]))
+    forget_data, retain_data = forget.split(source_training_set(ctx, settings["unlearn"]["source"]))
     torch.manual_seed(spec.seed)
     model = load_source(ctx, spec)
     trainable, total = count_parameters(model)
@@ -173,23 +168,14 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
         result = unlearn(model, forget_data, retain_data, plan, runtime, reference=reference,
                          on_epoch_end=after_epoch, on_step=on_step)
     del reference
-    artifact = _save_artifact(ctx, spec, model) if cfg.save_artifacts else None
     evaluation = latest[0]
-    return {
-        "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
-        "epochs": epochs,
-        "exposure": ctx.exposure(model),
-        "attacks": ctx.attack(model, evaluation),
-        "record_stats": attacking.record_stats(evaluation),
-        "dp": None,
-        "efficiency": _efficiency(result, memory, trainable, total, runtime),
-        "artifact": str(artifact) if artifact else None,
-        "data": {**ctx.data.summary(), "train_tokens": forget_data.n_tokens},
-        "unlearning": {**forget_report(ctx, model, evaluation, forget), "source": source_report,
-                       "source_run": source_run_id(spec), "retrain_run": retrain_run_id(spec),
-                       "source_label": settings["unlearn"]["source"], "objective": objective.name,
-                       "forget_ids": sorted(forget.individuals)},
-    }
+    return measured_result(
+        ctx, spec, model, epochs, evaluation, dp=None,  # the unlearning steps read the records without noise
+        efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=forget_data.n_tokens,
+        unlearning={**forget_report(ctx, model, evaluation, forget), "source": source_report,
+                    "source_run": source_run_id(spec), "retrain_run": retrain_run_id(spec),
+                    "source_label": settings["unlearn"]["source"], "objective": objective.name,
+                    "forget_ids": sorted(forget.individuals)})
 
 
 def retrain_report(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, evaluation: Evaluation) -> dict:

@@ -12,7 +12,8 @@ loop's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -83,9 +84,21 @@ def plan_privacy(settings: DPSettings, n_records: int, batch_size: int, epochs: 
     return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant)
 
 
-def _out_of_memory(batch: int) -> PrivtuneError:
-    return PrivtuneError(f"out of memory with a physical batch of {batch} records",
-                         "lower train.physical_batch_size (or data.max_length); the logical batch and results stay the same")
+@contextmanager
+def out_of_memory_as_user_error(physical_batch_size: int) -> Iterator[None]:
+    """Turn an out-of-memory error of a training loop into a one-line error naming the fix
+    (the CUDA allocator raises ``OutOfMemoryError``; the CPU allocator a ``RuntimeError``)."""
+    error = PrivtuneError(f"out of memory with a physical batch of {physical_batch_size} records",
+                          "lower train.physical_batch_size (or data.max_length); the logical batch and results stay "
+                          "the same")
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise error from None
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+            raise error from None
+        raise
 
 
 def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime: Runtime, *,
@@ -110,14 +123,8 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     group = distributed.current()
     if group:  # rank 0 may have measured the base model first: wait here, not in a gradient all-reduce
         group.wait_for_main()
-    try:
+    with out_of_memory_as_user_error(plan.physical_batch_size):
         step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
-    except torch.OutOfMemoryError:
-        raise _out_of_memory(plan.physical_batch_size) from None
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-            raise _out_of_memory(plan.physical_batch_size) from None
-        raise
     if group is not None:
         result.tokens = group.sum_int(result.tokens)
     return result

@@ -25,7 +25,7 @@ import torch
 from privtune.data.tokenize import EncodedDataset
 from privtune.measures.efficiency import Stopwatch
 from privtune.models.forward import token_logits
-from privtune.train.loop import TrainResult, _out_of_memory  # one out-of-memory message for both loops
+from privtune.train.loop import TrainResult, out_of_memory_as_user_error
 from privtune.train.losses import per_record_loss
 from privtune.train.precision import Runtime
 from privtune.train.unlearn_objectives import Objective, ga_loss, npo_loss, retain_kl, sequence_nll
@@ -86,14 +86,8 @@ def unlearn(model: torch.nn.Module, forget: EncodedDataset, retain: EncodedDatas
     """
     if plan.objective.retain == "kl" and plan.uses_retain and reference is None:
         raise ValueError("the KL retain term needs the source model as reference")
-    try:
+    with out_of_memory_as_user_error(plan.physical_batch_size):
         return _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_step)
-    except torch.OutOfMemoryError:
-        raise _out_of_memory(plan.physical_batch_size) from None
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-            raise _out_of_memory(plan.physical_batch_size) from None
-        raise
 
 
 def _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_step) -> TrainResult:
