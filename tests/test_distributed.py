@@ -165,3 +165,24 @@ def _rows(cfg) -> dict:
         return {r["label"]: r for r in store.runs(cfg.name)}
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_study_with_unlearning_runs_both_phases_under_torchrun(tmp_path):
+    """Unlearning runs come in a second phase, trained by rank 0 alone: the other ranks must
+    still be there for the first and be released only after the second."""
+    methods = [{"method": "fft"},
+               {"method": "unlearn-ga", "epochs": 1, "unlearn": {"source": "fft", "forget": {"fraction": 0.25}}}]
+    cfg = fast_study(tmp_path, methods=methods, save_artifacts=True)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "privtune", "run", str(study), "--no-report"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = _rows(cfg)
+    assert {label: row["status"] for label, row in rows.items()} == {
+        "base": "done", "fft": "done", "fft+retrain": "done", "fft+unlearn-ga": "done"}
+    assert rows["fft+retrain"]["efficiency"]["world_size"] == 2  # data-parallel, like its source
+    assert "world_size" not in rows["fft+unlearn-ga"]["efficiency"]  # rank 0 alone

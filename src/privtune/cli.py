@@ -63,8 +63,11 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
                   f"methods {', '.join(m.label for m in cfg.methods)}"
                   + (f", data-parallel over {group.world_size} processes" if group else ""))
     started = time.perf_counter()
+    study_executor = _executor(cfg, executor, address, cpus_per_run, group)
     with _left_at_the_end(group):
-        outcome = run_study(cfg, executor=_executor(cfg, executor, address, cpus_per_run, group))
+        outcome = run_study(cfg, executor=study_executor)
+        if group is not None:
+            study_executor.release_followers()  # after the last phase: the other ranks return
     elapsed = time.perf_counter() - started
     if outcome.skipped:
         console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")

@@ -30,9 +30,10 @@ class DataParallelExecutor(LocalExecutor):
 
     group: Group | None = None
 
-    def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
-        super().execute(runs, hooks)
-        self.group.broadcast_object(None)  # the study is over: the other ranks return
+    def release_followers(self) -> None:
+        """Tell the other ranks the study is over: once, after its last phase (a study with
+        unlearning runs calls :meth:`execute` twice)."""
+        self.group.broadcast_object(None)
 
     def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks, progress) -> None:
         self.group.broadcast_object(spec)

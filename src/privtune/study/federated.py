@@ -95,7 +95,7 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
         row["epsilon"] = privacy["epsilon"]
     as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
                           steps=progress.steps, tokens=progress.tokens)
-    efficiency = efficiency_record(as_loop, memory, trainable, total, runtime)
+    efficiency = efficiency_record(as_loop, memory, trainable, total, runtime, data_parallel=False)
     efficiency.update(bytes_communicated=progress.bytes_down + progress.bytes_up,
                       client_train_seconds=progress.client_seconds)
     return measured_result(

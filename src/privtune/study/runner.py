@@ -232,8 +232,11 @@ def _measured_training(ctx: StudyContext, spec: RunSpec, model, data: EncodedDat
     return result, memory
 
 
-def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime) -> dict:
-    group = distributed.current()
+def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime,
+                      data_parallel: bool = True) -> dict:
+    """A run's cost figures; ``data_parallel=False`` for loops that train on rank 0 alone
+    (federated, unlearning), whose figures are one process's under ``torchrun`` too."""
+    group = distributed.current() if data_parallel else None
     return {
         "train_seconds": result.seconds,
         "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),

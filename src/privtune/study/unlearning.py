@@ -171,7 +171,8 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     evaluation = latest[0]
     return measured_result(
         ctx, spec, model, epochs, evaluation, dp=None,  # the unlearning steps read the records without noise
-        efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=forget_data.n_tokens,
+        efficiency=efficiency_record(result, memory, trainable, total, runtime, data_parallel=False),
+        train_tokens=forget_data.n_tokens,
         unlearning={**forget_report(ctx, model, evaluation, forget), "source": source_report,
                     "source_run": source_run_id(spec), "retrain_run": retrain_run_id(spec),
                     "source_label": settings["unlearn"]["source"], "objective": objective.name,
