@@ -131,10 +131,7 @@ def test_privtune_run_under_torchrun_writes_one_row_per_run_from_rank_zero(tmp_p
     two = fast_study(tmp_path / "two", methods=methods)
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(two.model_dump(mode="json")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "privtune", "run", str(study), "--no-report"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = _privtune_run_on_two_ranks(study)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("data-parallel over 2 processes") == 1  # rank 0 alone prints
     assert run_study(one, show_progress=False).failed == {}
@@ -150,13 +147,20 @@ def test_privtune_run_under_torchrun_writes_one_row_per_run_from_rank_zero(tmp_p
     # the failure, and the job stops there; the three rows are untouched.
     bad = {"method": "dp-lora", "label": "bad-delta", "dp": {"target_epsilon": 4.0, "delta": 0.5}}
     study.write_text(yaml.safe_dump(fast_study(tmp_path / "two", methods=[*methods, bad]).model_dump(mode="json")))
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = _privtune_run_on_two_ranks(study)
     assert again.returncode != 0 and "run bad-delta failed in a data-parallel study" in again.stderr
     after = _rows(two)
     assert after["bad-delta"]["status"] == "failed" and "delta" in after["bad-delta"]["error"]
     assert {label: row["final"] for label, row in after.items() if label != "bad-delta"} == \
         {label: row["final"] for label, row in rows[two.name].items()}
+
+
+def _privtune_run_on_two_ranks(study: Path) -> subprocess.CompletedProcess:
+    """``privtune run STUDY`` under ``torchrun`` with 2 gloo processes of one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "privtune", "run", str(study), "--no-report"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _rows(cfg) -> dict:
@@ -176,10 +180,7 @@ def test_a_study_with_unlearning_runs_both_phases_under_torchrun(tmp_path):
     cfg = fast_study(tmp_path, methods=methods, save_artifacts=True)
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "privtune", "run", str(study), "--no-report"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = _privtune_run_on_two_ranks(study)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = _rows(cfg)
     assert {label: row["status"] for label, row in rows.items()} == {
