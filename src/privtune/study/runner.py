@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privtune.config import StudyConfig
+from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.measures.efficiency import PeakMemory, count_parameters, training_flops
 from privtune.measures.exposure import canary_exposure
@@ -204,11 +204,15 @@ def train_share(ctx: StudyContext, spec: RunSpec) -> None:
     _measured_training(ctx, spec, prepared_model(ctx, spec), data)
 
 
+def method_training_set(ctx: StudyContext, entry: MethodSpec):
+    """(scrubbing outcome or None, the encoded set the ``methods`` entry trains on)."""
+    scrubbed = ctx.scrubber.training_set(entry.scrub) if entry.scrub else None  # first: a bad scrub fails fast
+    return scrubbed, scrubbed.data if scrubbed else ctx.data.train
+
+
 def training_set(ctx: StudyContext, spec: RunSpec):
     """(scrubbing outcome or None, the encoded set the run trains on)."""
-    scrub = method_spec(ctx.cfg, spec).scrub
-    scrubbed = ctx.scrubber.training_set(scrub) if scrub else None  # first: a bad scrub setting fails fast
-    train_set = scrubbed.data if scrubbed else ctx.data.train
+    scrubbed, train_set = method_training_set(ctx, method_spec(ctx.cfg, spec))
     if spec.role == RETRAIN_ROLE:  # the reference an unlearned model is held to: never saw the forget set
         from privtune.study import unlearning
 

@@ -45,7 +45,7 @@ from privtune.measures.leakage import mean_loss
 from privtune.study.external import load_audited_model
 from privtune.study.forget import ForgetSet, resolve_forget_set
 from privtune.study.plan import RunSpec
-from privtune.study.runner import Evaluation, StudyContext, efficiency_record, measured_result
+from privtune.study.runner import Evaluation, StudyContext, efficiency_record, measured_result, method_training_set
 from privtune.study.unlearning_plan import retrain_run_id, source_run_id
 from privtune.train.methods import get_method
 from privtune.train.unlearn import UnlearnPlan, unlearn
@@ -60,12 +60,6 @@ def forget_set(ctx: StudyContext, settings: dict) -> ForgetSet:
 
 def _method(ctx: StudyContext, label: str):
     return next(m for m in ctx.cfg.methods if m.label == label)
-
-
-def source_training_set(ctx: StudyContext, label: str):
-    """What method ``label`` trains on: the study's training set, or its scrubbed copy."""
-    scrub = _method(ctx, label).scrub
-    return ctx.scrubber.training_set(scrub).data if scrub else ctx.data.train
 
 
 
@@ -139,7 +133,7 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     settings = spec.config["method"]
     objective = OBJECTIVES[settings["method"]]
     forget = forget_set(ctx, settings["unlearn"]["forget"])
-    forget_data, retain_data = forget.split(source_training_set(ctx, settings["unlearn"]["source"]))
+    forget_data, retain_data = forget.split(method_training_set(ctx, _method(ctx, settings["unlearn"]["source"]))[1])
     torch.manual_seed(spec.seed)
     model = load_source(ctx, spec)
     trainable, total = count_parameters(model)
