@@ -38,25 +38,24 @@ SECURE = ("dp-fft", DPSettings(noise_multiplier=1.0, max_grad_norm=SMALL_C, acco
 
 
 def run_case(method: str, settings: DPSettings | None) -> dict:
-    """Train a tiny Llama; return its first step's gradients and its final trainable parameters."""
+    """Train a tiny Llama; return the gradient of each optimizer step and the final trainable parameters."""
     torch.manual_seed(0)
     model = get_method(method).prepare(tiny_model("llama"), LoraSettings(r=2))
     names = {id(p): n for n, p in model.named_parameters()}
-    first: dict = {}
+    steps: list[dict] = []
 
-    def keep_first_gradients(optimizer, args, kwargs):
-        if not first:
-            first.update({names[id(p)]: p.grad.clone() for group in optimizer.param_groups for p in group["params"]
-                          if p.grad is not None})
+    def keep_gradients(optimizer, args, kwargs):
+        steps.append({names[id(p)]: p.grad.clone() for group in optimizer.param_groups for p in group["params"]
+                      if p.grad is not None})
 
-    hook = register_optimizer_step_pre_hook(keep_first_gradients)
+    hook = register_optimizer_step_pre_hook(keep_gradients)
     try:
         # 12 records, batches of 6 in chunks of 2: the ranks take 3 records each, in 2 chunks.
         train(model, toy_data(12), TrainPlan(epochs=2, batch_size=6, physical_batch_size=2, lr=1e-2,
                                              weight_decay=0.01, seed=0, dp=settings), CPU)
     finally:
         hook.remove()
-    return {"grads": first, "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+    return {"grads": steps[0], "steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
 
 
 def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
@@ -97,15 +96,20 @@ def test_clipping_binds_on_the_tiny_model():
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_gloo_processes_train_like_one(case, two_ranks, one_process):
     expected = one_process[case]
-    for rank in two_ranks:
-        got = rank[case]
-        assert got["grads"].keys() == expected["grads"].keys()
-        for name, grad in expected["grads"].items():
-            # The first step's gradient: the same sum in another order (noise included, once).
-            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=f"{case} grad {name}")
-        for name, param in expected["params"].items():
-            # After 4 Adam steps: Adam magnifies float noise on near-zero gradients.
-            torch.testing.assert_close(got["params"][name], param, rtol=0, atol=1e-5, msg=f"{case} {name}")
+    first, second = (rank[case] for rank in two_ranks)
+    for name in expected["params"]:
+        assert torch.equal(first["params"][name], second["params"][name]), f"{case}: ranks drifted apart on {name}"
+    assert len(first["steps"]) == len(expected["steps"])
+    for step, (got, want) in enumerate(zip(first["steps"], expected["steps"])):
+        assert got.keys() == want.keys()
+        for name, grad in want.items():
+            if step == 0:  # the same sum in another order (noise included, once)
+                torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=f"{case} grad {name}")
+            else:
+                # Same records, but at parameters float noise apart: Adam divides by sqrt(v), so noise on a
+                # 1e-9 gradient becomes a visible step. Another batch would be off by its whole size.
+                torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-3 * grad.abs().max().item(),
+                                           msg=f"{case} step {step} grad {name}")
 
 
 @pytest.mark.slow
