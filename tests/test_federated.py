@@ -149,6 +149,24 @@ def test_fedavg_weights_clients_by_record_count(tiny):
     assert result.participation == [1, 1] and result.steps > 0
 
 
+@pytest.mark.slow
+def test_a_seed_chooses_the_same_clients_and_gives_the_same_model(tiny):
+    loaded, data = tiny
+    clients = [data.subset([i]) for i in range(4)]
+    fed = FederatedSettings(clients=4, rounds=3, fraction_fit=0.5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_method("lora").prepare(copy.deepcopy(loaded.model), LoraSettings(r=2))
+        result = federated_train(model, clients, PLAN, fed, RUNTIME)
+        runs.append((result, params(model, trainable_names(model))))
+    (first, a), (second, b) = runs
+    chosen = [r["chosen"] for r in first.rounds]
+    assert chosen == [r["chosen"] for r in second.rounds] and all(len(c) == 2 for c in chosen)
+    assert first.participation == [sum(c in round_ for round_ in chosen) for c in range(4)]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 class _Reply:
     def __init__(self, arrays):
         self.content = {"arrays": arrays}

@@ -34,10 +34,12 @@ stay one code path. Three things are privtune's, and why:
   all ``rounds x local_epochs`` of its records, and its epsilon is accounted over the
   rounds it actually took part in. That epsilon is per client and per record.
 
-Without ``client_dp`` Flower samples ``int(fraction_fit x clients)`` clients per round
-at random (not seeded by privtune). Non-private clients of one round share a shuffle
-seed (their records differ anyway), which is what makes FedAvg of identical clients
-equal to centralised training step for step; DP clients draw their own noise.
+Clients are chosen by privtune's seeded generator, not Flower's ``random.sample``, and
+by client rather than by Flower's node ids (random per run), so a seed repeats a run:
+``int(fraction_fit x clients)`` of them per round without ``client_dp``. Non-private
+clients of one round share a shuffle seed (their records differ anyway), which is what
+makes FedAvg of identical clients equal to centralised training step for step; DP
+clients draw their own noise.
 
 The engine cannot nest in a Ray task (privtune's Ray executor): its actors would ask
 the cluster for CPUs the run's own task already holds, so federated runs are refused
@@ -181,6 +183,11 @@ def _client_app(kit_id: str, kit_ref, seed: int):
 
     app = ClientApp()
 
+    @app.query()
+    def _client(msg, context):
+        return Message(RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}),
+                       reply_to=msg)
+
     @app.train()
     def _train(msg, context):
         import ray
@@ -222,23 +229,36 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
                              min_train_nodes=max(1, int(n_clients * fed.fraction_fit)),
                              min_available_nodes=n_clients)
             self.rng = np.random.default_rng(seed)
+            self.nodes = None
             self.current = None
             self.started = 0.0
 
         def configure_train(self, server_round, arrays, config, grid):
             self.current, self.started = arrays, time.perf_counter()
-            if privacy is None:
-                messages = list(super().configure_train(server_round, arrays, config, grid))
-            else:
-                nodes, _ = sample_nodes(grid, n_clients, n_clients)
-                chosen = [n for n in sorted(nodes) if self.rng.random() < privacy.sample_rate]
-                config["server-round"] = server_round
-                record = RecordDict({"arrays": arrays, "config": config})
-                messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in chosen]
+            nodes = self._node_of_client(grid)
+            config["server-round"] = server_round
+            record = RecordDict({"arrays": arrays, "config": config})
+            chosen = self._choose_clients()
+            messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nodes[c]) for c in chosen]
             out.bytes_down += arrays.count_bytes() * len(messages)
-            out.rounds.append({"round": server_round, "clients": len(messages),
+            out.rounds.append({"round": server_round, "clients": len(messages), "chosen": chosen,
                                "bytes_down": arrays.count_bytes() * len(messages)})
             return messages
+
+        def _node_of_client(self, grid) -> dict[int, int]:
+            """Flower numbers its nodes at random each run: ask every node its client once."""
+            if self.nodes is None:
+                node_ids, _ = sample_nodes(grid, n_clients, n_clients)
+                asks = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+                self.nodes = {int(r.content["metrics"]["client"]): r.metadata.src_node_id
+                              for r in grid.send_and_receive(asks)}
+            return self.nodes
+
+        def _choose_clients(self) -> list[int]:
+            """Seeded: int(fraction_fit x N) clients, or each with probability fraction_fit under client DP."""
+            if privacy is None:
+                return sorted(self.rng.choice(n_clients, size=self.min_train_nodes, replace=False).tolist())
+            return [c for c in range(n_clients) if self.rng.random() < privacy.sample_rate]
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
