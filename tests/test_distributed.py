@@ -55,7 +55,8 @@ def run_case(method: str, settings: DPSettings | None) -> dict:
                                              weight_decay=0.01, seed=0, dp=settings), CPU)
     finally:
         hook.remove()
-    return {"grads": steps[0], "steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"grads": steps[0], "steps": steps, "params": trained}
 
 
 def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
