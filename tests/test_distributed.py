@@ -56,7 +56,7 @@ def run_case(method: str, settings: DPSettings | None) -> dict:
     finally:
         hook.remove()
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"grads": steps[0], "steps": steps, "params": trained}
+    return {"steps": steps, "params": trained}
 
 
 def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
@@ -115,7 +115,7 @@ def test_two_gloo_processes_train_like_one(case, two_ranks, one_process):
 
 @pytest.mark.slow
 def test_noise_is_added_once_not_per_rank(two_ranks, one_process):
-    noisy, clean = two_ranks[0]["dp-fft-noisy"]["grads"], one_process["dp-fft-clipped"]["grads"]
+    noisy, clean = two_ranks[0]["dp-fft-noisy"]["steps"][0], one_process["dp-fft-clipped"]["steps"][0]
     noise = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean])
     # grad = (clipped sum + N(0, sigma^2 C^2)) / (q N) with sigma = 1, q N = 6: one draw, not two summed.
     assert noise.std().item() == pytest.approx(SMALL_C / 6, rel=0.05)
