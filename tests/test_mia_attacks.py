@@ -34,7 +34,8 @@ def test_loss_and_zlib_by_hand():
     s = TokenScores(nll, np.zeros_like(nll), np.ones_like(nll), valid, valid)
     x = AttackInputs(s, valid, np.array([10.0, 4.0]))
     assert get_attack("loss")(x) == pytest.approx([-2.0, -0.5])
-    assert get_attack("zlib")(x) == pytest.approx([-6.0 / 10, -1.0 / 4])
+    # mean NLL (log-perplexity) over zlib bytes: Carlini et al. 2021, MIMIR's zlib.py
+    assert get_attack("zlib")(x) == pytest.approx([-2.0 / 10, -0.5 / 4])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -45,11 +46,65 @@ def test_min_k_and_min_k_pp_equal_a_direct_per_record_loop(seed, k):
     got_k, got_pp = get_attack("min_k")(x), get_attack("min_k_pp")(x)
     for i in range(7):
         idx = np.flatnonzero(s.valid[i])
-        take = max(1, int(np.ceil(k * len(idx))))
+        take = max(1, int(k * len(idx)))  # the papers' code: int(n * k), at least one
         logp = sorted(-s.nll[i, idx])
         assert got_k[i] == pytest.approx(np.mean(logp[:take]))
         z = sorted((-s.nll[i, t] - s.mu[i, t]) / s.sigma[i, t] for t in idx)
         assert got_pp[i] == pytest.approx(np.mean(z[:take]))
+
+
+def test_min_k_takes_the_floor_of_k_n_tokens():
+    """Seven tokens at k = 0.2: floor(1.4) = 1 token, the lowest; at k = 0.5: floor(3.5) = 3."""
+    logp = np.array([[-1.0, -5.0, -2.0, -4.0, -3.0, -0.5, -6.0]])
+    valid = np.ones_like(logp, dtype=bool)
+    s = TokenScores(-logp, np.zeros_like(logp), np.ones_like(logp), valid, valid)
+    assert get_attack("min_k")(AttackInputs(s, valid, np.ones(1), k=0.2)) == pytest.approx([-6.0])
+    assert get_attack("min_k")(AttackInputs(s, valid, np.ones(1), k=0.5)) == pytest.approx([-5.0])
+    assert get_attack("min_k_pp")(AttackInputs(s, valid, np.ones(1), k=0.5)) == pytest.approx([-5.0])
+    assert get_attack("min_k")(AttackInputs(s, valid, np.ones(1), k=0.1)) == pytest.approx([-6.0])  # at least 1
+
+
+def _scored_characters(text: str, kept: list[tuple[int, int]], span: Span) -> str:
+    """The characters of ``span`` covered by the kept tokens, found token by token."""
+    covered = set()
+    for a, b in kept:
+        covered.update(range(max(a, span.start), min(b, span.end)))
+    return "".join(text[c] for c in sorted(covered))
+
+
+def test_zlib_scores_exactly_the_trained_window_by_hand():
+    """A record truncated at max_length tokens: zlib compresses the text its kept tokens
+    cover (and at sensitive level the parts of values they cover), and divides their
+    mean NLL by that length."""
+    from privtune.attacks.mia import zlib_lengths
+    from privtune.data.tokenize import trained_windows
+
+    tok, max_length = tiny_tokenizer(), 14
+    long_text = "Call Jane Doe at 555-0100 now, or write to jane.doe@example.com about order 991."
+    spans = [Span(long_text.index(v), long_text.index(v) + len(v), label) for v, label in
+             (("Jane Doe", "NAME"), ("555-0100", "PHONE"), ("jane.doe@example.com", "EMAIL"))]
+    records = [Record("a", "a", long_text, spans), Record("b", "b", "Hi Bo Li!", [Span(3, 8, "NAME")])]
+    data = encode_records(records, tok, max_length)
+    rng = np.random.default_rng(0)
+    valid = data.attention_mask[:, 1:].numpy() == 1
+    nll = rng.gamma(2.0, 1.0, valid.shape)
+    scores = TokenScores(nll, np.zeros_like(nll), np.ones_like(nll), valid, data.sensitive[:, 1:].numpy() & valid)
+    windows = trained_windows(records, tok, max_length)
+    for level, positions in (("record", scores.valid), ("sensitive", scores.sensitive)):
+        got = get_attack("zlib")(AttackInputs(scores, positions, zlib_lengths(windows, level)))
+        for i, record in enumerate(records):
+            kept = tok(record.text, return_offsets_mapping=True)["offset_mapping"][:max_length]
+            if level == "record":
+                text = record.text[:kept[-1][1]]
+            else:
+                text = " ".join(filter(None, (_scored_characters(record.text, kept, s) for s in record.spans)))
+            mean_nll = nll[i][positions[i]].mean()
+            assert got[i] == pytest.approx(-mean_nll / len(zlib.compress(text.encode("utf-8")))), (level, i)
+    # the long record was truncated inside the phone number; the short one is whole
+    assert windows[0].text == "Call Jane Doe at 555-01" and windows[1] == records[1]
+    assert [long_text[s.start:s.end] for s in windows[0].spans] == ["Jane Doe", "555-01"]
+    # and the window is what training saw: it tokenises to the same ids
+    assert tok(windows[0].text)["input_ids"] == data.input_ids[0, :max_length].tolist()
 
 
 def test_records_without_scored_tokens_are_dropped_not_fatal():

@@ -5,19 +5,26 @@ higher meaning "more likely a member". They are registered by name, so a study c
 can pick them and a new one is one decorated function:
 
 - ``loss`` (Yeom et al., 2018): −mean NLL.
-- ``zlib`` (Carlini et al., 2021, "Extracting training data from large language models"):
-  −(total NLL) / zlib-compressed length of the scored text; texts that are merely easy
-  (repetitive, formulaic) compress well and are discounted.
+- ``zlib`` (Carlini et al., 2021, "Extracting training data from large language models",
+  §5.1; as in MIMIR's ``zlib.py``): −(mean token NLL, i.e. log-perplexity) / zlib entropy,
+  the byte length of ``zlib.compress(text.encode("utf-8"))`` of the very text whose tokens
+  were scored; texts that are merely easy (repetitive, formulaic) compress well and are
+  discounted.
 - ``min_k`` (Shi et al., 2024, "Detecting pretraining data", Min-K% Prob): mean
-  log-probability of the k% least likely tokens.
+  log-probability of the k% least likely tokens: ``floor(k·n)`` of a record's n scored
+  tokens (at least one), as the paper's code takes ``int(n·k)``.
 - ``min_k_pp`` (Zhang et al., 2024, Min-K%++): the same over ``(log p − μ) / σ``, where μ
-  and σ are the mean and spread of log p over the vocabulary at that position.
+  and σ are the mean and spread of log p over the vocabulary at that position, over the
+  same ``floor(k·n)`` tokens (Zhang et al.'s code, likewise ``int(n·k)``).
 - ``reference`` (Carlini et al., 2021): −(mean NLL under the target − mean NLL under a
   reference model), with the base model θ0 as the default reference.
 
 Every attack runs at two levels: the whole record, and its sensitive tokens only (the
-zlib length is then that of the record's sensitive values). A record with no scored
-token gets NaN and is left out of that attack's metrics.
+zlib text is then the record's sensitive values, joined by spaces). Records are scored
+as trained: truncated to ``data.max_length`` tokens, so the records given to
+:func:`score_attacks` are the trained windows (:func:`privtune.data.tokenize.trained_windows`)
+and zlib compresses exactly the text, or the parts of values, that the scored tokens
+cover. A record with no scored token gets NaN and is left out of that attack's metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ class AttackInputs:
 
     target: TokenScores
     positions: np.ndarray  # (N, L-1) bool: the tokens to score
-    zlib_bytes: np.ndarray  # (N,) compressed length of the scored text
+    zlib_bytes: np.ndarray  # (N,) zlib-compressed byte length of the scored text
     reference: TokenScores | None = None
     k: float = 0.2
 
@@ -73,11 +80,11 @@ def _masked_mean(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def _mean_of_lowest(values: np.ndarray, positions: np.ndarray, k: float) -> np.ndarray:
-    """Per record, the mean of the ``ceil(k · n)`` lowest values among its positions."""
+    """Per record, the mean of the ``floor(k · n)`` (at least 1) lowest values among its positions."""
     filled = np.where(positions, values, np.inf)
     ordered = np.sort(filled, axis=1)  # scored positions first, lowest first
     counts = positions.sum(axis=1)
-    take = np.maximum(1, np.ceil(k * counts)).astype(int)
+    take = np.maximum(1, np.floor(k * counts)).astype(int)
     keep = np.arange(ordered.shape[1])[None, :] < take[:, None]
     out = _masked_mean(np.where(keep, ordered, 0.0), keep)
     return np.where(counts > 0, out, np.nan)
@@ -90,9 +97,7 @@ def loss_attack(x: AttackInputs) -> np.ndarray:
 
 @register_attack("zlib")
 def zlib_attack(x: AttackInputs) -> np.ndarray:
-    total = np.where(x.positions, x.target.nll, 0.0).sum(axis=1)
-    score = -total / np.maximum(x.zlib_bytes, 1)
-    return np.where(x.positions.any(axis=1), score, np.nan)
+    return -_masked_mean(x.target.nll, x.positions) / np.maximum(x.zlib_bytes, 1)
 
 
 @register_attack("min_k")
@@ -114,7 +119,9 @@ def reference_attack(x: AttackInputs) -> np.ndarray:
 
 
 def zlib_lengths(records: list[Record], level: str) -> np.ndarray:
-    """Compressed byte length of each record's text, or of its sensitive values."""
+    """zlib-compressed byte length of each record's text, or of its sensitive values.
+
+    ``records`` must be the trained windows, so that the text is the scored text."""
     def text(r: Record) -> str:
         return r.text if level == "record" else " ".join(value for _, value in r.span_values())
     return np.array([len(zlib.compress(text(r).encode("utf-8"))) for r in records], dtype=float)
@@ -134,6 +141,8 @@ def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference
 
     ``target``/``target_nonmembers`` are the attacked model's scores on members and
     non-members; the reference scores (same records) enable the ``reference`` attack.
+    ``member_records``/``nonmember_records`` are the records as scored, i.e. cut to the
+    trained window (:func:`privtune.data.tokenize.trained_windows`): zlib reads their text.
     """
     if not member_records or not nonmember_records:
         raise PrivtuneError("membership inference needs members and non-members",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from privtune.data.records import Record
+from privtune.data.records import Record, Span
 from privtune.errors import PrivtuneError
 from privtune.train.losses import IGNORE_INDEX
 
@@ -62,14 +62,41 @@ def token_mask(offsets: list[tuple[int, int]], record: Record) -> list[bool]:
     return mask
 
 
-def encode_records(records: list[Record], tokenizer, max_length: int) -> EncodedDataset:
-    """Tokenise, truncate to ``max_length`` and right-pad ``records``."""
+def _encode(records: list[Record], tokenizer, max_length: int):
+    """The one tokenisation of training and scoring: truncated to ``max_length``, with offsets."""
     if not getattr(tokenizer, "is_fast", False):
         raise PrivtuneError("the tokenizer is not a fast tokenizer, so it has no character offsets",
                             "use a model whose tokenizer has a tokenizer.json")
+    return tokenizer([r.text for r in records], return_offsets_mapping=True, truncation=True,
+                     max_length=max_length, add_special_tokens=True)
+
+
+def cut_record(record: Record, end: int) -> Record:
+    """``record`` with its text cut at character ``end``: spans past it dropped, a span
+    that straddles it clipped to its first part."""
+    spans = [Span(s.start, min(s.end, end), s.label) for s in record.spans if s.start < end]
+    return Record(record.id, record.individual, record.text[:end], spans, record.meta)
+
+
+def trained_windows(records: list[Record], tokenizer, max_length: int) -> list[Record]:
+    """Each record as training and scoring see it: cut after the last of its first
+    ``max_length`` tokens (the end of that token's characters, from the tokenizer's
+    offsets). A record shorter than ``max_length`` tokens is returned whole."""
+    if not records:
+        return []
+    enc = _encode(records, tokenizer, max_length)
+    out = []
+    for record, offsets in zip(records, enc["offset_mapping"]):
+        end = max((b for a, b in offsets if b > a), default=0)
+        truncated = len(offsets) >= max_length and end < len(record.text)
+        out.append(cut_record(record, end) if truncated else record)
+    return out
+
+
+def encode_records(records: list[Record], tokenizer, max_length: int) -> EncodedDataset:
+    """Tokenise, truncate to ``max_length`` and right-pad ``records``."""
+    enc = _encode(records, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = tokenizer([r.text for r in records], return_offsets_mapping=True, truncation=True,
-                    max_length=max_length, add_special_tokens=True)
     n = len(records)
     input_ids = torch.full((n, max_length), pad_id, dtype=torch.long)
     attention = torch.zeros((n, max_length), dtype=torch.long)

@@ -16,6 +16,8 @@ from privtune.attacks.extraction import pii_inference, prefix_extraction
 from privtune.attacks.generation import generate_continuations
 from privtune.attacks.mia import score_attacks
 from privtune.attacks.shadow import record_statistic, sequence_loglik
+from privtune.data.records import Record
+from privtune.data.tokenize import trained_windows
 from privtune.errors import PrivtuneError
 from privtune.measures.token_scores import TokenScores
 
@@ -33,6 +35,11 @@ def positions(scores: TokenScores, level: str) -> np.ndarray:
     return scores.valid if level == "record" else scores.sensitive
 
 
+def scored_records(ctx, records: list[Record]) -> list[Record]:
+    """``records`` cut to the window they were trained and scored on (``data.max_length``)."""
+    return trained_windows(records, ctx.loaded.tokenizer, ctx.cfg.data.max_length)
+
+
 def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
     """Every configured attack on ``model``; ``evaluation`` holds its token scores."""
     cfg = ctx.cfg.attacks
@@ -41,10 +48,12 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
     ref_members, ref_nonmembers = ctx.reference_scores()
     members, nonmembers = ctx.data.members.records, ctx.data.nonmembers.records
     out = {"mia": score_attacks(
-        evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers, members, nonmembers,
-        levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
-        n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)}
-    common = dict(device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype, seed=ctx.cfg.data.seed)
+        evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers,
+        scored_records(ctx, members), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels),
+        attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs), n_bootstrap=cfg.mia.n_bootstrap,
+        seed=ctx.cfg.data.seed)}
+    common = dict(max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
+                  seed=ctx.cfg.data.seed)
     tokenizer = ctx.loaded.tokenizer
     if cfg.extraction.enabled:
         ex = cfg.extraction

@@ -42,6 +42,7 @@ from privtune.config import ForgetSettings
 from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import PeakMemory, count_parameters
 from privtune.measures.leakage import mean_loss
+from privtune.study.attacking import scored_records
 from privtune.study.external import load_audited_model
 from privtune.study.forget import ForgetSet, resolve_forget_set
 from privtune.study.plan import RunSpec
@@ -86,8 +87,8 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
         return out
     forget_records, nonmembers = [members[i] for i in f_rows], ctx.data.nonmembers.records
     ref_members, ref_nonmembers = ctx.reference_scores()
-    mia = score_attacks(own_f, evaluation.nonmembers, ref_members.rows(f_rows), ref_nonmembers, forget_records,
-                        nonmembers, levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k,
+    mia = score_attacks(own_f, evaluation.nonmembers, ref_members.rows(f_rows), ref_nonmembers,
+                        scored_records(ctx, forget_records), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k,
                         fprs=tuple(cfg.mia.fprs), n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)
     strongest = _strongest(mia)
     loss = next((e for e in mia if e["attack"] == "loss" and e["level"] == "record"), None)
@@ -98,7 +99,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
         ex = cfg.extraction
         extraction = prefix_extraction(model, ctx.loaded.tokenizer, forget_records, nonmembers,
                                        max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,
-                                       device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
+                                       max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
                                        seed=ctx.cfg.data.seed)
         out.update(extraction=extraction, forget_extraction=extraction["greedy"]["ALL"]["member_rate"])
     return out
