@@ -59,21 +59,25 @@ def gaussian_world(rng, n=400, n_models=16, delta=1.0, spread=3.0, noise=0.5, he
     return member, target, shadow, shadow_in
 
 
-def sequence_world(rng, n=400, n_models=8, delta=0.06, noise=0.04, references_train=True):
-    """Like ``gaussian_world`` but in sequence log-likelihoods: T_i tokens of mean NLL d_i.
+def sequence_world(rng, n=400, n_models=8, delta=0.06, noise=0.04, references_train=True, paired=False):
+    """Like ``gaussian_world`` but in RMIA's signal for texts: the mean token
+    log-probability, −d_i for a record of mean NLL d_i, raised by Δ when trained on.
 
-    Returns membership, target logliks, reference logliks, reference membership, lengths.
+    ``paired``: references 2j and 2j+1 train on complementary halves, so every record has
+    an IN and an OUT reference (the online rule's condition).
+
+    Returns membership, target, reference values, reference membership.
     """
-    lengths = rng.integers(15, 40, n).astype(float)
     difficulty = rng.uniform(0.5, 4.0, n)
     member = rng.random(n) < 0.5
     ref_in = halves(rng, n_models, n) if references_train else np.zeros((n_models, n), dtype=bool)
+    if paired:
+        ref_in[1::2] = ~ref_in[0::2]
 
-    def loglik(inside):
-        per_token = -difficulty + delta * inside + rng.normal(0.0, noise, inside.shape)
-        return lengths * per_token
+    def mean_log_prob(inside):
+        return -difficulty + delta * inside + rng.normal(0.0, noise, inside.shape)
 
-    return member, loglik(member), loglik(ref_in), ref_in, lengths
+    return member, mean_log_prob(member), mean_log_prob(ref_in), ref_in
 
 
 def auc(member, score) -> float:
@@ -146,21 +150,21 @@ def test_calibrated_attacks_beat_the_loss_attack_when_difficulty_varies():
 
 def test_rmia_on_sequence_likelihoods_beats_the_loss_attack_online_and_offline():
     rng = np.random.default_rng(2)
-    member, target, refs, ref_in, lengths = sequence_world(rng)
+    member, target, refs, ref_in = sequence_world(rng, paired=True)
     # held-out population z, OUT of every reference model; only non-members of θ are kept
-    z_member, z_target, z_refs, _, z_lengths = sequence_world(rng, references_train=False)
+    z_member, z_target, z_refs, _ = sequence_world(rng, references_train=False)
     z_target = np.where(z_member, np.nan, z_target)
     loss_auc = auc(member, target)
     assert loss_auc < 0.65
-    kwargs = dict(target_lengths=lengths, population_lengths=z_lengths)  # a tuned on the references
-    online = rmia(target, refs, ref_in, z_target, z_refs, **kwargs)
-    offline = rmia(target, refs, ref_in, z_target, z_refs, online=False, **kwargs)
+    # a tuned on the references; z have no IN reference, so online needs population_in
+    online = rmia(target, refs, ref_in, target, refs, population_in=ref_in, online=True)
+    offline = rmia(target, refs, ref_in, z_target, z_refs, online=False)
     assert auc(member, online) > loss_auc + 0.15
     assert auc(member, offline) > loss_auc + 0.15
     assert np.nanmin(online) >= 0 and np.nanmax(online) <= 1
     # the paper's image-classifier a = 0.3 would waste the references on token sequences
-    assert auc(member, rmia(target, refs, ref_in, z_target, z_refs, online=False, offline_a=0.3,
-                            **kwargs)) < loss_auc + 0.1
+    assert auc(member, rmia(target, refs, ref_in, z_target, z_refs, online=False, offline_a=0.3)) < \
+        auc(member, offline) - 0.1
 
 
 def test_tune_offline_a_recovers_the_linear_relation_of_single_predictions():
@@ -175,8 +179,8 @@ def test_tune_offline_a_recovers_the_linear_relation_of_single_predictions():
 
 def test_tune_offline_a_prefers_one_for_token_sequences_and_defaults_without_in_models():
     rng = np.random.default_rng(22)
-    _, _, refs, ref_in, lengths = sequence_world(rng, n=300)
-    assert tune_offline_a(refs, ref_in, lengths) >= 0.9
+    _, _, refs, ref_in = sequence_world(rng, n=300)
+    assert tune_offline_a(refs, ref_in) >= 0.9
     assert tune_offline_a(refs, np.zeros_like(ref_in)) == 1.0  # nothing to tune on
     assert tune_offline_a(refs[:1], ref_in[:1]) == 1.0
 
@@ -358,102 +362,127 @@ def test_lira_rejects_impossible_memberships_and_options():
 
 # --------------------------------------------------------------------------- RMIA against a reference
 
-def rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online):
-    """Pairwise loop in probability space, the paper's formulas on single predictions."""
+def rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online=None):
+    """Pairwise loop in probability space, the paper's formulas on single predictions,
+    with one rule for every record: online only where every x and z has IN and OUT."""
+    if online is None:
+        online = all((inside & np.isfinite(values)).any() and (~inside & np.isfinite(values)).any()
+                     for matrix, member in ((refs, ref_in), (z_refs, z_in))
+                     for values, inside in zip(matrix.T, member.T) if np.isfinite(values).any())
+
     def pr_x(values, inside):
         p_in, p_out = np.exp(values[inside]), np.exp(values[~inside])
-        if not p_out.size:  # documented fallback: the IN average alone
-            return p_in.mean()
-        if online and p_in.size:
+        if online:
             return (p_in.mean() + p_out.mean()) / 2
+        if not p_out.size:  # offline needs an OUT reference
+            return math.nan
         return (1 + a) / 2 * p_out.mean() + (1 - a) / 2
 
     lr_z = [math.exp(z_target[j]) / pr_x(z_refs[:, j], z_in[:, j]) for j in range(len(z_target))]
+    lr_z = [lr for lr in lr_z if not math.isnan(lr)]
     scores = []
     for i in range(len(target)):
         lr_x = math.exp(target[i]) / pr_x(refs[:, i], ref_in[:, i])
-        scores.append(np.mean([lr_x / lr >= gamma for lr in lr_z]))
+        scores.append(math.nan if math.isnan(lr_x) else np.mean([lr_x / lr >= gamma for lr in lr_z]))
     return np.array(scores)
 
 
-@pytest.mark.parametrize("online", [True, False])
+@pytest.mark.parametrize("online", [None, False])
 @pytest.mark.parametrize("gamma, a", [(1.0, 0.3), (2.0, 0.0), (1.0, 1.0)])
-def test_rmia_matches_the_pairwise_reference(online, gamma, a):
+@pytest.mark.parametrize("k", [2, 6])
+def test_rmia_matches_the_pairwise_reference(online, gamma, a, k):
     rng = np.random.default_rng(13)
-    n, m, k = 30, 25, 6
+    n, m = 30, 25
     log_p = lambda shape: np.log(rng.uniform(0.05, 0.99, shape))  # single-prediction probabilities
     target, refs, ref_in = log_p(n), log_p((k, n)), halves(rng, k, n)
+    if k > 2:  # every record IN one reference and OUT of another: the online rule applies
+        ref_in[1] = ~ref_in[0]
     z_target, z_refs = log_p(m), log_p((k, m))
     z_in = np.zeros((k, m), dtype=bool)
     got = rmia(target, refs, ref_in, z_target, z_refs, gamma=gamma, offline_a=a, online=online)
     np.testing.assert_allclose(got, rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online))
-    z_in = halves(rng, k, m)
+    z_in = ref_in[:, :m]
     got = rmia(target, refs, ref_in, z_target, z_refs, gamma=gamma, offline_a=a, online=online, population_in=z_in)
     np.testing.assert_allclose(got, rmia_by_hand(target, refs, ref_in, z_target, z_refs, z_in, gamma, a, online))
 
 
-def test_rmia_offline_approximation_is_applied_per_token():
-    """(a·p̄ + 1 − a)^T with p̄ the geometric-mean token probability under OUT models."""
-    a, length = 0.3, 20.0
-    refs = np.array([[-30.0], [-40.0], [-35.0]])
-    target = np.array([-25.0])
-    ratio = rmia_log_ratio(target, refs, np.zeros((3, 1), dtype=bool), np.array([length]),
-                           online=False, offline_a=a)
-    p_out = np.exp(refs[:, 0]).mean()
-    p_in = (a * p_out ** (1 / length) + 1 - a) ** length
-    assert ratio[0] == pytest.approx(-25.0 - math.log((p_in + p_out) / 2), rel=1e-12)
+def test_rmia_offline_rule_is_the_papers_at_record_level():
+    """Pr(x) = ((1 + a)/2)·mean_OUT Pr(x|θ') + (1 − a)/2, on the record's probability."""
+    a = 0.3
+    refs = np.array([[-1.2], [-2.0], [-1.5]])
+    member = np.array([[False], [True], [False]])  # the IN value plays no part offline
+    ratio = rmia_log_ratio(np.array([-0.9]), refs, member, online=False, offline_a=a)
+    p_out = (math.exp(-1.2) + math.exp(-1.5)) / 2
+    assert ratio[0] == pytest.approx(-0.9 - math.log((1 + a) / 2 * p_out + (1 - a) / 2), rel=1e-12)
+    online = rmia_log_ratio(np.array([-0.9]), refs, member, online=True)
+    assert online[0] == pytest.approx(-0.9 - math.log((math.exp(-2.0) + p_out) / 2), rel=1e-12)
+
+
+def test_a_records_score_does_not_depend_on_whether_it_lacks_an_in_shadow():
+    """Two shadows on random halves leave a quarter of the records without an IN shadow;
+    hiding every IN value (so that no record has one) changes no record's score."""
+    rng = np.random.default_rng(23)
+    member, target, refs, ref_in = sequence_world(rng, n=200, n_models=2)
+    assert (~ref_in.any(axis=0)).sum() > 20 and ref_in.any(axis=0).sum() > 100
+    kwargs = dict(offline_a=0.9)  # the audit's a; fixed, since tuning reads the IN values too
+    scores = rmia(target, refs, ref_in, target, refs, population_in=ref_in, **kwargs)
+    hidden = np.where(ref_in, np.nan, refs)
+    np.testing.assert_array_equal(scores, rmia(target, hidden, ref_in, target, hidden, population_in=ref_in,
+                                                **kwargs))
+    # offline, a record that no shadow left out has no Pr_OUT: no score rather than a made-up one
+    assert np.isnan(scores[ref_in.all(axis=0)]).all()
+    assert np.isfinite(scores[~ref_in.all(axis=0)]).all()
 
 
 def test_rmia_score_is_monotone_in_the_log_ratio():
     rng = np.random.default_rng(14)
-    member, target, refs, ref_in, lengths = sequence_world(rng, n=200)
+    member, target, refs, ref_in = sequence_world(rng, n=200)
     score = rmia(target, refs, ref_in, target, refs, population_in=ref_in, gamma=1.5)
-    ratio = rmia_log_ratio(target, refs, ref_in, lengths)
-    assert (np.diff(score[np.argsort(ratio)]) >= 0).all()
+    ratio = rmia_log_ratio(target, refs, ref_in)
+    keep = np.isfinite(ratio)
+    assert (np.diff(score[keep][np.argsort(ratio[keep])]) >= 0).all()
 
 
 def test_rmia_nan_likelihoods_are_skipped_or_kept_nan():
     rng = np.random.default_rng(15)
-    member, target, refs, ref_in, lengths = sequence_world(rng, n=60)
+    member, target, refs, ref_in = sequence_world(rng, n=60)
     target[3] = np.nan                 # a target with no tokens: NaN score
     refs[:, 4] = np.nan                # no reference value: NaN score
     refs[0, 5] = np.nan                # one missing reference value: still scored
-    ref_in[:, 6] = True                # only IN references: still scored
+    ref_in[:, 6] = True                # only IN references: no Pr_OUT, NaN under the offline rule
     ref_in[:, 7] = False               # only OUT references: still scored
     z_target = target.copy()           # NaN z are skipped
-    score = rmia(target, refs, ref_in, z_target, refs, population_in=ref_in,
-                 target_lengths=lengths, population_lengths=lengths)
-    assert np.isnan(score[[3, 4]]).all()
-    assert np.isfinite(np.delete(score, [3, 4])).all()
+    score = rmia(target, refs, ref_in, z_target, refs, population_in=ref_in)
+    assert np.isnan(score[[3, 4, 6]]).all()
+    assert np.isfinite(np.delete(score, [3, 4, 6])).all()
 
 
 # --------------------------------------------------------------------------- RMIA errors
 
-def test_rmia_refuses_the_offline_approximation_on_sequences_without_lengths():
+def test_rmia_refuses_the_offline_rule_on_whole_sequence_likelihoods():
     rng = np.random.default_rng(16)
-    member, target, refs, ref_in, lengths = sequence_world(rng, n=50)
-    with pytest.raises(PrivtuneError, match="needs token counts"):
-        rmia(target, refs, ref_in, target, refs, offline_a=0.3)  # z OUT everywhere: approximation needed
-    with pytest.raises(PrivtuneError, match="needs token counts"):
-        rmia(target, refs, ref_in, target, refs, population_in=ref_in, online=False, offline_a=0.3)
+    member, target, refs, ref_in = sequence_world(rng, n=50)
+    total, total_refs = 30 * target, 30 * refs  # summed over 30 tokens, not a mean
+    with pytest.raises(PrivtuneError, match="whole-sequence likelihoods"):
+        rmia(total, total_refs, ref_in, total, total_refs, offline_a=0.3)
     # a tuned a is whatever scored best on the references: no guard
-    assert np.isfinite(rmia(target, refs, ref_in, target, refs, online=False)).all()
-    # fine online with full memberships, or with a = 1 (no approximation)
-    assert np.isfinite(rmia(target, refs, ref_in, target, refs, population_in=ref_in)).all()
-    assert np.isfinite(rmia(target, refs, ref_in, target, refs, offline_a=1.0, online=False)).all()
+    assert np.isfinite(rmia(total, total_refs, ref_in, total, total_refs, online=False)[ref_in.any(0) & ~ref_in.all(0)]).all()
+    # fine on mean log-probabilities, or with a = 1
+    assert np.isfinite(rmia(target, refs, ref_in, target, refs, online=False, offline_a=0.3)[~ref_in.all(0)]).all()
+    assert np.isfinite(rmia(total, total_refs, ref_in, total, total_refs, offline_a=1.0, online=False)[~ref_in.all(0)]).all()
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gamma=0.0), "gamma must be a positive"),
     (dict(gamma=float("nan")), "gamma must be a positive"),
     (dict(offline_a=1.5), "offline_a must lie in"),
-    (dict(target_lengths=np.zeros(5)), "token counts of at least 1"),
-    (dict(target_lengths=np.ones(4)), "target_lengths has shape|lengths has shape"),
-    (dict(population_in=np.zeros((3, 5), dtype=bool)), "population_in has shape|reference_in has shape"),
+    (dict(online=True), "online RMIA needs an IN and an OUT reference for every target record"),
+    (dict(population_in=np.zeros((3, 5), dtype=bool)), "population_in has shape"),
 ])
 def test_rmia_rejects_bad_settings(kwargs, match):
     rng = np.random.default_rng(17)
-    target, refs, ref_in = np.log(rng.uniform(0.1, 1, 5)), np.log(rng.uniform(0.1, 1, (2, 5))), halves(rng, 2, 5)
+    target, refs = np.log(rng.uniform(0.1, 1, 5)), np.log(rng.uniform(0.1, 1, (2, 5)))
+    ref_in = np.array([[True, True, False, False, True], [False, True, True, False, False]])
     with pytest.raises(PrivtuneError, match=match):
         rmia(target, refs, ref_in, target, refs, **kwargs)
 
@@ -523,13 +552,42 @@ def test_end_to_end_on_tiny_shadow_models(one_thread):
     for level in ("valid", "sensitive"):
         stat = np.stack([record_statistic(s, getattr(s, level)) for s in scores])
         loglik = np.stack([sequence_loglik(s, getattr(s, level)) for s in scores])
-        lengths = getattr(scores[0], level).sum(1)
         assert stat.shape == loglik.shape == (5, 16)
         assert np.isfinite(stat).all() and np.isfinite(loglik).all()
+        mean_log_prob = loglik / getattr(scores[0], level).sum(1)
+        has_out = (~shadow_in).any(axis=0)
         for online in (True, False):
             lira_score = lira(stat[0], stat[1:], shadow_in, online=online)
             assert lira_score.shape == (16,) and np.isfinite(lira_score).all()
-            rmia_score = rmia(loglik[0], loglik[1:], shadow_in, loglik[0], loglik[1:], online=online,
-                              population_in=shadow_in, target_lengths=lengths, population_lengths=lengths)
-            assert rmia_score.shape == (16,) and np.isfinite(rmia_score).all()
-            assert ((rmia_score >= 0) & (rmia_score <= 1)).all()
+        rmia_score = rmia(mean_log_prob[0], mean_log_prob[1:], shadow_in, mean_log_prob[0], mean_log_prob[1:],
+                          population_in=shadow_in)
+        assert rmia_score.shape == (16,) and np.isfinite(rmia_score[has_out]).all()
+        assert ((rmia_score[has_out] >= 0) & (rmia_score[has_out] <= 1)).all()
+
+
+def test_study_rmia_uses_the_mean_token_log_probability_and_one_rule():
+    """The study feeds RMIA each record's summed log-likelihood over its token count (the
+    authors' geometric-mean signal); with two shadows some records lack an IN shadow, so
+    the offline rule scores all of them, and the entry says so."""
+    from privtune.config import parse_config
+    from privtune.study.shadow_attacks import shadow_attack_entries
+
+    rng = np.random.default_rng(24)
+    member, target, refs, ref_in = sequence_world(rng, n=80, n_models=2, delta=0.3)
+    tokens = rng.integers(5, 40, 80)
+
+    def stats(mean_log_prob):
+        level = {"stat": list(mean_log_prob), "loglik": list(mean_log_prob * tokens), "tokens": list(tokens)}
+        return {"record": level, "sensitive": level, "n_members": int(member.sum())}
+
+    order = np.argsort(~member, kind="stable")  # the study lists members first
+    target, refs, ref_in, member = target[order], refs[:, order], ref_in[:, order], member[order]
+    cfg = parse_config({"methods": [{"method": "fft"}], "attacks": {"mia": {"n_bootstrap": 10, "levels": ["record"]}}})
+    shadows = [{"record_stats": stats(refs[k]), "shadow_in": ref_in[k].tolist()} for k in range(2)]
+    (entry,) = [e for e in shadow_attack_entries(cfg, {"record_stats": stats(target)}, shadows)
+                if e["attack"] == "rmia"]
+    tuned = tune_offline_a(refs, ref_in)
+    by_hand = rmia_by_hand(target, refs, ref_in, target, refs, ref_in, 1.0, tuned)
+    keep = np.isfinite(by_hand)
+    assert entry["rule"] == "offline" and entry["unscored"] == int((~keep).sum()) == int(ref_in.all(0).sum())
+    assert entry["auc"] == pytest.approx(roc_auc_score(member[keep], by_hand[keep]))

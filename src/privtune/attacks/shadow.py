@@ -17,10 +17,10 @@ per model from the per-token cache (:class:`~privtune.measures.token_scores.Toke
 attacks on precomputed LM statistics (ml_privacy_meter and the papers' code are tied to
 their own image-classifier pipelines), hence written here.
 
-One deliberate departure from the RMIA paper: its offline parameter a (default 0.3) is
-tuned on the reference models by default and applied per token, because the paper's
-linear approximation was made for one prediction's probability; see
-:func:`_offline_log_px` and :data:`DEFAULT_OFFLINE_A`.
+RMIA follows the paper's rules at record level, with the authors' own signal for a text
+(its geometric-mean token probability, see :func:`rmia`) and one rule for every record;
+its offline parameter a is tuned on the reference models, as the paper does, rather than
+fixed at the 0.3 made for image classifiers (:data:`DEFAULT_OFFLINE_A`).
 
 Conventions shared by every function:
 
@@ -103,12 +103,11 @@ def record_statistic(scores: TokenScores, positions: np.ndarray) -> np.ndarray:
 
 
 def sequence_loglik(scores: TokenScores, positions: np.ndarray) -> np.ndarray:
-    """RMIA's per-record signal: log Pr(x|θ), the summed token log-probability over ``positions``.
+    """The summed token log-probability over ``positions``: log of the sequence's probability.
 
     Returns (N,) float64 in nats; NaN (not 0) for a record with no position, since an
-    empty sum would read as probability 1, the most member-like value there is. The
-    token count ``positions.sum(1)`` is what :func:`rmia` needs as ``target_lengths`` /
-    ``population_lengths`` for its offline approximation.
+    empty sum would read as probability 1, the most member-like value there is. Divided
+    by the token count ``positions.sum(1)`` it is RMIA's per-record signal (see :func:`rmia`).
     """
     positions = _check_positions(scores, positions)
     total = -np.where(positions, scores.nll, 0.0).astype(np.float64).sum(axis=1)
@@ -318,75 +317,75 @@ def _log_mean_exp(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total - np.log(np.maximum(count, 1)), np.nan)
 
 
-def _offline_log_px(log_p_out: np.ndarray, lengths: np.ndarray, a: float) -> np.ndarray:
-    """log Pr(x) from OUT models only, by the paper's linear approximation, per token.
+def _references_per_record(logliks: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per record: whether it has any reference value, an IN one, an OUT one (finite only)."""
+    finite = np.isfinite(logliks)
+    return finite.any(axis=0), (member & finite).any(axis=0), (~member & finite).any(axis=0)
 
-    RMIA (§3, offline) approximates ``Pr_IN(x) ≈ a·Pr_OUT(x) + (1 - a)`` and uses
-    ``Pr(x) = ½(Pr_IN(x) + Pr_OUT(x))``. That was made for the probability of one
-    prediction; the probability of a whole token sequence is astronomically small, so
-    the constant ``1 - a`` would swamp it and every record would get the same Pr(x).
-    We apply the approximation to the geometric-mean token probability
-    ``p̄ = Pr_OUT(x)^(1/T)`` and raise the result back to the T tokens:
-    ``Pr_IN(x) ≈ (a·p̄ + 1 - a)^T``. With T = 1 it is the paper's formula exactly.
+
+def online_possible(reference_logliks: np.ndarray, reference_in: np.ndarray) -> bool:
+    """True when every record with a reference value has both an IN and an OUT one.
+
+    Only then can the online rule score *every* record; otherwise :func:`rmia` (with
+    ``online=None``) uses the offline rule for all, so that no record's score depends on
+    whether it happens to lack an IN reference.
     """
-    log_a = math.log(a) if a > 0 else -np.inf
-    log_1ma = math.log(1 - a) if a < 1 else -np.inf
-    with np.errstate(invalid="ignore"):  # NaN in, NaN out
-        log_p_in = lengths * np.logaddexp(log_a + log_p_out / lengths, log_1ma)
-        return np.logaddexp(log_p_in, log_p_out) - math.log(2)
+    reference_logliks = _as_matrix("reference_logliks", reference_logliks)
+    reference_in = _as_membership("reference_in", reference_in, reference_logliks.shape)
+    scored, has_in, has_out = _references_per_record(reference_logliks, reference_in)
+    return bool((has_in & has_out)[scored].all())
 
 
-def _log_px(logliks: np.ndarray, member: np.ndarray, lengths: np.ndarray, *, online: bool,
-            offline_a: float) -> np.ndarray:
-    """log Pr(x), the likelihood averaged over reference models, per record.
+def _log_px(logliks: np.ndarray, member: np.ndarray, *, online: bool, offline_a: float) -> np.ndarray:
+    """log Pr(x), the record's probability averaged over reference models (§3 of the paper).
 
-    online, with IN and OUT references: ``½(mean_IN + mean_OUT)`` (the paper's Pr(x) over
-    models trained on random halves, balanced so that an uneven split of few models
-    does not tilt it). No IN reference, or offline: the OUT average corrected by
-    :func:`_offline_log_px`. No OUT reference: the IN average alone (over-estimates Pr(x),
-    so it errs towards "non-member"). No reference value at all: NaN.
+    - online: ``½(mean_IN Pr(x|θ') + mean_OUT Pr(x|θ'))``, balanced so that an uneven
+      split of few models does not tilt it; every record must have both.
+    - offline: ``((1 + a)/2)·mean_OUT Pr(x|θ') + (1 - a)/2``, the paper's rule, from
+      ``Pr_IN ≈ a·Pr_OUT + (1 - a)`` and ``Pr(x) = ½(Pr_IN + Pr_OUT)``. A record no
+      reference left out has no Pr_OUT: NaN (it cannot be scored offline).
     """
     finite = np.isfinite(logliks)
-    lme_in = _log_mean_exp(logliks, member & finite)
     lme_out = _log_mean_exp(logliks, ~member & finite)
-    approx = _offline_log_px(lme_out, lengths, offline_a)
-    with np.errstate(invalid="ignore"):
-        balanced = np.logaddexp(lme_in, lme_out) - math.log(2)
-    out = approx if not online else np.where(np.isnan(lme_in), approx, balanced)
-    return np.where(np.isnan(lme_out), lme_in, out)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if online:
+            return np.logaddexp(_log_mean_exp(logliks, member & finite), lme_out) - math.log(2)
+        if offline_a >= 1:
+            return lme_out
+        return np.logaddexp(math.log((1 + offline_a) / 2) + lme_out, math.log((1 - offline_a) / 2))
 
 
-def _log_ratio(target, logliks, member, lengths, *, online: bool, offline_a: float) -> np.ndarray:
-    return target - _log_px(logliks, member, lengths, online=online, offline_a=offline_a)
+def _log_ratio(target, logliks, member, *, online: bool, offline_a: float) -> np.ndarray:
+    return target - _log_px(logliks, member, online=online, offline_a=offline_a)
 
 
 DEFAULT_OFFLINE_A = 1.0
-"""a when it cannot be tuned (no reference trained on any record). The paper's 0.3 suits
-a classifier's confidence in one label; an LM's token probabilities move by a *factor*
-when trained on (Pr_IN ≈ c·Pr_OUT), under which Pr(x) ∝ Pr_OUT(x), i.e. a = 1 ranks
-exactly right. Measured on the synthetic sequences of ``tests/test_shadow.py``, offline
-RMIA's AUC went 0.46 / 0.58 / 0.74 for a = 0.3 / 0.99 / 1 (loss attack 0.47)."""
+"""a when it cannot be tuned (no reference trained on any record, or one reference).
+The paper's 0.3 suits a classifier's confidence in one label, which training pushes
+towards 1; an LM's mean token probability moves by a *factor* when trained on
+(Pr_IN ≈ c·Pr_OUT), under which Pr(x) ∝ Pr_OUT(x), i.e. a = 1 ranks exactly right.
+Measured on the synthetic texts of ``tests/test_shadow.py`` (seed 2, 8 references), offline
+RMIA's AUC went 0.51 / 0.55 / 0.72 / 0.84 for a = 0.3 / 0.9 / 0.99 / 1 (loss attack 0.50,
+online 0.85), and tuning picked 1."""
 
 OFFLINE_A_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 1))
 
 
-def tune_offline_a(reference_logliks: np.ndarray, reference_in: np.ndarray,
-                   lengths: np.ndarray | None = None, *, max_pseudo_targets: int = 4) -> float:
+def tune_offline_a(reference_logliks: np.ndarray, reference_in: np.ndarray, *, max_pseudo_targets: int = 4) -> float:
     """The paper's tuning of a: attack reference models whose membership is known.
 
     Each of up to ``max_pseudo_targets`` reference models plays the target, the other
-    references serve as OUT-only references, and the a in {0, 0.1, ..., 1} with the best
-    mean AUC wins, as the authors' code does (ml_privacy_meter's ``tune_offline_a``, which
-    attacks a paired reference model over the same grid). No target label is used. With a
-    fixed γ the RMIA score ranks like the log likelihood ratio, so the AUC needs no
-    population samples. Returns
+    references serve as references (offline rule: their OUT values only), and the a in
+    {0, 0.1, ..., 1} with the best mean AUC wins, as the authors' code does
+    (ml_privacy_meter's ``tune_offline_a``, which attacks a paired reference model over
+    the same grid). No target label is used. With a fixed γ the RMIA score ranks like the
+    likelihood ratio, so the AUC needs no population samples. Returns
     :data:`DEFAULT_OFFLINE_A` when no reference model has both IN and OUT records, or
     there is only one reference.
     """
     reference_logliks = _as_matrix("reference_logliks", reference_logliks)
     reference_in = _as_membership("reference_in", reference_in, reference_logliks.shape)
-    n_models, n_records = reference_logliks.shape
-    lengths = _check_lengths("lengths", lengths, n_records)
+    n_models = reference_logliks.shape[0]
     pseudo = [k for k in range(n_models)
               if reference_in[k].any() and (~reference_in[k]).any()][:max_pseudo_targets]
     if n_models < 2 or not pseudo:
@@ -396,7 +395,7 @@ def tune_offline_a(reference_logliks: np.ndarray, reference_in: np.ndarray,
         aucs = []
         for k in pseudo:
             rest = np.arange(n_models) != k
-            ratio = _log_ratio(reference_logliks[k], reference_logliks[rest], reference_in[rest], lengths,
+            ratio = _log_ratio(reference_logliks[k], reference_logliks[rest], reference_in[rest],
                                online=False, offline_a=float(a))
             keep = np.isfinite(ratio)
             labels = reference_in[k][keep]
@@ -409,9 +408,50 @@ def tune_offline_a(reference_logliks: np.ndarray, reference_in: np.ndarray,
     return float(OFFLINE_A_GRID[int(np.argmax(mean_auc))])
 
 
-def rmia_log_ratio(target_loglik: np.ndarray, reference_logliks: np.ndarray, reference_in: np.ndarray,
-                   lengths: np.ndarray | None = None, *, online: bool = True,
-                   offline_a: float | None = None) -> np.ndarray:
+def _check_offline_a(offline_a: float) -> None:
+    if not 0.0 <= offline_a <= 1.0:
+        raise PrivtuneError(f"offline_a must lie in [0, 1], got {offline_a}",
+                            "pass None to tune it on the reference models, or 1 to take Pr(x) from OUT models")
+
+
+def _check_approximation_scale(logliks, member, offline_a: float) -> None:
+    """Refuse the offline rule on values that look like whole-sequence likelihoods.
+
+    The rule is made for the probability of one prediction; when log Pr_OUT(x) is far
+    below log((1-a)/(1+a)) for the typical record, Pr(x) is the constant (1-a)/2 and
+    RMIA silently degrades to the uncalibrated likelihood attack.
+    """
+    if offline_a >= 1:
+        return
+    lme_out = _log_mean_exp(logliks, ~member & np.isfinite(logliks))
+    lme_out = lme_out[np.isfinite(lme_out)]
+    if lme_out.size and np.median(lme_out) < math.log((1 - offline_a) / (1 + offline_a)) - 10:
+        raise PrivtuneError("offline RMIA's rule needs the probability of one prediction per record, but these "
+                            "look like whole-sequence likelihoods, whose scale its constant term swamps",
+                            "pass the mean token log-probability (log-likelihood / token count), or offline_a=1")
+
+
+_TARGET = ("target_loglik", "reference_logliks", "reference_in", "target record")
+_POPULATION = ("population_target", "population_reference", "population_in", "population sample")
+
+
+def _ratio(names: tuple[str, str, str, str], target, logliks, member, *, online: bool, offline_a: float,
+           guard: bool) -> np.ndarray:
+    """Check one set of records (targets or population samples) and take its log ratio."""
+    target_name, logliks_name, member_name, what = names
+    logliks = _as_matrix(logliks_name, logliks)
+    member = _as_membership(member_name, member, logliks.shape)
+    target = _as_vector(target_name, target, logliks.shape[1], f"the columns of {logliks_name}")
+    if online and not online_possible(logliks, member):
+        raise PrivtuneError(f"online RMIA needs an IN and an OUT reference for every {what}, but some lack one",
+                            "use online=None (then the offline rule scores every record) or online=False")
+    if guard and not online:
+        _check_approximation_scale(logliks, member, offline_a)
+    return _log_ratio(target, logliks, member, online=online, offline_a=offline_a)
+
+
+def rmia_log_ratio(target_loglik: np.ndarray, reference_logliks: np.ndarray, reference_in: np.ndarray, *,
+                   online: bool | None = None, offline_a: float | None = None) -> np.ndarray:
     """``log Pr(x|θ) - log Pr(x)``: RMIA's likelihood ratio of each record, in log space.
 
     Same arguments as :func:`rmia` for the target records. With a fixed γ, :func:`rmia`'s
@@ -420,117 +460,70 @@ def rmia_log_ratio(target_loglik: np.ndarray, reference_logliks: np.ndarray, ref
     """
     guard = offline_a is not None
     if offline_a is None:
-        offline_a = tune_offline_a(reference_logliks, reference_in, lengths)
-    return _validated_ratio(target_loglik, reference_logliks, reference_in, lengths, online=online,
-                            offline_a=offline_a, guard=guard)
-
-
-def _validated_ratio(target_loglik, reference_logliks, reference_in, lengths, *, online: bool,
-                     offline_a: float, guard: bool, names: tuple[str, str, str, str] = (
-                         "target_loglik", "reference_logliks", "reference_in", "lengths")) -> np.ndarray:
-    """Check the inputs, guard the approximation's scale, take the ratio.
-
-    The scale guard (:func:`_check_approximation_scale`) is for an a the caller chose
-    (``guard``); a tuned a already scored best on the reference models, whatever the scale.
-    """
-    reference_logliks = _as_matrix(names[1], reference_logliks)
-    n_records = reference_logliks.shape[1]
-    reference_in = _as_membership(names[2], reference_in, reference_logliks.shape)
-    target_loglik = _as_vector(names[0], target_loglik, n_records, f"the columns of {names[1]}")
-    lengths_ = _check_lengths(names[3], lengths, n_records)
+        offline_a = tune_offline_a(reference_logliks, reference_in)
     _check_offline_a(offline_a)
-    if guard:
-        _check_approximation_scale(reference_logliks, reference_in, lengths_, online, offline_a)
-    return _log_ratio(target_loglik, reference_logliks, reference_in, lengths_, online=online,
-                      offline_a=offline_a)
-
-
-def _check_lengths(name: str, lengths: np.ndarray | None, n: int) -> np.ndarray:
-    if lengths is None:
-        return np.ones(n)
-    lengths = _as_vector(name, lengths, n, "the records")
-    if (lengths < 1).any() or not np.isfinite(lengths).all():
-        raise PrivtuneError(f"{name} must be token counts of at least 1",
-                            "pass positions.sum(1) for records that have tokens; drop the others")
-    return lengths
-
-
-def _check_offline_a(offline_a: float) -> None:
-    if not 0.0 <= offline_a <= 1.0:
-        raise PrivtuneError(f"offline_a must lie in [0, 1], got {offline_a}",
-                            "pass None to tune it on the reference models, or 1 to take Pr(x) from OUT models")
-
-
-def _check_approximation_scale(logliks, member, lengths, online: bool, offline_a: float) -> None:
-    """Refuse the offline approximation on sequence likelihoods given without token counts.
-
-    Without lengths the approximation treats log Pr_OUT(x) as one prediction; when that
-    is far below log((1-a)/(1+a)) for the typical record, Pr(x) is the constant (1-a)/2
-    and RMIA silently degrades to the uncalibrated likelihood attack.
-    """
-    if offline_a >= 1 or not (lengths == 1).all():
-        return
-    finite = np.isfinite(logliks)
-    needs_approx = np.isnan(_log_mean_exp(logliks, member & finite)) | (not online)
-    lme_out = _log_mean_exp(logliks, ~member & finite)[needs_approx]
-    lme_out = lme_out[np.isfinite(lme_out)]
-    if lme_out.size and np.median(lme_out) < math.log((1 - offline_a) / (1 + offline_a)) - 10:
-        raise PrivtuneError("offline RMIA's linear approximation needs token counts for sequence "
-                            "log-likelihoods, else its constant term swamps them",
-                            "pass target_lengths and population_lengths (positions.sum(1)), "
-                            "or offline_a=1")
+    if online is None:
+        online = online_possible(reference_logliks, reference_in)
+    return _ratio(_TARGET, target_loglik, reference_logliks, reference_in, online=online, offline_a=offline_a,
+                  guard=guard)
 
 
 def rmia(target_loglik: np.ndarray, reference_logliks: np.ndarray, reference_in: np.ndarray,
          population_target: np.ndarray, population_reference: np.ndarray, *,
-         gamma: float = 1.0, offline_a: float | None = None, online: bool = True,
-         population_in: np.ndarray | None = None, target_lengths: np.ndarray | None = None,
-         population_lengths: np.ndarray | None = None) -> np.ndarray:
+         gamma: float = 1.0, offline_a: float | None = None, online: bool | None = None,
+         population_in: np.ndarray | None = None) -> np.ndarray:
     """RMIA scores of the target model's records (Zarifzadeh et al. 2024).
 
-    ``LR(x) = Pr(x|θ) / Pr(x)`` with Pr(x) the likelihood averaged over reference models
-    (see :func:`_log_px`: balanced IN/OUT online; OUT-only with the paper's linear
-    approximation, parameter ``offline_a``, offline). The score is the fraction of
-    population samples z that x dominates: ``#{z : LR(x) / LR(z) ≥ γ} / M``. Everything
-    is in log space, because whole-sequence likelihoods underflow.
+    ``LR(x) = Pr(x|θ) / Pr(x)`` with Pr(x) the probability averaged over reference models
+    (:func:`_log_px`). The score is the fraction of population samples z that x
+    dominates: ``#{z : LR(x) / LR(z) ≥ γ} / M``. Everything is in log space.
+
+    What Pr(x|θ) is for a text: the rule is written for the probability of one
+    prediction, so pass one per record. For a language model the authors' code
+    (ml_privacy_meter, ``get_signals.get_softmax``) takes the geometric-mean token
+    probability ``exp(mean log p)``; privtune passes the same (the record's summed
+    log-probability over its token count), which keeps the offline rule's constant
+    ``(1 - a)/2`` on the scale it was made for.
+
+    One rule for every record. ``online=None`` (default) uses the online rule when every
+    target record and every z with a reference value has both an IN and an OUT
+    reference (:func:`online_possible`), else the offline rule for all of them: a
+    record's score never depends on whether it happens to lack an IN reference. Offline,
+    a record no reference left out has no Pr_OUT and gets NaN.
 
     Population samples z: records from the same distribution as the targets, ideally not
     members of the target model (then the score reads as one minus a p-value against
     non-members). Records not trained on by any reference model: leave
     ``population_in=None`` and they are treated as OUT everywhere (as in the authors'
-    code), so their Pr(z) uses the approximation. Records of the shadow population (e.g.
-    the other target records): pass their membership matrix as ``population_in``, and
-    Pr(z) is computed exactly like Pr(x). Including target members, or x itself, among
-    the z does not change the ranking (hence AUC and TPR at any FPR) for a fixed γ, only
-    the scale; a small M does make ties (see :func:`rmia_log_ratio`). z with a NaN
-    likelihood are skipped.
+    code). Records of the shadow population (e.g. the other target records): pass their
+    membership matrix as ``population_in``, and Pr(z) is computed exactly like Pr(x).
+    Including target members, or x itself, among the z does not change the ranking
+    (hence AUC and TPR at any FPR) for a fixed γ, only the scale; a small M does make
+    ties (see :func:`rmia_log_ratio`). z with a NaN ratio are skipped.
 
     Args:
-        target_loglik: (N,) :func:`sequence_loglik` of each target record under θ.
+        target_loglik: (N,) log Pr(x|θ) of each target record under θ (see above).
         reference_logliks: (K, N) the same under each reference (shadow) model.
         reference_in: (K, N) bool, True where reference k trained on record i.
-        population_target: (M,) log-likelihood of each z under θ.
-        population_reference: (K, M) log-likelihood of each z under each reference.
+        population_target: (M,) log Pr(z|θ) of each z.
+        population_reference: (K, M) log Pr(z|θ') under each reference.
         gamma: the pairwise threshold γ > 0 (the paper uses 1 or a little above).
-        offline_a: a ∈ [0, 1] of ``Pr_IN ≈ a·Pr_OUT + (1 - a)``, used offline, and online
-            for records (or z) without an IN reference. None (default): tuned on the
-            reference models by :func:`tune_offline_a` (the paper's procedure; its fixed
-            0.3 suits image classifiers, not token sequences, see
-            :data:`DEFAULT_OFFLINE_A`).
-        online: use IN references for Pr(x) (False: OUT references only).
+        offline_a: a ∈ [0, 1] of ``Pr_IN ≈ a·Pr_OUT + (1 - a)``, used by the offline
+            rule. None (default): tuned on the reference models by
+            :func:`tune_offline_a` (the paper's procedure; its fixed 0.3 suits image
+            classifiers, not token sequences, see :data:`DEFAULT_OFFLINE_A`).
+        online: True / False forces the online / offline rule (True fails when a record
+            lacks an IN or OUT reference); None picks as above.
         population_in: (K, M) bool membership of the z in the references, or None.
-        target_lengths, population_lengths: (N,) / (M,) token counts behind the
-            log-likelihoods; needed whenever the approximation is used with a < 1 on
-            whole sequences (it is applied per token, see :func:`_offline_log_px`).
 
     Returns:
-        (N,) float64 scores in [0, 1]; NaN only for records whose own likelihood or all
-        of whose reference likelihoods are NaN.
+        (N,) float64 scores in [0, 1]; NaN only for records whose own likelihood, or
+        every reference value the rule needs, is NaN.
 
     Raises:
-        PrivtuneError: shapes disagree, K < 1, M < 1, γ ≤ 0, a outside [0, 1], token
-        counts below 1, no usable population sample, or an explicit a < 1 on sequence
-        likelihoods without token counts.
+        PrivtuneError: shapes disagree, K < 1, M < 1, γ ≤ 0, a outside [0, 1], online
+        forced where a record lacks a reference, no usable population sample, or an
+        explicit a < 1 on what look like whole-sequence likelihoods.
     """
     reference_logliks = _as_matrix("reference_logliks", reference_logliks)
     population_reference = _as_matrix("population_reference", population_reference)
@@ -546,21 +539,21 @@ def rmia(target_loglik: np.ndarray, reference_logliks: np.ndarray, reference_in:
     if n_population < 1:
         raise PrivtuneError("RMIA needs at least one population sample z, got none",
                             "pass held-out records (or the other target records) as the population")
-    population_target = _as_vector("population_target", population_target, n_population,
-                                   "the columns of population_reference")
     if population_in is None:
         population_in = np.zeros(population_reference.shape, dtype=bool)
     if not (np.isfinite(gamma) and gamma > 0):
         raise PrivtuneError(f"gamma must be a positive number, got {gamma}", "use gamma=1 (the paper's default)")
     guard = offline_a is not None
     if offline_a is None:  # tuned once, on the target records' references, for x and z alike
-        offline_a = tune_offline_a(reference_logliks, reference_in, target_lengths)
-    ratio_x = _validated_ratio(target_loglik, reference_logliks, reference_in, target_lengths,
-                               online=online, offline_a=offline_a, guard=guard)
-    ratio_z = _validated_ratio(population_target, population_reference, population_in, population_lengths,
-                               online=online, offline_a=offline_a, guard=guard,
-                               names=("population_target", "population_reference", "population_in",
-                                      "population_lengths"))
+        offline_a = tune_offline_a(reference_logliks, reference_in)
+    _check_offline_a(offline_a)
+    if online is None:
+        online = online_possible(reference_logliks, reference_in) and \
+            online_possible(population_reference, population_in)
+    ratio_x = _ratio(_TARGET, target_loglik, reference_logliks, reference_in, online=online,
+                     offline_a=offline_a, guard=guard)
+    ratio_z = _ratio(_POPULATION, population_target, population_reference, population_in, online=online,
+                     offline_a=offline_a, guard=guard)
     _check_some_finite("target_loglik", ratio_x)
     ratio_z = np.sort(ratio_z[np.isfinite(ratio_z)])
     if ratio_z.size == 0:

@@ -10,38 +10,53 @@ from __future__ import annotations
 import numpy as np
 
 from privtune.attacks.metrics import roc_metrics
-from privtune.attacks.shadow import lira, rmia
+from privtune.attacks.shadow import lira, online_possible, rmia
 from privtune.config import StudyConfig
 
 SHADOW_ATTACKS = ("lira_online", "lira_offline", "rmia")
 
 
+def mean_log_prob(stats: dict) -> np.ndarray:
+    """Per record, the mean token log-probability (log of the geometric-mean token
+    probability): RMIA's Pr(x|θ) of a text, as in the authors' code (see :func:`rmia`)."""
+    return np.array(stats["loglik"], dtype=float) / np.maximum(np.array(stats["tokens"], dtype=float), 1)
+
+
 def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict]) -> list[dict]:
-    """LiRA (online, offline) and RMIA entries of the ``"mia"`` schema for one run."""
+    """LiRA (online, offline) and RMIA entries of the ``"mia"`` schema for one run.
+
+    RMIA uses one rule for every record: online when every record has an IN and an OUT
+    shadow, else offline (recorded as ``rule``), so no record's score depends on whether
+    it happens to lack an IN shadow."""
     stats = run["record_stats"]
     n_members = stats["n_members"]
     shadow_in = np.array([s["shadow_in"] for s in shadows], dtype=bool)
     entries = []
     for level in cfg.attacks.mia.levels:
         target_stat = np.array(stats[level]["stat"], dtype=float)
-        target_ll = np.array(stats[level]["loglik"], dtype=float)
-        tokens = np.maximum(np.array(stats[level]["tokens"]), 1)
+        target_lp = mean_log_prob(stats[level])
         shadow_stat = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
-        shadow_ll = np.array([s["record_stats"][level]["loglik"] for s in shadows], dtype=float)
+        shadow_lp = np.array([mean_log_prob(s["record_stats"][level]) for s in shadows])
+        rmia_online = online_possible(shadow_lp, shadow_in)
         is_member = np.arange(len(target_stat)) < n_members
         scores = {
             "lira_online": lira(target_stat, shadow_stat, shadow_in, online=True),
             "lira_offline": lira(target_stat, shadow_stat, shadow_in, online=False),
             # RMIA's population z: the same records, whose shadow membership is known.
-            "rmia": rmia(target_ll, shadow_ll, shadow_in, target_ll, shadow_ll, population_in=shadow_in,
-                         target_lengths=tokens, population_lengths=tokens),
+            "rmia": rmia(target_lp, shadow_lp, shadow_in, target_lp, shadow_lp, population_in=shadow_in,
+                         online=rmia_online),
         }
         for name, score in scores.items():
             keep = np.isfinite(score)
             metrics = roc_metrics(score[keep], is_member[keep], fprs=tuple(cfg.attacks.mia.fprs),
                                   n_bootstrap=cfg.attacks.mia.n_bootstrap, seed=cfg.data.seed)
-            entries.append({"attack": name, "level": level, "higher_is_member": True, **metrics,
-                            "shadow_models": len(shadows)})
+            entry = {"attack": name, "level": level, "higher_is_member": True, **metrics,
+                     "shadow_models": len(shadows)}
+            if name == "rmia":
+                entry["rule"] = "online" if rmia_online else "offline"
+                # records left out: no token at this level, or (offline) no shadow left them out
+                entry["unscored"] = int((~keep).sum())
+            entries.append(entry)
     return entries
 
 
