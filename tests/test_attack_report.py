@@ -268,6 +268,9 @@ def test_attack_sections_show_their_numbers(page, runs):
     fft = by_label(runs, "fft")["attacks"]
     assert f"+{100 * fft['extraction']['greedy']['ALL']['advantage']:.1f}%" in section(text, "extraction")
     assert f"{100 * fft['pii_inference']['ALL']['top1']:.1f}%" in section(text, "pii_inference")
+    for kind, row in (("extraction", fft["extraction"]["greedy"]["ALL"]),
+                      ("pii_inference", fft["pii_inference"]["ALL"])):
+        assert f"n = {row['n_member']} / {row['n_nonmember']}" in section(text, kind)  # targets beside each rate
     backdoor = section(text, "backdoor")
     assert f"{100 * fft['backdoor']['asr_triggered']:.1f}%" in backdoor
     assert html.escape(fft["backdoor"]["trigger"]) in backdoor

@@ -34,12 +34,15 @@ def split():
     return members, [r for r in records if r.individual not in individuals[:4]]
 
 
+TRAINED = 256  # the overfit model's max_length: every value of these records fits
+
+
 @pytest.fixture(scope="module")
 def overfit(tok, split):
     """A tiny llama trained on the member records until it reproduces them."""
     torch.manual_seed(0)
     model = tiny_model("llama", seed=0)
-    data = encode_records(split[0], tok, 256)
+    data = encode_records(split[0], tok, TRAINED)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     model.train()
     for _ in range(300):
@@ -138,7 +141,8 @@ def test_targets_end_at_token_boundary_skip_copies(tok):
     spans = [Span(text.index("ORD"), text.index("ORD") + 11, "ORDER"),
              Span(text.rindex("ORD"), text.rindex("ORD") + 11, "ORDER")]
     record = Record("r", "p", text, spans)
-    (target,) = select_targets([record], tok, max_spans_per_type=5, max_prefix_chars=500, seed=0, tag="member")
+    (target,) = select_targets([record], tok, max_spans_per_type=5, max_prefix_chars=500, max_length=256, seed=0,
+                               tag="member")
     # The prompt ends where the token before the value's first token ends (with or
     # without the space, as the tokenizer split it), and re-tokenises as in training.
     enc = tok(text, return_offsets_mapping=True)
@@ -146,20 +150,50 @@ def test_targets_end_at_token_boundary_skip_copies(tok):
     assert target.prompt == text[: enc["offset_mapping"][first - 1][1]]
     assert target.target == text[len(target.prompt): spans[0].end] and target.target.endswith("ORD-1234567")
     assert tok(target.prompt)["input_ids"] == enc["input_ids"][:first]
-    (short,) = select_targets([record], tok, max_spans_per_type=5, max_prefix_chars=8, seed=0, tag="member")
+    (short,) = select_targets([record], tok, max_spans_per_type=5, max_prefix_chars=8, max_length=256, seed=0,
+                              tag="member")
     assert short.prompt == target.prompt[-len(short.prompt):] and short.prompt.startswith("order")
 
 
 def test_targets_capped_per_label_and_deterministic(tok, split):
     records = generate_corpus("customer-sim", 30, 0)
-    a = select_targets(records, tok, max_spans_per_type=3, max_prefix_chars=200, seed=0, tag="member")
-    assert a == select_targets(records, tok, max_spans_per_type=3, max_prefix_chars=200, seed=0, tag="member")
+    kw = dict(max_spans_per_type=3, max_prefix_chars=200, max_length=256, seed=0, tag="member")
+    a = select_targets(records, tok, **kw)
+    assert a == select_targets(records, tok, **kw)
     labels = [t.label for t in a]
     assert all(labels.count(label) == 3 for label in set(labels))
     for t in a:
         text = records[t.record].text
         assert text[t.span.start: t.span.end] == t.value and t.value not in text[: t.span.start]
         assert t.target.endswith(t.value) and text.endswith(t.prompt + t.target, 0, t.span.end)
+
+
+def _inside_trained_window(record: Record, span: Span, tok, max_length: int) -> bool:
+    """The value's last character is among those the truncated training encoding covers."""
+    kept = tok(record.text, truncation=True, max_length=max_length, return_offsets_mapping=True)["offset_mapping"]
+    return max(b for _, b in kept) >= span.end
+
+
+@pytest.mark.parametrize("max_length", [12, 24, 40, 64])
+def test_only_values_wholly_inside_the_trained_window_are_targets(tok, max_length):
+    """Members and non-members alike; a value cut by the window is not a target."""
+    records = generate_corpus("customer-sim", 12, 5)
+    for tag in ("member", "nonmember"):
+        got = select_targets(records, tok, max_spans_per_type=1000, max_prefix_chars=200, max_length=max_length,
+                             seed=0, tag=tag)
+        everything = select_targets(records, tok, max_spans_per_type=1000, max_prefix_chars=200,
+                                    max_length=10 ** 6, seed=0, tag=tag)
+        want = {(t.record, t.span) for t in everything
+                if _inside_trained_window(records[t.record], t.span, tok, max_length)}
+        assert {(t.record, t.span) for t in got} == want
+        assert len(want) < len(everything)  # the window does cut some values off
+    straddling = Record("r", "p", "My number is 0909 879 0660 thanks", [Span(13, 26, "PHONE")])
+    (whole,) = select_targets([straddling], tok, max_spans_per_type=5, max_prefix_chars=200, max_length=64, seed=0,
+                              tag="member")
+    cut = len(tok(straddling.text[:20])["input_ids"])  # a window that ends inside the number
+    assert whole.value == "0909 879 0660"
+    assert select_targets([straddling], tok, max_spans_per_type=5, max_prefix_chars=200, max_length=cut, seed=0,
+                          tag="member") == []
 
 
 def test_recovered_needs_the_whole_value():
@@ -227,7 +261,7 @@ def slow_extraction(model, tok, members, nonmembers, **kw):
 
 def test_prefix_extraction_recovers_planted_values(tok, split, overfit):
     members, nonmembers = split
-    kw = dict(max_spans_per_type=10, max_prefix_chars=200)
+    kw = dict(max_spans_per_type=10, max_prefix_chars=200, max_length=TRAINED)
     result = prefix_extraction(overfit, tok, members, nonmembers, n_samples=2, seed=0, **kw)
     slow = slow_extraction(overfit, tok, members, nonmembers, **kw)
     for label, entry in result["greedy"].items():
@@ -245,11 +279,12 @@ def test_prefix_extraction_recovers_planted_values(tok, split, overfit):
 
 def test_pii_inference_perfect_when_overfit_chance_when_random(tok, split, overfit):
     members, nonmembers = split
-    result = pii_inference(overfit, tok, members, nonmembers, k=10, seed=0)
+    result = pii_inference(overfit, tok, members, nonmembers, max_length=TRAINED, k=10, seed=0)
     assert result["ALL"]["top1"] == 1.0 and result["ALL"]["chance"] == 0.1
     records = generate_corpus("synbio", 60, 1) + generate_corpus("customer-sim", 30, 1)
     random_model = tiny_model("llama", seed=7)
-    base = pii_inference(random_model, tok, records[::2], records[1::2], k=10, max_spans_per_type=30, seed=0)
+    base = pii_inference(random_model, tok, records[::2], records[1::2], max_length=TRAINED, k=10,
+                         max_spans_per_type=30, seed=0)
     assert base["ALL"]["n_member"] > 150
     assert abs(base["ALL"]["member_top1"] - 0.1) < 0.08
     assert abs(base["ALL"]["nonmember_top1"] - 0.1) < 0.08
@@ -259,11 +294,13 @@ def test_attacks_reject_bad_settings(tok, split):
     members, nonmembers = split
     model = tiny_model("llama", seed=0)
     with pytest.raises(PrivtuneError):
-        prefix_extraction(model, tok, [], nonmembers)
+        prefix_extraction(model, tok, [], nonmembers, max_length=TRAINED)
     with pytest.raises(PrivtuneError):
-        prefix_extraction(model, tok, members, nonmembers, max_spans_per_type=0)
+        prefix_extraction(model, tok, members, nonmembers, max_length=TRAINED, max_spans_per_type=0)
     with pytest.raises(PrivtuneError):
-        pii_inference(model, tok, members, nonmembers, k=1)
+        pii_inference(model, tok, members, nonmembers, max_length=TRAINED, k=1)
     no_spans = [Record("a", "a", "nothing sensitive here")]
     with pytest.raises(PrivtuneError):
-        pii_inference(model, tok, no_spans, nonmembers)
+        pii_inference(model, tok, no_spans, nonmembers, max_length=TRAINED)
+    with pytest.raises(PrivtuneError, match="inside its first 3 tokens"):
+        prefix_extraction(model, tok, members, nonmembers, max_length=3)

@@ -30,10 +30,13 @@ Which spans are attacked. A value already written earlier in the same record (an
 e-mail repeated in the agent's reply, a first name after the full name) can be copied
 from the prompt rather than recalled, so only first occurrences are used; values at the
 very start of a text have no prompt and are skipped; one person's value counts once per
-set (a person has up to three tickets repeating the same values). Of the rest, up to
-``max_spans_per_type`` per label and set are drawn with the seed. Texts are not
-truncated to the training ``max_length``: a value past it was never trained on, and
-then simply counts as not memorised.
+set (a person has up to three tickets repeating the same values). Only values wholly
+inside the trained window are attacked, for members and non-members alike: every token
+of the value among the record's first ``max_length`` tokens (``data.max_length``, as
+training truncates). A member value past it was never trained on, so counting it would
+dilute the member rate and the advantage with values the model could not have learnt.
+Of the rest, up to ``max_spans_per_type`` per label and set are drawn with the seed.
+Every rate comes with its number of targets (``n_member``, ``n_nonmember``).
 
 Cost. Prompts are cut to ``max_prefix_chars`` (150: about 40 SmolLM2 tokens, since
 digits are one token each), generation stops a row once it leaves its target, sampled
@@ -102,16 +105,21 @@ def _trim_prompt(text: str, cut: int, max_prefix_chars: int) -> str:
     return text[start:cut]
 
 
-def _record_targets(index: int, record: Record, offsets: list[tuple[int, int]], max_prefix_chars: int) -> list[Target]:
-    """Targets of one record: first occurrences of values with a non-empty prompt."""
+def _record_targets(index: int, record: Record, offsets: list[tuple[int, int]], max_prefix_chars: int,
+                    max_length: int) -> list[Target]:
+    """Targets of one record: first occurrences of values wholly inside the first
+    ``max_length`` tokens, with a non-empty prompt (``offsets``: the untruncated tokens)."""
     out = []
     for span in record.spans:
         value = record.text[span.start: span.end]
         if not value.strip() or value in record.text[: span.start]:
             continue
-        first = next((t for t, (a, b) in enumerate(offsets) if b > a and a < span.end and span.start < b), None)
-        if first is None or first == 0 or offsets[first - 1][1] <= offsets[first - 1][0]:
-            continue  # not tokenised (truncated) or no real token before it
+        tokens = [t for t, (a, b) in enumerate(offsets) if b > a and a < span.end and span.start < b]
+        if not tokens or tokens[-1] >= max_length:
+            continue  # not tokenised, or not wholly inside the trained window
+        first = tokens[0]
+        if first == 0 or offsets[first - 1][1] <= offsets[first - 1][0]:
+            continue  # no real token before it
         cut = min(offsets[first - 1][1], span.start)
         prompt = _trim_prompt(record.text, cut, max_prefix_chars)
         if prompt:
@@ -120,16 +128,17 @@ def _record_targets(index: int, record: Record, offsets: list[tuple[int, int]], 
 
 
 def select_targets(records: list[Record], tokenizer, *, max_spans_per_type: int, max_prefix_chars: int,
-                   seed: int, tag: str) -> list[Target]:
-    """Up to ``max_spans_per_type`` targets per label, one per (individual, value),
-    drawn with ``seed`` (``tag`` names the set, so members and non-members draw apart)."""
+                   max_length: int, seed: int, tag: str) -> list[Target]:
+    """Up to ``max_spans_per_type`` targets per label, one per (individual, value), among
+    the values wholly inside each record's first ``max_length`` tokens, drawn with
+    ``seed`` (``tag`` names the set, so members and non-members draw apart)."""
     check_fast_tokenizer(tokenizer)
     if not records:
         return []
     enc = tokenizer([r.text for r in records], return_offsets_mapping=True, add_special_tokens=True)
     by_label: dict[str, list[Target]] = {}
     for i, (record, offsets) in enumerate(zip(records, enc["offset_mapping"])):
-        for target in _record_targets(i, record, offsets, max_prefix_chars):
+        for target in _record_targets(i, record, offsets, max_prefix_chars, max_length):
             by_label.setdefault(target.label, []).append(target)
     chosen = []
     for label in sorted(by_label):
@@ -144,7 +153,8 @@ def select_targets(records: list[Record], tokenizer, *, max_spans_per_type: int,
     return chosen
 
 
-def _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type, max_prefix_chars, seed):
+def _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type, max_prefix_chars, max_length,
+                     seed):
     if not member_records or not nonmember_records:
         which = "member" if not member_records else "non-member"
         raise PrivtuneError(f"the {which} set is empty, so leakage cannot be compared between members and non-members",
@@ -153,11 +163,12 @@ def _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per
         raise PrivtuneError(f"max_spans_per_type and max_prefix_chars must be at least 1, got "
                             f"{max_spans_per_type} and {max_prefix_chars}", "use 20 and 200, say")
     targets = {tag: select_targets(records, tokenizer, max_spans_per_type=max_spans_per_type,
-                                   max_prefix_chars=max_prefix_chars, seed=seed, tag=tag)
+                                   max_prefix_chars=max_prefix_chars, max_length=max_length, seed=seed, tag=tag)
                for tag, records in zip(SETS, (member_records, nonmember_records))}
     if not targets["member"]:
-        raise PrivtuneError("no member record has a sensitive span with text before it to prompt with",
-                            "label sensitive spans in the data (or let the PII tagger do it)")
+        raise PrivtuneError(f"no member record has a sensitive span with text before it to prompt with inside "
+                            f"its first {max_length} tokens", "label sensitive spans in the data (or let the PII "
+                            "tagger do it), or raise data.max_length")
     return targets
 
 
@@ -203,11 +214,13 @@ def _budgets(tokenizer, targets: list[Target]) -> list[int]:
 
 
 def prefix_extraction(model: torch.nn.Module, tokenizer, member_records: list[Record],
-                      nonmember_records: list[Record], *, max_prefix_chars: int = 150, max_spans_per_type: int = 10,
+                      nonmember_records: list[Record], *, max_length: int, max_prefix_chars: int = 150,
+                      max_spans_per_type: int = 10,
                       n_samples: int = 2, temperature: float = 1.0, top_k: int = 40, batch_size: int = 32,
                       device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
                       seed: int = 0) -> dict:
-    """Exact recovery rates of sensitive values prompted with the text before them.
+    """Exact recovery rates of sensitive values prompted with the text before them, over
+    the values wholly inside the records' first ``max_length`` tokens (the trained window).
 
     Returns:
         ``{"greedy": {label: {"member_rate", "nonmember_rate", "advantage", "n_member",
@@ -222,7 +235,7 @@ def prefix_extraction(model: torch.nn.Module, tokenizer, member_records: list[Re
     if n_samples < 0:
         raise PrivtuneError(f"n_samples must be 0 or more, got {n_samples}", "use 0 to skip sampling, or 2, say")
     targets = _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type,
-                               max_prefix_chars, seed)
+                               max_prefix_chars, max_length, seed)
     flat = [(tag, t) for tag in SETS for t in targets[tag]]
     prompts = [t.prompt for _, t in flat]
     budgets = _budgets(tokenizer, [t for _, t in flat])
@@ -252,10 +265,11 @@ def _outcomes(flat: list[tuple[str, Target]], continuations: list[list[str]]) ->
 # --------------------------------------------------------------------------- PII inference
 
 def pii_inference(model: torch.nn.Module, tokenizer, member_records: list[Record], nonmember_records: list[Record], *,
-                  k: int = 10, max_spans_per_type: int = 10, max_prefix_chars: int = 150, batch_size: int = 64,
-                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                  seed: int = 0) -> dict:
-    """Top-1 accuracy of picking the true value among it and ``k - 1`` decoys.
+                  max_length: int, k: int = 10, max_spans_per_type: int = 10, max_prefix_chars: int = 150,
+                  batch_size: int = 64, device: str | torch.device = "cpu",
+                  autocast_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+    """Top-1 accuracy of picking the true value among it and ``k - 1`` decoys, over the
+    values wholly inside the records' first ``max_length`` tokens (the trained window).
 
     The true value wins only with a strictly lower loss than every decoy (ties count
     against it). Values too short to have ``k - 1`` distinct decoys are skipped.
@@ -272,7 +286,7 @@ def pii_inference(model: torch.nn.Module, tokenizer, member_records: list[Record
     if k < 2:
         raise PrivtuneError(f"k must be at least 2 (the true value and a decoy), got {k}", "use k=10, say")
     targets = _targets_of_both(tokenizer, member_records, nonmember_records, max_spans_per_type,
-                               max_prefix_chars, seed)
+                               max_prefix_chars, max_length, seed)
     flat, prefixes, continuations = [], [], []
     for tag in SETS:
         for target in targets[tag]:

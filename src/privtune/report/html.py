@@ -516,8 +516,13 @@ def _extraction_cell(mode: str) -> Callable[[dict], str]:
         advantage = number(row.get("advantage"))
         sign = "" if math.isnan(advantage) else "+" if advantage >= 0 else ""
         return (f"{sign}{escape(pct(advantage))} <small>({escape(pct(row.get('member_rate'))).rstrip('%')} vs "
-                f"{escape(pct(row.get('nonmember_rate'))).rstrip('%')})</small>")
+                f"{escape(pct(row.get('nonmember_rate'))).rstrip('%')}; {_targets(row)})</small>")
     return show
+
+
+def _targets(row: dict) -> str:
+    """How many values each rate is over: training / held-out people's."""
+    return f"n = {fmt(row.get('n_member'), '.0f')} / {fmt(row.get('n_nonmember'), '.0f')}"
 
 
 def _pii(run: dict, key: str) -> float:
@@ -543,13 +548,16 @@ def attack_side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tup
     sides["extraction"] = ([r for r in done if any(attack_plots.extraction_rates(r, m) for m in modes)], tuple(
         Column(f"{mode} adv.", -1, _extraction_value(mode), _extraction_cell(mode),
                "all PII types: recovered for training people minus for held-out people "
-               "(training vs held-out rate)") for mode in modes))
+               "(training vs held-out rate; n = values attacked in each group, only values inside "
+               "the trained window of data.max_length tokens)") for mode in modes))
     sides["pii_inference"] = ([r for r in done if attack_plots.pii_inference(r)], (
         Column("top-1", -1, lambda r: _pii(r, "top1"), lambda r: escape(pct(_pii(r, "top1"))),
                "all PII types, training people"),
         Column("held-out", 0, None, lambda r: escape(pct(_pii(r, "nonmember_top1"))),
                "the same for held-out people: what the format alone gives"),
         Column("chance", 0, None, lambda r: escape(pct(_pii(r, "chance"), "g")), "1/k"),
+        Column("values", 0, None, lambda r: _targets(attack_plots.pii_inference(r).get(attack_plots.ALL) or {}),
+               "values ranked: training / held-out people's, only those inside the trained window"),
     ))
     sides["backdoor"] = ([r for r in done if attack_plots.backdoor(r)], (
         Column("with trigger", -1, lambda r: _backdoor(r, "asr_triggered"),

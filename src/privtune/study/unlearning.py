@@ -88,8 +88,9 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
     forget_records, nonmembers = [members[i] for i in f_rows], ctx.data.nonmembers.records
     ref_members, ref_nonmembers = ctx.reference_scores()
     mia = score_attacks(own_f, evaluation.nonmembers, ref_members.rows(f_rows), ref_nonmembers,
-                        scored_records(ctx, forget_records), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k,
-                        fprs=tuple(cfg.mia.fprs), n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)
+                        scored_records(ctx, forget_records), scored_records(ctx, nonmembers),
+                        levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
+                        n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)
     strongest = _strongest(mia)
     loss = next((e for e in mia if e["attack"] == "loss" and e["level"] == "record"), None)
     out.update(mia=mia, forget_mia_auc=strongest["auc"] if strongest else None,
@@ -99,8 +100,8 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
         ex = cfg.extraction
         extraction = prefix_extraction(model, ctx.loaded.tokenizer, forget_records, nonmembers,
                                        max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,
-                                       max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
-                                       seed=ctx.cfg.data.seed)
+                                       max_length=ctx.cfg.data.max_length, device=ctx.runtime.device,
+                                       autocast_dtype=ctx.autocast_dtype, seed=ctx.cfg.data.seed)
         out.update(extraction=extraction, forget_extraction=extraction["greedy"]["ALL"]["member_rate"])
     return out
 
