@@ -112,3 +112,26 @@ def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "run", "--no-report", str(path))
     assert_one_line_error(code, err, "run fft+scrub-exact failed", "labelled by the regex tagger",
                           "use scrub.tagger: regex or presidio")
+
+
+@pytest.mark.parametrize("fields, needles", [
+    ({"attacks": {"mia": {"attacks": ["loss", "nosuch"]}}},
+     ("attacks.mia.attacks: unknown attack 'nosuch'", "use one of: loss, zlib, min_k, min_k_pp, reference")),
+    ({"data": {"source": "customer-sims"}}, ("data.source: unknown corpus 'customer-sims'", "customer-sim, synbio")),
+    ({"attacks": {"mia": {"reference_model": "tiny-lama"}}},
+     ("attacks.mia.reference_model: unknown model 'tiny-lama'", "tiny-llama")),
+    ({"methods": [{"method": "lora", "dp": None}, {"method": "dp-fft", "dp": {"accountant": "gdp"}}]},
+     ("methods.1.dp.accountant", "'prv' or 'rdp'", "'gdp'")),
+    ({"methods": [{"method": "dp-fft", "dp": {"engine": "jax"}}]}, ("methods.0.dp.engine", "'privtune' or 'opacus'")),
+    ({"methods": [{"method": "fft", "scrub": {"tagger": "spacy"}}]}, ("methods.0.scrub.tagger", "'regex'")),
+    ({"data": {"tagger": "flair"}}, ("data.tagger", "'presidio'")),
+    ({"methods": [{"method": "unlearn-gd", "unlearn": {"source": "fft", "forget": {"fraction": 0.1}}}]},
+     ("methods.0.method: unknown method 'unlearn-gd'", "unlearn-ga")),
+])
+def test_a_wrong_name_fails_when_the_config_loads_with_the_valid_names(tmp_path, monkeypatch, capsys, fields,
+                                                                      needles):
+    """Before anything is trained: exit 2, one line naming the field and the valid names."""
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path, **fields)))
+    assert code == 2
+    assert_one_line_error(code, err, "invalid config", *needles)
+    assert not (tmp_path / "out").exists()  # no database, no model: nothing ran

@@ -148,3 +148,17 @@ def test_scrub_settings_label_and_identity():
         parse_config({"methods": [{"method": "fft", "scrub": {}}]})
     with pytest.raises(PrivtuneError, match="repeated: fft\\+scrub-regex"):
         parse_config({"methods": [{"method": "fft", "scrub": {"tagger": "regex"}}] * 2})
+
+
+def test_every_registered_name_is_accepted():
+    """Driven from the registries, so a new attack, corpus or model needs no config change."""
+    from privtune.attacks.mia import ATTACKS
+    from privtune.data.corpora import CORPORA
+    from privtune.models.registry import MODELS
+
+    for model in MODELS:
+        for source in CORPORA:
+            cfg = parse_config({"model": model, "data": {"source": source}, "methods": [{"method": "fft"}],
+                                "attacks": {"mia": {"attacks": list(ATTACKS), "reference_model": model}}})
+            assert cfg.attacks.mia.attacks == list(ATTACKS) and cfg.data.source == source
+    assert parse_config({"data": {"source": "people.jsonl"}, "methods": [{"method": "fft"}]})  # a path, read later

@@ -23,6 +23,25 @@ from privtune.train.methods import METHODS, NO_DP_VARIANT
 from privtune.train.unlearn_objectives import DEFAULT_BETA, OBJECTIVES
 
 
+def _one_of(kind: str, name: str, names) -> str:
+    """``name`` if it is registered, else the one-line error that lists every valid name."""
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; use one of: {', '.join(names)}")
+    return name
+
+
+def _model_name(name: str | None) -> str | None:
+    """A registered model, a checkpoint directory or a hub id (models/registry.py's rules)."""
+    from privtune.models.registry import resolve  # light: resolves names without loading
+
+    if name is not None:
+        try:
+            resolve(name)
+        except PrivtuneError as e:
+            raise ValueError(e.one_line().rstrip(".")) from None
+    return name
+
+
 class _Strict(BaseModel):
     # validate_default: a default such as alpha=16 becomes 16.0 as a YAML value would, so
     # a run hashes the same whether a field was written out or left to its default.
@@ -37,6 +56,20 @@ class DataConfig(_Strict):
     tagger: Literal["auto", "regex", "presidio"] = Field(
         "auto", description="labels sensitive spans of user records that come without spans")
     seed: int = Field(0, description="seed of the corpus generator and of the split")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        """A path to user data (as :func:`~privtune.study.dataset.load_study_records` reads
+        it), else a registered corpus."""
+        if Path(source).suffix.lower() in (".jsonl", ".csv") or Path(source).exists():
+            return source
+        from privtune.data.corpora import CORPORA  # imported here: generating corpora needs faker
+
+        if source not in CORPORA:
+            raise ValueError(f"unknown corpus {source!r}; use one of: {', '.join(sorted(CORPORA))}, "
+                             "or a path to a .jsonl/.csv file")
+        return source
 
 
 class CanaryConfig(_Strict):
@@ -62,6 +95,23 @@ class MIASettings(_Strict):
     fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001], description="report TPR at these FPRs")
     n_bootstrap: int = Field(1000, ge=0, description="resamples for the 95% intervals")
     reference_model: str | None = Field(None, description="reference for the calibrated attack; default: the base model")
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        # Imported here, not at the top: the registry lives with the attacks (numpy, scikit-learn).
+        from privtune.attacks.mia import ATTACKS
+
+        for name in names:
+            _one_of("attack", name, list(ATTACKS))
+        return names
+
+    @field_validator("reference_model")
+    @classmethod
+    def _known_reference(cls, name: str | None) -> str | None:
+        return _model_name(name)
 
     @model_validator(mode="after")
     def _fprs_in_range(self):
@@ -371,6 +421,11 @@ class StudyConfig(_Strict):
     retries: int = Field(1, ge=0, description="times a run that crashed (not a config error) is tried again")
     output_dir: str = Field("privtune-runs", description="database, models and reports go here")
     save_artifacts: bool = Field(True, description="save each trained model (or adapter) as safetensors")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return _model_name(name)
 
     @field_validator("methods")
     @classmethod
