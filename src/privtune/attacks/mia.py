@@ -7,8 +7,8 @@ can pick them and a new one is one decorated function:
 - ``loss`` (Yeom et al., 2018): −mean NLL.
 - ``zlib`` (Carlini et al., 2021, "Extracting training data from large language models",
   §5.1; as in MIMIR's ``zlib.py``): −(mean token NLL, i.e. log-perplexity) / zlib entropy,
-  the byte length of ``zlib.compress(text.encode("utf-8"))`` of the very text whose tokens
-  were scored; texts that are merely easy (repetitive, formulaic) compress well and are
+  the byte length of ``zlib.compress(text.encode("utf-8"))`` of the text that was scored
+  (see below); texts that are merely easy (repetitive, formulaic) compress well and are
   discounted.
 - ``min_k`` (Shi et al., 2024, "Detecting pretraining data", Min-K% Prob): mean
   log-probability of the k% least likely tokens: ``floor(k·n)`` of a record's n scored
@@ -21,10 +21,12 @@ can pick them and a new one is one decorated function:
 
 Every attack runs at two levels: the whole record, and its sensitive tokens only (the
 zlib text is then the record's sensitive values, joined by spaces). Records are scored
-as trained: truncated to ``data.max_length`` tokens, so the records given to
-:func:`score_attacks` are the trained windows (:func:`privtune.data.tokenize.trained_windows`)
-and zlib compresses exactly the text, or the parts of values, that the scored tokens
-cover. A record with no scored token gets NaN and is left out of that attack's metrics.
+as trained, truncated to ``data.max_length`` tokens, so the records given to
+:func:`score_attacks` are the trained windows
+(:func:`privtune.data.tokenize.trained_windows`): zlib compresses the text the model read
+up to its last scored token (the first token, which only conditions the others,
+included, as in MIMIR), or the parts of the values inside that window. A record with no
+scored token gets NaN and is left out of that attack's metrics.
 """
 
 from __future__ import annotations
