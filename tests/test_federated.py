@@ -2,6 +2,7 @@
 a hand-weighted mean, DP-FedAvg's clipping, noise and epsilon, and a study end to end."""
 
 import copy
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -282,3 +283,40 @@ def test_report_section_lists_every_client_and_shades_the_leakiest():
     assert '<td class="worst">0.200</td>' in html and "–" in html
     assert "2.00 MB down" in html and "client-level ε 4 at δ 0.05" in html
     assert federated_section([{"label": "base", "status": "done"}]) == ""
+
+
+def _client_dp_rounds(seed: int, secure: bool, rounds: int = 3, n: int = 64, size: int = 4096):
+    """Each round's chosen clients and released noise (the update of a round nobody joined)."""
+    settings = ClientDPSettings(noise_multiplier=1.0, clip_norm=1.0, secure_mode=secure)
+    privacy = plan_client_privacy(settings, n, 0.5, rounds)
+    strategy = _strategy(FederatedSettings(clients=n, fraction_fit=0.5, client_dp=settings), n, privacy, seed,
+                         FederatedResult())
+    out = []
+    for _ in range(rounds):
+        chosen = strategy._choose_clients()
+        strategy.current = _record(np.zeros(size))
+        arrays, _ = strategy._noisy_mean([])
+        out.append((chosen, arrays.to_numpy_ndarrays()[0] * privacy.sample_rate * n))  # the noise on the sum
+    return out
+
+
+def test_client_dp_cannot_be_replayed_from_the_stored_seed():
+    """The seed is in the run's config: replaying ``default_rng(seed)`` in the server's order
+    (the clients, then the noise, each round) recovers neither the clients nor the noise."""
+    seed, n = 5, 64
+    replay = np.random.default_rng(seed)
+    agree = 0
+    for chosen, noise in _client_dp_rounds(seed, secure=False, n=n):
+        guessed = [c for c in range(n) if replay.random() < 0.5]
+        agree += sum((c in chosen) == (c in guessed) for c in range(n))
+        residual = noise - replay.normal(0.0, 1.0, noise.shape)
+        assert np.std(residual) == pytest.approx(math.sqrt(2), rel=0.05)  # independent: variances add
+    assert agree / (3 * n) < 0.7  # chance is 1/2 (a replayed stream agreed on all)
+
+
+def test_client_dp_is_reproducible_when_seeded_and_not_in_secure_mode():
+    seeded = [_client_dp_rounds(7, secure=False) for _ in range(2)]
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(*seeded))
+    secure = [_client_dp_rounds(7, secure=True) for _ in range(2)]
+    assert all(a[0] != b[0] and not np.array_equal(a[1], b[1]) for a, b in zip(*secure))
+    assert all(np.std(noise) == pytest.approx(1.0, rel=0.05) for _, noise in secure[0])

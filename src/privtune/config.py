@@ -242,6 +242,8 @@ class ClientDPSettings(_Strict):
                                                     "trainable parameters in one round)")
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 clients)")
     accountant: Literal["prv", "rdp"] = Field("prv", description="prv (tight) or rdp (classic) accountant")
+    secure_mode: bool = Field(False, description="draw the server's noise and the clients of each round from "
+                                                 "the OS CSPRNG, not from streams of the run's seed")
 
     @model_validator(mode="after")
     def _one_noise_source(self):

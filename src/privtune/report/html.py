@@ -809,6 +809,10 @@ GLOSSARY = (
                                "same share for held-out people (what format guessing alone gives)"),
     ("PII inference top-1 ↓", "share of values ranked first among k candidates; chance is 1/k"),
     ("backdoor ASR ↓", "share of prompts where the model emits the planted target, with and without the trigger"),
+    ("seeded or secure DP", "without secure_mode a DP run draws its batches and noise from streams of the run's "
+                            "seed: it repeats exactly, and its ε holds against anyone who does not know that seed, "
+                            "which the run's config and database store; secure_mode draws them from the OS CSPRNG, "
+                            "for models or databases others will see"),
 )
 
 

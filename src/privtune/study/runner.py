@@ -32,7 +32,7 @@ from privtune.study.dataset import StudyData, build_study_data, shadow_membershi
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.study.scrubbing import TrainingScrubber
 from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
-from privtune.train import distributed
+from privtune.train import distributed, streams
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
@@ -221,7 +221,7 @@ def training_set(ctx: StudyContext, spec: RunSpec):
 
 
 def prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
-    torch.manual_seed(spec.seed)  # before prepare: adapter weights are drawn there
+    streams.seed_global(spec.seed, streams.INIT)  # before prepare: adapter weights are drawn there
     return get_method(spec.method).prepare(copy.deepcopy(ctx.loaded.model), method_spec(ctx.cfg, spec).settings)
 
 

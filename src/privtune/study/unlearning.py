@@ -48,6 +48,7 @@ from privtune.study.forget import ForgetSet, resolve_forget_set
 from privtune.study.plan import RunSpec
 from privtune.study.runner import Evaluation, StudyContext, efficiency_record, measured_result, method_training_set
 from privtune.study.unlearning_plan import retrain_run_id, source_run_id
+from privtune.train import streams
 from privtune.train.methods import get_method
 from privtune.train.unlearn import UnlearnPlan, unlearn
 from privtune.train.unlearn_objectives import OBJECTIVES
@@ -136,7 +137,7 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     objective = OBJECTIVES[settings["method"]]
     forget = forget_set(ctx, settings["unlearn"]["forget"])
     forget_data, retain_data = forget.split(method_training_set(ctx, _method(ctx, settings["unlearn"]["source"]))[1])
-    torch.manual_seed(spec.seed)
+    streams.seed_global(spec.seed, streams.INIT)  # what loading and preparing draw, if anything
     model = load_source(ctx, spec)
     trainable, total = count_parameters(model)
     members = ctx.data.members.records

@@ -27,14 +27,17 @@ stay one code path. Three things are privtune's, and why:
   ``client_dp`` every client joins a round independently with probability
   ``fraction_fit`` (a round nobody joins still releases noise, as the accountant
   assumes) and every client weighs the same (a record-count weight would let a big
-  client exceed the sensitivity). The privacy unit is then the client. The noise comes
-  from a seeded numpy generator, not a secure source.
+  client exceed the sensitivity). The privacy unit is then the client. Which clients
+  join and the noise come from two streams spawned from the run's seed
+  (:mod:`privtune.train.streams`), or, under ``client_dp.secure_mode``, both from the OS
+  CSPRNG: a seed is stored in the run's config, and whoever replays it recovers the
+  clients of every round and subtracts the noise.
 - *Record-level DP inside a client* (the ``dp-`` methods): each client runs DP-SGD
   locally with the loop's own accountant; its noise multiplier is derived once for
   all ``rounds x local_epochs`` of its records, and its epsilon is accounted over the
   rounds it actually took part in. That epsilon is per client and per record.
 
-Clients are chosen by privtune's seeded generator, not Flower's ``random.sample``, and
+Clients are chosen by privtune's seeded stream, not Flower's ``random.sample``, and
 by client rather than by Flower's node ids (random per run), so a seed repeats a run:
 ``int(fraction_fit x clients)`` of them per round without ``client_dp``. Non-private
 clients of one round share a shuffle seed (their records differ anyway), which is what
@@ -63,7 +66,7 @@ import torch
 from privtune.config import ClientDPSettings, FederatedSettings
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
-from privtune.train import dp
+from privtune.train import dp, streams
 from privtune.train.loop import TrainPlan, plan_privacy, train
 from privtune.train.precision import Runtime
 
@@ -89,6 +92,7 @@ class ClientPrivacy:
     delta: float
     accountant: str
     epsilon: float = math.nan
+    secure_mode: bool = False
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -104,7 +108,8 @@ def plan_client_privacy(settings: ClientDPSettings, n_clients: int, sample_rate:
     else:
         sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, rounds,
                                             accountant=settings.accountant)
-    return ClientPrivacy(sigma, settings.clip_norm, sample_rate, rounds, delta, settings.accountant)
+    return ClientPrivacy(sigma, settings.clip_norm, sample_rate, rounds, delta, settings.accountant,
+                         secure_mode=settings.secure_mode)
 
 
 def local_plans(plan: TrainPlan, clients: list[EncodedDataset], rounds: int) -> list[TrainPlan]:
@@ -172,8 +177,9 @@ def load_arrays(model: torch.nn.Module, names: list[str], arrays) -> None:
 
 
 def client_seed(seed: int, server_round: int, client: int, private: bool) -> int:
-    """A round's shuffle seed; DP clients get their own, so their noise is independent."""
-    return seed * 1_000_003 + server_round * 7919 + (client if private else 0)
+    """The seed a client's training derives its streams from in a round; DP clients get
+    their own, so their noise is independent (non-private ones share a round's shuffle)."""
+    return streams.stream_seed(seed, streams.FED_CLIENT_TRAINING, server_round, client if private else 0)
 
 
 def _client_app(kit_id: str, kit_ref, seed: int):
@@ -228,7 +234,9 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
             super().__init__(fraction_train=fed.fraction_fit, fraction_evaluate=0.0,
                              min_train_nodes=max(1, int(n_clients * fed.fraction_fit)),
                              min_available_nodes=n_clients)
-            self.rng = np.random.default_rng(seed)
+            secure = privacy is not None and privacy.secure_mode
+            self.choices = dp.make_noise_generator(seed, secure, stream=streams.FED_CLIENTS)
+            self.noise = dp.make_noise_generator(seed, secure, stream=streams.FED_NOISE)
             self.nodes = None
             self.current = None
             self.started = 0.0
@@ -255,10 +263,11 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
             return self.nodes
 
         def _choose_clients(self) -> list[int]:
-            """Seeded: int(fraction_fit x N) clients, or each with probability fraction_fit under client DP."""
+            """int(fraction_fit x N) clients at random, or each with probability fraction_fit under client DP."""
+            draws = self.choices.uniform(n_clients)
             if privacy is None:
-                return sorted(self.rng.choice(n_clients, size=self.min_train_nodes, replace=False).tolist())
-            return [c for c in range(n_clients) if self.rng.random() < privacy.sample_rate]
+                return sorted(torch.argsort(draws)[:self.min_train_nodes].tolist())
+            return torch.nonzero(draws < privacy.sample_rate).flatten().tolist()
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
@@ -297,7 +306,7 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
                     t += u
             scale = privacy.sample_rate * n_clients
             std = privacy.noise_multiplier * privacy.clip_norm
-            new = [(c + (t + self.rng.normal(0.0, std, c.shape)) / scale).astype(c.dtype)
+            new = [(c + (t + self.noise.gaussian(c.shape, std=std).double().numpy()) / scale).astype(c.dtype)
                    for c, t in zip(current, total)]
             return ArrayRecord(array_dict={k: Array(v) for k, v in zip(keys, new)}), norms
 

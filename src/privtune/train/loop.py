@@ -23,7 +23,7 @@ from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import Stopwatch
 from privtune.models.forward import token_logits
-from privtune.train import distributed, dp
+from privtune.train import distributed, dp, streams
 from privtune.train.losses import per_record_loss
 from privtune.train.precision import Runtime
 
@@ -113,7 +113,7 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
-    generator = torch.Generator().manual_seed(plan.seed)
+    generator = streams.torch_generator(plan.seed, streams.BATCHES)  # noise and dropout draw from streams of their own
     result = TrainResult()
     labels = data.labels
     if plan.dp is not None:
@@ -123,7 +123,8 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     group = distributed.current()
     if group:  # rank 0 may have measured the base model first: wait here, not in a gradient all-reduce
         group.wait_for_main()
-    with out_of_memory_as_user_error(plan.physical_batch_size):
+    with out_of_memory_as_user_error(plan.physical_batch_size), \
+            streams.global_stream(plan.seed, streams.DROPOUT, runtime.device):
         step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
     if group is not None:
         result.tokens = group.sum_int(result.tokens)

@@ -25,6 +25,7 @@ import torch
 from privtune.data.tokenize import EncodedDataset
 from privtune.measures.efficiency import Stopwatch
 from privtune.models.forward import token_logits
+from privtune.train import streams
 from privtune.train.loop import TrainResult, out_of_memory_as_user_error
 from privtune.train.losses import per_record_loss
 from privtune.train.precision import Runtime
@@ -86,7 +87,8 @@ def unlearn(model: torch.nn.Module, forget: EncodedDataset, retain: EncodedDatas
     """
     if plan.objective.retain == "kl" and plan.uses_retain and reference is None:
         raise ValueError("the KL retain term needs the source model as reference")
-    with out_of_memory_as_user_error(plan.physical_batch_size):
+    with out_of_memory_as_user_error(plan.physical_batch_size), \
+            streams.global_stream(plan.seed, streams.DROPOUT, runtime.device):
         return _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_step)
 
 
@@ -96,7 +98,7 @@ def _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_s
                else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
-    generator = torch.Generator().manual_seed(plan.seed)
+    generator = streams.torch_generator(plan.seed, streams.BATCHES)
     retain_rows = _retain_stream(len(retain), generator) if plan.uses_retain else None
     forget_labels, retain_labels = forget.labels, retain.labels
     result = TrainResult()

@@ -7,7 +7,9 @@ different analysis. A Poisson batch may be empty, and the loop still takes its n
 Noise comes from a :class:`NoiseSource`:
 
 * :class:`TorchNoise` - a seeded ``torch.Generator``: reproducible runs, fine for
-  research, but anyone who knows the seed can subtract the noise.
+  research, but anyone who knows the seed can subtract the noise. Its stream is spawned
+  from the run's seed apart from the batch sampler's (:mod:`privtune.train.streams`):
+  one stream for both would make the noise a function of the batch.
 * :class:`SecureNoise` - for ``secure_mode``. Opacus uses ``torchcsprng`` here, which
   cannot be installed on this stack, and a NumPy/PCG/SFC generator seeded from
   ``secrets`` is not a CSPRNG (its state is recoverable from outputs). So uniform bits
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 import torch
 
 from privtune.errors import PrivtuneError
+from privtune.train import streams
 
 _MANTISSA_BITS = 53
 _CHUNK = 1 << 22  # uniforms drawn per os.urandom call, to bound temporary memory
@@ -93,16 +96,16 @@ class SecureNoise(NoiseSource):
         return (z * std).to(torch.float32).reshape(tuple(shape)).to(device or "cpu")
 
 
-def make_noise_generator(seed: int, secure: bool, device: torch.device | str | None = None) -> NoiseSource:
-    """The noise source for a run: seeded and reproducible, or secure and unseeded.
+def make_noise_generator(seed: int, secure: bool, device: torch.device | str | None = None,
+                         stream: str = streams.DP_NOISE) -> NoiseSource:
+    """The noise source for a run: ``stream`` of the run's ``seed`` (reproducible), or secure.
 
     In secure mode ``seed`` is ignored on purpose: noise that a seed reproduces is noise
     an attacker who learns the seed can remove.
     """
     if secure:
         return SecureNoise()
-    gen = torch.Generator(device=torch.device(device) if device is not None else "cpu")
-    return TorchNoise(gen.manual_seed(seed))
+    return TorchNoise(streams.torch_generator(seed, stream, device))
 
 
 def as_noise_source(generator: NoiseSource | torch.Generator) -> NoiseSource:
