@@ -16,30 +16,43 @@ from privtune.config import StudyConfig
 SHADOW_ATTACKS = ("lira_online", "lira_offline", "rmia")
 
 
-def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict]) -> list[dict]:
-    """LiRA (online, offline) and RMIA entries of the ``"mia"`` schema for one run."""
-    stats = run["record_stats"]
-    n_members = stats["n_members"]
+def _scores(stats: dict, shadows: list[dict], level: str) -> dict[str, np.ndarray]:
+    """Each shadow attack's score per population record, for the model ``stats`` describes."""
     shadow_in = np.array([s["shadow_in"] for s in shadows], dtype=bool)
+    target_stat = np.array(stats[level]["stat"], dtype=float)
+    target_ll = np.array(stats[level]["loglik"], dtype=float)
+    tokens = np.maximum(np.array(stats[level]["tokens"]), 1)
+    shadow_stat = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
+    shadow_ll = np.array([s["record_stats"][level]["loglik"] for s in shadows], dtype=float)
+    return {
+        "lira_online": lira(target_stat, shadow_stat, shadow_in, online=True),
+        "lira_offline": lira(target_stat, shadow_stat, shadow_in, online=False),
+        # RMIA's population z: the same records, whose shadow membership is known.
+        "rmia": rmia(target_ll, shadow_ll, shadow_in, target_ll, shadow_ll, population_in=shadow_in,
+                     target_lengths=tokens, population_lengths=tokens),
+    }
+
+
+def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict], base: dict | None = None) -> list[dict]:
+    """LiRA (online, offline) and RMIA entries of the ``"mia"`` schema for one run;
+    ``base``: the study's base run, whose scores under the same attacks are the blind
+    baseline of the advantage (left out for the base run itself and for runs stored
+    without the record split)."""
+    stats = run["record_stats"]
+    select = stats.get("selection_half")
+    paired = base is not None and base is not run and select is not None and "record_stats" in base
     entries = []
     for level in cfg.attacks.mia.levels:
-        target_stat = np.array(stats[level]["stat"], dtype=float)
-        target_ll = np.array(stats[level]["loglik"], dtype=float)
-        tokens = np.maximum(np.array(stats[level]["tokens"]), 1)
-        shadow_stat = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
-        shadow_ll = np.array([s["record_stats"][level]["loglik"] for s in shadows], dtype=float)
-        is_member = np.arange(len(target_stat)) < n_members
-        scores = {
-            "lira_online": lira(target_stat, shadow_stat, shadow_in, online=True),
-            "lira_offline": lira(target_stat, shadow_stat, shadow_in, online=False),
-            # RMIA's population z: the same records, whose shadow membership is known.
-            "rmia": rmia(target_ll, shadow_ll, shadow_in, target_ll, shadow_ll, population_in=shadow_in,
-                         target_lengths=tokens, population_lengths=tokens),
-        }
-        for name, score in scores.items():
+        is_member = np.arange(len(stats[level]["stat"])) < stats["n_members"]
+        base_scores = _scores(base["record_stats"], shadows, level) if paired else {}
+        for name, score in _scores(stats, shadows, level).items():
             keep = np.isfinite(score)
+            base_score = base_scores.get(name)
+            if base_score is not None:
+                keep &= np.isfinite(base_score)
             metrics = roc_metrics(score[keep], is_member[keep], fprs=tuple(cfg.attacks.mia.fprs),
-                                  n_bootstrap=cfg.attacks.mia.n_bootstrap, seed=cfg.data.seed)
+                                  base_scores=base_score[keep] if base_score is not None else None,
+                                  select=np.asarray(select, dtype=bool)[keep] if paired else None)
             entries.append({"attack": name, "level": level, "higher_is_member": True, **metrics,
                             "shadow_models": len(shadows)})
     return entries
@@ -50,13 +63,13 @@ def add_shadow_attacks(cfg: StudyConfig, store) -> int:
     shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if r["status"] == "done"]
     if len(shadows) < 2:
         return 0
+    runs = [r for r in store.runs(cfg.name) if r["status"] == "done" and "record_stats" in r]
+    base = next((r for r in runs if r.get("role") == "base"), None)
     updated = 0
-    for run in store.runs(cfg.name):
-        if run["status"] != "done" or "record_stats" not in run:
-            continue
+    for run in runs:
         attacks = run.setdefault("attacks", {})
         kept = [e for e in attacks.get("mia", []) if e["attack"] not in SHADOW_ATTACKS]
-        attacks["mia"] = kept + shadow_attack_entries(cfg, run, shadows)
+        attacks["mia"] = kept + shadow_attack_entries(cfg, run, shadows, base)
         store.update_result(run["run_id"], _stored_result(run))
         updated += 1
     return updated
