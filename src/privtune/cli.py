@@ -271,7 +271,7 @@ def _strongest_cell(run: dict) -> str:
     from privtune.report.headline import strongest_attack
 
     head = strongest_attack(run)
-    if head is None:
+    if head is None or run.get("method") == "base":  # the base model is the baseline itself
         return "–"
     return "n/a" if head.reason else f"{head.number('advantage'):+.2f}"
 

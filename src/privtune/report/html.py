@@ -290,7 +290,7 @@ def _headline_advantage(run: dict, level: str | None = None) -> float:
 def _strongest_mia_cell(run: dict, level: str | None = None) -> str:
     """The strongest attack's advantage [interval] and AUC, or n/a with its reason."""
     head = strongest_attack(run, level)
-    if head is None:
+    if head is None or is_base(run):  # the base model is the baseline itself
         return "–"
     if head.reason:
         return f'<span title="{escape(head.reason)}">n/a</span>'
