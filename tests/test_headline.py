@@ -56,6 +56,8 @@ def test_the_issues_twelve_person_study_headlines_no_perfect_auc():
     assert head.reason == "needs ≥ 10 members and 10 non-members, has 3 and 5"
     card = {c.title: c for c in report_html.headline_cards(runs)}["Strongest attack"]
     assert card.run == "n/a" and "1.00 [1.00–1.00]" not in card.detail and "has 3 and 5" in card.detail
+    assert "n/a <small>(needs ≥ 10 per group in each half)</small>" in report_html._strongest_mia_cell(runs[1])
+    assert report_html._strongest_mia_cell(runs[0]) == "–"  # the base model is the baseline itself
     assert cli.strongest_lines(runs) == ["fft: strongest membership attack n/a: needs ≥ 10 members and 10 "
                                          "non-members, has 3 and 5"]
 
@@ -129,8 +131,8 @@ def test_run_difference_is_the_difference_of_the_stored_measures_with_a_clustere
     # An independent reference: the percentile interval of a bootstrap over people.
     rng = np.random.default_rng(0)
     n = 60
-    d = -(np.array(a["record_stats"]["sensitive"]["loglik"]) - np.array(b["record_stats"]["sensitive"]["loglik"]))[:n]
-    d = -d  # a's gain minus b's = b's loss minus a's loss
+    # a's gain minus b's = b's summed loss minus a's = a's log-likelihood minus b's.
+    d = (np.array(a["record_stats"]["sensitive"]["loglik"]) - np.array(b["record_stats"]["sensitive"]["loglik"]))[:n]
     t = np.array(a["record_stats"]["sensitive"]["tokens"])[:n]
     people = np.array(a["record_stats"]["person"])[:n]
     ids = np.unique(people)
@@ -140,7 +142,8 @@ def test_run_difference_is_the_difference_of_the_stored_measures_with_a_clustere
         rows = np.concatenate([np.flatnonzero(people == p) for p in chosen])
         boot.append(d[rows].sum() / t[rows].sum())
     low, high = np.percentile(boot, [2.5, 97.5])
-    assert diff.low == pytest.approx(low, abs=0.25 * (high - low)) and diff.high == pytest.approx(high, abs=0.25 * (high - low))
+    tolerance = 0.25 * (high - low)
+    assert diff.low == pytest.approx(low, abs=tolerance) and diff.high == pytest.approx(high, abs=tolerance)
 
 
 def test_run_difference_interval_covers_the_truth():

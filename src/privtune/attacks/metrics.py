@@ -12,11 +12,12 @@ model, each with an interval that keeps its coverage at the sample sizes of a st
   principles") needs at least ``⌈1/α⌉`` non-members: with fewer, the threshold sits
   above every non-member and the figure is TPR at zero false positives. The threshold
   is the ``1 − α`` quantile of the non-member scores (Hyndman–Fan type 8, median-
-  unbiased: in simulation, normal scores, its TPR is within 5% of the truth from
+  unbiased: in simulation with normal scores its TPR is within 4% of the truth from
   ``1/α`` non-members on, where the highest TPR at an empirical FPR ≤ α reads 20–50%
-  high). Its interval accounts for the threshold's own uncertainty:
-  an exact order-statistic band for the true quantile (2.5%) and a Clopper–Pearson
-  interval on the members above each end of the band (2.5%), a Bonferroni split of 5%.
+  high at ``1/α`` non-members). Its interval accounts for the threshold's own
+  uncertainty: an exact order-statistic band for the true quantile (2.5%) and a
+  Clopper–Pearson interval on the members above each end of the band (2.5%), a
+  Bonferroni split of 5%.
 - **Advantage over the base model** (Duan et al., 2024; Meeus et al., 2024, "SoK:
   membership inference attacks on LLMs are rushing nowhere"): ``AUC_θ − AUC_θ0`` on the
   same records. The base model never saw them, so its AUC is the blind baseline: what

@@ -41,6 +41,15 @@ class Headline:
         return number(self.figures.get(key))
 
 
+def short_reason(reason: str) -> str:
+    """A few words of a headline's reason, for a table cell (the full one is its tooltip)."""
+    if "needs ≥" in reason:
+        return "needs ≥ " + reason.split("needs ≥ ")[1].split(" members")[0] + " per group in each half"
+    if reason.startswith("every attack is confounded"):
+        return "every attack confounded"
+    return reason.split(":")[0]
+
+
 def _not_chosen(reason: str, variants: int) -> Headline:
     return Headline(reason=reason, variants=variants)
 

@@ -42,7 +42,7 @@ from privtune.report.attack_plots import (
 )
 from privtune.report.differences import Difference, run_difference
 from privtune.report.export import write_text_atomic
-from privtune.report.headline import Headline, strongest_attack, strongest_overall
+from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure
 from privtune.report.unlearning import unlearning_section
 
@@ -293,7 +293,7 @@ def _strongest_mia_cell(run: dict, level: str | None = None) -> str:
     if head is None or is_base(run):  # the base model is the baseline itself
         return "–"
     if head.reason:
-        return f'<span title="{escape(head.reason)}">n/a</span>'
+        return f'<span title="{escape(head.reason)}">n/a <small>({escape(short_reason(head.reason))})</small></span>'
     tip = escape(f"{head.name}: {fmt_advantage(head)}, on the people held back while choosing it")
     low, high = interval(head.figures.get("advantage_ci"))
     return (f'<span class="nowrap" title="{tip}">{head.number("advantage"):+.2f} <small>[{low:+.2f}, {high:+.2f}] '
