@@ -3,7 +3,9 @@ extraction / PII inference / backdoor figures, the headline card and the CSV col
 
 The fixture (tests/fixtures/runs_example.json) gives every finished run an "attacks"
 section: 8 MIA attacks at 2 levels (the base model near AUC 0.5), extraction and PII
-inference over 8 PII types, and a backdoor; the failed run has none.
+inference over 8 PII types, and a backdoor; the failed run has none. Its MIA entries were
+computed by ``roc_metrics`` from synthetic scores of 120 members and 120 non-members (two
+records per person), each run's correlated with the base model's on the same records.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from privtune.report import attack_plots, plots, write_csv, write_report
+from privtune.report import export
 from privtune.report import html as report_html
+from privtune.report.headline import strongest_attack
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs_example.json"
 ATTACK_FIGURES = [(name, make) for name, _, make, _ in attack_plots.FIGURES]
@@ -89,7 +93,11 @@ def test_fixture_follows_the_attack_schema(runs):
         for e in mia:
             low, high = e["auc_ci"]
             assert low <= e["auc"] <= high and set(e["tpr_at_fpr"]) == {"0.01", "0.001"}
+            assert e["tpr_at_fpr"]["0.001"] is None  # 120 non-members cannot measure 0.1%
             assert len(e["roc"]["fpr"]) == len(e["roc"]["tpr"]) <= 200
+            if run["method"] != "base":
+                assert e["advantage"] == pytest.approx(e["auc"] - e["base_auc"], abs=2e-4)
+                assert set(e["halves"]) == {"select", "report"} and e["confounded"] is False
         if run["method"] == "base":
             assert all(abs(e["auc"] - 0.5) < 0.1 for e in mia)  # the untouched model: near chance
         assert set(run["attacks"]["extraction"]) == {"greedy", "sampling"}
@@ -174,17 +182,21 @@ def test_roc_points_drop_holes_and_sort_by_fpr():
         assert attack_plots.roc_points(bad)[0].size == 0
 
 
-def test_strongest_mia_is_the_highest_auc(runs):
+def test_strongest_attack_is_chosen_on_one_half_and_quoted_on_the_other(runs):
     for run in runs:
-        entries = [e for e in run.get("attacks", {}).get("mia", []) if e["auc"] is not None]
-        best = attack_plots.strongest_mia(run)
+        head = strongest_attack(run)
+        entries = attack_plots.mia_entries(run)
         if not entries:
-            assert best is None
+            assert head is None
             continue
-        assert best["auc"] == max(e["auc"] for e in entries)
+        if run["method"] == "base":
+            assert head.attack is None and "baseline" in head.reason
+            continue
+        chosen = max(entries, key=lambda e: e["halves"]["select"]["advantage"])
+        assert (head.attack, head.level, head.variants, head.reason) == (chosen["attack"], chosen["level"], 16, None)
+        assert head.figures == chosen["halves"]["report"]  # not the half it was chosen on
         for level in attack_plots.LEVELS:
-            assert attack_plots.strongest_mia(run, level)["auc"] == max(
-                e["auc"] for e in entries if e["level"] == level)
+            assert strongest_attack(run, level).level == level
 
 
 def test_attacks_and_pii_types_come_in_display_order():
@@ -231,11 +243,15 @@ def test_mia_table_shows_auc_and_tpr_with_their_intervals(page, runs, level):
         for attack, cell in zip(attacks, rows[run["label"]]):
             entry = attack_plots.mia_entry(run, attack, level)
             low, high = entry["auc_ci"]
-            assert f"<b>{entry['auc']:.2f}</b> <small>[{low:.2f}–{high:.2f}]</small>" in cell
-            for fpr in ("0.01", "0.001"):
-                tpr_low, tpr_high = entry["tpr_at_fpr_ci"][fpr]
-                shown = [report_html._tpr_num(v) for v in (entry["tpr_at_fpr"][fpr], tpr_low, tpr_high)]
-                assert f"@{100 * float(fpr):g}%: {shown[0]} [{shown[1]}–{shown[2]}]" in cell
+            assert f"<b>{entry['auc']:.2f}</b> <small>[{low:.2f}–{high:.2f}]</small> <small>n 120/120</small>" in cell
+            if run["method"] != "base":
+                a_low, a_high = entry["advantage_ci"]
+                assert (f"base {entry['base_auc']:.2f}, adv. {entry['advantage']:+.2f} "
+                        f"[{a_low:+.2f}, {a_high:+.2f}]") in cell
+            tpr_low, tpr_high = entry["tpr_at_fpr_ci"]["0.01"]
+            shown = [report_html._tpr_num(v) for v in (entry["tpr_at_fpr"]["0.01"], tpr_low, tpr_high)]
+            assert f"@1%: {shown[0]} [{shown[1]}–{shown[2]}]" in cell
+            assert "@0.1%: n/a (needs ≥ 1000 non-members)" in cell
 
 
 @pytest.mark.parametrize("level", attack_plots.LEVELS)
@@ -256,10 +272,14 @@ def test_headline_names_the_strongest_attack_and_the_most_exposed_run(runs):
     cards = {c.title: c for c in report_html.headline_cards(runs)}
     card = cards["Strongest attack"]
     trained = [r for r in runs if r["status"] == "done" and r["method"] != "base"]
-    run, entry = max(((r, e) for r in trained for e in r["attacks"]["mia"]), key=lambda t: t[1]["auc"])
-    assert card.run == f"{attack_plots.attack_name(entry['attack'])} ({entry['level']})"
-    assert f"most exposed: {run['label']}, AUC {entry['auc']:.2f}" in card.detail
-    assert card.kind == "warn"
+    run = max(trained, key=lambda r: strongest_attack(r).select_advantage)  # chosen on the selection half too
+    head = strongest_attack(run)
+    assert card.run == f"{attack_plots.attack_name(head.attack)} ({head.level})"
+    low, high = head.figures["advantage_ci"]
+    assert (f"most exposed: {run['label']}, advantage over the base model {head.figures['advantage']:+.2f} "
+            f"[{low:.2f}–{high:.2f}], AUC {head.figures['auc']:.2f}") in card.detail
+    assert "held back while choosing it among 16 attack variants" in card.detail
+    assert card.kind == "warn" and low > 0
     assert "Strongest attack" not in {c.title for c in report_html.headline_cards(without_attacks(runs))}
 
 
@@ -275,7 +295,9 @@ def test_attack_sections_show_their_numbers(page, runs):
     assert f"{100 * fft['backdoor']['asr_triggered']:.1f}%" in backdoor
     assert html.escape(fft["backdoor"]["trigger"]) in backdoor
     runs_table = text[text.index('<table class="runs">'):]
-    assert "MIA AUC, strongest attack" in runs_table and "LiRA online" in runs_table
+    assert "MIA advantage, strongest attack" in runs_table
+    head = strongest_attack(by_label(runs, "fft"))
+    assert f"AUC {head.figures['auc']:.2f}, {html.escape(attack_plots.attack_name(head.attack))}" in runs_table
 
 
 def test_a_study_without_attacks_renders_as_before(runs, tmp_path, quick_png):
@@ -327,8 +349,10 @@ def test_csv_has_the_attack_columns(runs, tmp_path):
     header, rows = read_csv(write_csv(runs, tmp_path / "runs.csv"))
     for attack in attack_plots.ATTACK_NAMES:
         for level in attack_plots.LEVELS:
-            assert f"mia_{attack}_{level}_auc" in header and f"mia_{attack}_{level}_tpr_at_1pct_fpr" in header
-    for name in ("mia_strongest_attack", "mia_strongest_auc", "extraction_greedy_all_advantage",
+            for key in export.MIA_KEYS:
+                assert f"mia_{attack}_{level}_{key}" in header
+    for name in ("mia_strongest_attack", "mia_strongest_auc", "mia_strongest_advantage", "mia_strongest_advantage_low",
+                 "mia_strongest_n_members", "mia_strongest_na", "extraction_greedy_all_advantage",
                  "extraction_sampling_all_advantage", "pii_inference_all_top1", "backdoor_asr_triggered",
                  "backdoor_asr_clean"):
         assert name in header
@@ -337,6 +361,13 @@ def test_csv_has_the_attack_columns(runs, tmp_path):
     entry = attack_plots.mia_entry(by_label(runs, "fft"), "rmia", "sensitive")
     assert float(rows["fft"]["mia_rmia_sensitive_auc"]) == entry["auc"]
     assert float(rows["fft"]["mia_rmia_sensitive_tpr_at_1pct_fpr"]) == entry["tpr_at_fpr"]["0.01"]
+    assert float(rows["fft"]["mia_rmia_sensitive_advantage_low"]) == entry["advantage_ci"][0]
+    assert rows["fft"]["mia_rmia_sensitive_confounded"] == "False"
+    assert rows["fft"]["mia_rmia_sensitive_n_members"] == "120"
+    head = strongest_attack(by_label(runs, "fft"))
+    assert rows["fft"]["mia_strongest_attack"] == f"{head.attack}/{head.level}"
+    assert float(rows["fft"]["mia_strongest_advantage"]) == head.figures["advantage"]
+    assert rows["base"]["mia_strongest_attack"] == "" and "baseline" in rows["base"]["mia_strongest_na"]
     assert float(rows["fft"]["extraction_greedy_all_advantage"]) == fft["extraction"]["greedy"]["ALL"]["advantage"]
     assert float(rows["fft"]["pii_inference_all_top1"]) == fft["pii_inference"]["ALL"]["top1"]
     assert float(rows["fft"]["backdoor_asr_triggered"]) == fft["backdoor"]["asr_triggered"]

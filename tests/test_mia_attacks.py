@@ -113,7 +113,7 @@ def test_records_without_scored_tokens_are_dropped_not_fatal():
     s.sensitive[0] = False
     recs = [Record(str(i), str(i), "x y z", [Span(0, 1, "NAME")]) for i in range(7)]
     entries = score_attacks(s, random_scores(seed=1), s, random_scores(seed=1), recs, recs,
-                            levels=("sensitive",), n_bootstrap=10)
+                            levels=("sensitive",))
     assert {e["attack"] for e in entries} == set(ATTACKS)
     assert all(e["n_members"] == 6 for e in entries)
 
@@ -154,9 +154,10 @@ def test_overfit_model_is_caught_and_untrained_model_is_at_chance():
     base = tiny_model("llama", seed=1)
     model = tiny_model("llama", seed=1)
     base_m, base_n = score_tokens(base, enc_m, CPU), score_tokens(base, enc_n, CPU)
-    untrained = score_attacks(base_m, base_n, None, None, members, nonmembers, n_bootstrap=500)
+    untrained = score_attacks(base_m, base_n, None, None, members, nonmembers)
     loss = _auc(untrained, "loss")
-    assert loss["auc_ci"][0] < 0.5 < loss["auc_ci"][1]
+    assert loss["auc_ci"][0] < 0.5 < loss["auc_ci"][1] and loss["confounded"] is False
+    assert loss["advantage"] is None  # the base model has no baseline but itself
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
@@ -166,7 +167,15 @@ def test_overfit_model_is_caught_and_untrained_model_is_at_chance():
         loss_value.backward()
         opt.step()
     trained = score_attacks(score_tokens(model, enc_m, CPU), score_tokens(model, enc_n, CPU), base_m, base_n,
-                            members, nonmembers, n_bootstrap=200)
+                            members, nonmembers, base=(base_m, base_n))
     for attack in ("loss", "zlib", "min_k", "min_k_pp", "reference"):
-        assert _auc(trained, attack)["auc"] > 0.8, attack
-    assert _auc(trained, "loss", "sensitive")["auc"] > 0.8
+        entry = _auc(trained, attack)
+        assert entry["auc"] > 0.8, attack
+        # The same attack on the base model, same records: the advantage is the difference.
+        assert entry["base_auc"] == pytest.approx(_auc(untrained, attack)["auc"] if attack != "reference" else 0.5)
+        assert entry["advantage"] == pytest.approx(entry["auc"] - entry["base_auc"])
+        assert entry["advantage_ci"][0] > 0, attack
+    # Only 6 records per side keep a sensitive token within 64 tokens: too few for an AUC.
+    sensitive = _auc(trained, "loss", "sensitive")
+    assert sensitive["auc"] is None and sensitive["advantage"] is None
+    assert sensitive["auc_reason"] == "needs ≥ 10 members and 10 non-members, has 6 and 6"

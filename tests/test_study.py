@@ -85,6 +85,10 @@ def test_shadow_models_and_backdoor(tmp_path):
         backdoor = runs[label]["attacks"]["backdoor"]
         assert backdoor["n"] == 6 and 0 <= backdoor["asr_clean"] <= 1
     assert runs["fft"]["data"]["poisoned_records"] >= 1
+    # The shadow attacks on fft are paired with the same attacks on the base model.
+    lira = next(e for e in runs["fft"]["attacks"]["mia"] if e["attack"] == "lira_online" and e["level"] == "record")
+    assert set(lira["halves"]) == {"select", "report"} and "advantage" in lira
+    assert (lira["base_auc"] is None) == (lira["auc"] is None)
 
 
 @pytest.mark.slow

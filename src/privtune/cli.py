@@ -266,10 +266,33 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def _strongest_auc(run: dict) -> float | None:
-    """The highest AUC of any membership attack on ``run`` (its worst case)."""
-    aucs = [e["auc"] for e in (run.get("attacks") or {}).get("mia", []) if e.get("auc") is not None]
-    return max(aucs) if aucs else None
+def _strongest_cell(run: dict) -> str:
+    """The strongest attack's advantage over the base model, "n/a" when none can be quoted."""
+    from privtune.report.headline import strongest_attack
+
+    head = strongest_attack(run)
+    if head is None or run.get("method") == "base":  # the base model is the baseline itself
+        return "–"
+    return "n/a" if head.reason else f"{head.number('advantage'):+.2f}"
+
+
+def strongest_lines(runs: list[dict]) -> list[str]:
+    """One line per attacked fine-tuned run: its strongest attack on the people held back
+    while choosing it, or why no figure can be quoted."""
+    from privtune.report.headline import strongest_attack
+    from privtune.report.html import fmt_advantage
+
+    lines = []
+    for r in runs:
+        head = strongest_attack(r) if r.get("status") == "done" and r.get("method") != "base" else None
+        if head is None:
+            continue
+        if head.reason:
+            lines.append(f"{r['label']}: strongest membership attack n/a: {head.reason}")
+        else:
+            lines.append(f"{r['label']}: strongest membership attack {head.name}, {fmt_advantage(head)}, on the "
+                         f"people held back while choosing it among {head.variants} variants")
+    return lines
 
 
 def _print_summary(output_dir: str, study: str) -> None:
@@ -277,7 +300,7 @@ def _print_summary(output_dir: str, study: str) -> None:
 
     table = Table(title=f"study {study}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
-                "MIA AUC ↓", "train s", "peak GB", "trainable"):
+                "MIA adv. ↓", "train s", "peak GB", "trainable"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     runs = _load_runs(output_dir, study)
     for r in runs:
@@ -291,13 +314,13 @@ def _print_summary(output_dir: str, study: str) -> None:
         table.add_row(r["label"], _fmt((r.get("dp") or {}).get("epsilon"), ".2f"), _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
-                      _fmt(_strongest_auc(r), ".2f"),
+                      _strongest_cell(r),
                       _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
                       fmt_count(eff.get("trainable_params", 0)))
     # Wide enough for every column and the longest label, even when stdout is a file.
     longest = max((len(str(r["label"])) for r in runs), default=0)
     Console(width=max(console.width, 132 + longest)).print(table)
-    for line in scrub_lines(runs):
+    for line in strongest_lines(runs) + scrub_lines(runs):
         console.print(line, highlight=False)
 
 

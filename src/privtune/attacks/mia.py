@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privtune.attacks.metrics import roc_metrics
+from privtune.attacks.metrics import roc_metrics, selection_half
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
 from privtune.measures.token_scores import TokenScores
@@ -138,13 +138,18 @@ def _positions(scores: TokenScores, level: str) -> np.ndarray:
 def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference_members: TokenScores | None,
                   reference_nonmembers: TokenScores | None, member_records: list[Record],
                   nonmember_records: list[Record], *, levels=("record", "sensitive"), attacks=None,
-                  k: float = 0.2, fprs=(0.01, 0.001), n_bootstrap: int = 1000, seed: int = 0) -> list[dict]:
+                  k: float = 0.2, fprs=(0.01, 0.001), base: tuple[TokenScores, TokenScores] | None = None,
+                  seed: int = 0) -> list[dict]:
     """Every requested attack at every level: entries of the ``attacks.mia`` schema.
 
     ``target``/``target_nonmembers`` are the attacked model's scores on members and
     non-members; the reference scores (same records) enable the ``reference`` attack.
     ``member_records``/``nonmember_records`` are the records as scored, i.e. cut to the
     trained window (:func:`privtune.data.tokenize.trained_windows`): zlib reads their text.
+    ``base``: the base model's scores on the same (members, non-members); each attack
+    is then run on it too, for the advantage over the blind baseline, and the records
+    are split by individual (``seed``) into the halves the strongest attack is chosen
+    and reported on (see :mod:`privtune.attacks.metrics`).
     """
     if not member_records or not nonmember_records:
         raise PrivtuneError("membership inference needs members and non-members",
@@ -156,21 +161,27 @@ def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference
     if not has_reference and attacks is None:
         names.remove("reference")
     is_member = np.r_[np.ones(len(member_records), bool), np.zeros(len(nonmember_records), bool)]
+    select = selection_half([r.individual for r in member_records + nonmember_records], seed)
+    models = [(target, target_nonmembers)] + ([base] if base is not None else [])
     entries = []
     for level in levels:
         zbytes = zlib_lengths(member_records + nonmember_records, level)
-        inputs = [AttackInputs(scores, _positions(scores, level), zb, ref, k)
-                  for scores, zb, ref in ((target, zbytes[:len(member_records)], reference_members),
-                                          (target_nonmembers, zbytes[len(member_records):], reference_nonmembers))]
+        inputs = [[AttackInputs(scores, _positions(scores, level), zb, ref, k)
+                   for scores, zb, ref in ((on_members, zbytes[:len(member_records)], reference_members),
+                                           (on_nonmembers, zbytes[len(member_records):], reference_nonmembers))]
+                  for on_members, on_nonmembers in models]
         for name in names:
             attack = get_attack(name)
             if name == "reference" and not has_reference:
                 raise PrivtuneError("the reference attack needs reference-model scores",
                                     "leave attacks.mia.reference_model empty to use the base model")
-            scores = np.concatenate([attack(x) for x in inputs])
+            scores, *base_scores = [np.concatenate([attack(x) for x in model]) for model in inputs]
             keep = ~np.isnan(scores)
+            for other in base_scores:
+                keep &= ~np.isnan(other)
             if keep[is_member].sum() == 0 or keep[~is_member].sum() == 0:
                 continue  # e.g. no sensitive tokens on one side: nothing to compare
-            metrics = roc_metrics(scores[keep], is_member[keep], fprs=fprs, n_bootstrap=n_bootstrap, seed=seed)
+            metrics = roc_metrics(scores[keep], is_member[keep], fprs=fprs,
+                                  base_scores=base_scores[0][keep] if base_scores else None, select=select[keep])
             entries.append({"attack": name, "level": level, "higher_is_member": True, **metrics})
     return entries

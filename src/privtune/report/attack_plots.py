@@ -115,15 +115,20 @@ def order_attacks(found: Sequence[str]) -> list[str]:
 
 
 def mia_attacks(runs: Sequence[dict], level: str) -> list[str]:
-    """The attacks with an AUC at ``level`` in some finished run, in display order."""
+    """The attacks with an AUC or a ROC curve at ``level`` in some finished run (an AUC is
+    null on too few records, the curve is still drawn), in display order."""
     return order_attacks([e["attack"] for r in runs if is_done(r) for e in mia_entries(r)
-                             if e["level"] == level and not math.isnan(auc(e))])
+                          if e["level"] == level and (not math.isnan(auc(e)) or roc_points(e)[0].size)])
 
 
-def strongest_mia(run: dict, level: str | None = None) -> dict | None:
-    """The run's MIA entry with the highest AUC (at ``level``, or at any level)."""
-    entries = [e for e in mia_entries(run) if (level is None or e["level"] == level) and not math.isnan(auc(e))]
-    return max(entries, key=auc, default=None)
+def auc_reason(entry: dict | None) -> str:
+    """Why an entry has no AUC: its stored reason, or "not measured"."""
+    return str((entry or {}).get("auc_reason") or "not measured")
+
+
+def tpr_reason(entry: dict | None, fpr: str) -> str:
+    """Why an entry has no TPR at ``fpr``: its stored reason, or "not measured"."""
+    return str(((entry or {}).get("tpr_at_fpr_reason") or {}).get(fpr) or "not measured")
 
 
 def roc_points(entry: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -252,7 +257,7 @@ def _roc_panel(ax, attack: str, level: str, styled: Sequence[tuple[dict, Style]]
     ax.plot(grid, grid, color="#999999", linestyle="--", linewidth=1, zorder=1)
     for fpr in REPORTED_FPRS:
         ax.axvline(float(fpr), color="#cccccc", linestyle=":", linewidth=1, zorder=1)
-    best = None
+    base = None
     for run, style in styled:
         entry = mia_entry(run, attack, level)
         fpr, tpr = roc_points(entry)
@@ -261,17 +266,19 @@ def _roc_panel(ax, attack: str, level: str, styled: Sequence[tuple[dict, Style]]
         ax.plot(np.clip(fpr, ROC_FLOOR, 1), np.clip(tpr, ROC_FLOOR, 1), color=style.color,
                 linestyle=linestyle(style), linewidth=1.9 if not is_base(run) else 1.2,
                 alpha=0.95, zorder=3 if not is_base(run) else 2)
-        if not is_base(run) and (best is None or auc(entry) > auc(best[1])):
-            best = (run, entry)
+        if is_base(run):
+            base = entry
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(ROC_FLOOR, 1)
     ax.set_ylim(ROC_FLOOR, 1.05)
     _percent_axis(ax.xaxis)
     _percent_axis(ax.yaxis)
+    # The base model's AUC, not the best run's: a maximum over runs is biased upward, and
+    # the base model's is the blind baseline every run's curve must be read against.
     title = attack_name(attack)
-    if best is not None and not math.isnan(auc(best[1])):
-        title += f"\nmax AUC {auc(best[1]):.2f} ({best[0].get('label')})"
+    if base is not None and not math.isnan(auc(base)):
+        title += f"\nbase model AUC {auc(base):.2f}" + (" (confounded)" if base.get("confounded") else "")
     ax.set_title(title, fontsize=10.5)
 
 

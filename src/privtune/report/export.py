@@ -5,8 +5,12 @@ The CSV keeps the identity of each run, every final measure under its own name
 (``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
 ...), the DP settings prefixed ``dp_`` and the canary exposure per repetition count
 (``exposure_r16``: mean over the canaries inserted 16 times), and the attacks' headline
-numbers: per (attack, level) the AUC and the TPR at 1% FPR (``mia_lira_online_record_auc``,
-``mia_lira_online_record_tpr_at_1pct_fpr``), the strongest attack, the extraction
+numbers: per (attack, level) the AUC, the members and non-members it was measured on, the
+base model's AUC on the same records, the advantage over it with its 95% interval, the
+confounded flag and the TPR at 1% FPR (``mia_lira_online_record_auc``,
+``mia_lira_online_record_advantage_low``, ``mia_lira_online_record_tpr_at_1pct_fpr``, ...;
+an empty figure has its reason in ``..._auc_na`` / ``..._tpr_at_1pct_fpr_na``), the strongest
+attack (chosen on one half of the people, quoted on the other: ``mia_strongest_*``), the extraction
 advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
 runs that trained on scrubbed text, the tagger and its span recall and precision
 (``scrub_tagger``, ``scrub_recall``, ...); for federated runs the bytes communicated
@@ -31,7 +35,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from privtune.report import attack_plots, unlearning
-from privtune.report.attack_plots import ALL, auc, mia_entry, strongest_mia, tpr_at
+from privtune.report.attack_plots import ALL, auc, interval, mia_entry, tpr_at
+from privtune.report.headline import strongest_attack
 from privtune.report.plots import exposure_by_repetition, top_exposure
 
 IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
@@ -105,13 +110,34 @@ def _mia_pairs(runs: Sequence[dict]) -> list[tuple[str, str]]:
     return [(a, level) for level in attack_plots.LEVELS for a in attacks if (a, level) in found]
 
 
+#: Per (attack, level) CSV columns, ``mia_<attack>_<level>_<key>``.
+MIA_KEYS = ("auc", "auc_na", "n_members", "n_nonmembers", "base_auc", "advantage", "advantage_low", "advantage_high",
+            "confounded", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_na")
+#: The strongest attack's columns, ``mia_strongest_<key>``: its figures on the report half.
+STRONGEST_KEYS = ("attack", "na", "variants", "auc", "base_auc", "advantage", "advantage_low", "advantage_high",
+                  "n_members", "n_nonmembers")
+
+
+def mia_cells(entry: dict | None) -> dict:
+    """One MIA entry under :data:`MIA_KEYS`; a figure that could not be measured is empty
+    and its ``_na`` column says why."""
+    entry = entry or {}
+    low, high = interval(entry.get("advantage_ci"))
+    tpr = tpr_at(entry, "0.01")
+    return {"auc": auc(entry), "auc_na": entry.get("auc_reason"), "n_members": entry.get("n_members"),
+            "n_nonmembers": entry.get("n_nonmembers"), "base_auc": entry.get("base_auc"),
+            "advantage": entry.get("advantage"), "advantage_low": low, "advantage_high": high,
+            "confounded": entry.get("confounded"), "tpr_at_1pct_fpr": tpr,
+            "tpr_at_1pct_fpr_na": (entry.get("tpr_at_fpr_reason") or {}).get("0.01") if math.isnan(tpr) else None}
+
+
 def attack_columns(runs: Sequence[dict]) -> list[str]:
     """The attack columns of the CSV, for the attacks some run went through."""
     columns = []
     for attack, level in _mia_pairs(runs):
-        columns += [f"mia_{attack}_{level}_auc", f"mia_{attack}_{level}_tpr_at_1pct_fpr"]
+        columns += [f"mia_{attack}_{level}_{key}" for key in MIA_KEYS]
     if columns:
-        columns += ["mia_strongest_attack", "mia_strongest_auc"]
+        columns += [f"mia_strongest_{key}" for key in STRONGEST_KEYS]
     for mode in attack_plots.EXTRACTION_MODES:
         if any(ALL in attack_plots.extraction_rates(r, mode) for r in runs):
             columns.append(f"extraction_{mode}_all_advantage")
@@ -126,13 +152,17 @@ def attack_cells(run: dict, pairs: Sequence[tuple[str, str]]) -> dict:
     """A run's attack numbers under the names :func:`attack_columns` gives them."""
     cells: dict = {}
     for attack, level in pairs:
-        entry = mia_entry(run, attack, level)
-        cells[f"mia_{attack}_{level}_auc"] = auc(entry)
-        cells[f"mia_{attack}_{level}_tpr_at_1pct_fpr"] = tpr_at(entry, "0.01")
-    strongest = strongest_mia(run)
-    if strongest is not None:
-        cells["mia_strongest_attack"] = f"{strongest['attack']}/{strongest['level']}"
-        cells["mia_strongest_auc"] = auc(strongest)
+        cells.update({f"mia_{attack}_{level}_{k}": v for k, v in mia_cells(mia_entry(run, attack, level)).items()})
+    head = strongest_attack(run)
+    if head is not None:
+        low, high = interval(head.figures.get("advantage_ci"))
+        cells.update({f"mia_strongest_{k}": v for k, v in {
+            "attack": f"{head.attack}/{head.level}" if head.attack else None,
+            "na": head.reason, "variants": head.variants,
+            "auc": head.figures.get("auc"), "base_auc": head.figures.get("base_auc"),
+            "advantage": head.figures.get("advantage"), "advantage_low": low, "advantage_high": high,
+            "n_members": head.figures.get("n_members"), "n_nonmembers": head.figures.get("n_nonmembers"),
+        }.items()})
     for mode in attack_plots.EXTRACTION_MODES:
         cells[f"extraction_{mode}_all_advantage"] = (
             attack_plots.extraction_rates(run, mode).get(ALL) or {}).get("advantage")

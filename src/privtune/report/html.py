@@ -37,8 +37,12 @@ import matplotlib.pyplot as plt
 from privtune.errors import PrivtuneError
 from privtune.report import attack_plots, plots
 from privtune.report.federated import federated_section
-from privtune.report.attack_plots import attack_name, auc, auc_ci, mia_entry, pct, strongest_mia, tpr_at, tpr_ci
+from privtune.report.attack_plots import (
+    attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
+)
+from privtune.report.differences import Difference, run_difference
 from privtune.report.export import write_text_atomic
+from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure
 from privtune.report.unlearning import unlearning_section
 
@@ -181,44 +185,69 @@ def fmt_interval(low: float, high: float, spec: str = ".2f") -> str:
     return f"[{format(low, spec)}–{format(high, spec)}]"
 
 
+def fmt_advantage(head: Headline) -> str:
+    """A headline's advantage over the base model with its interval, AUC and group sizes."""
+    return (f"advantage over the base model {head.number('advantage'):+.2f} "
+            f"{fmt_interval(*interval(head.figures.get('advantage_ci')))}, AUC {head.number('auc'):.2f} "
+            f"{fmt_interval(*interval(head.figures.get('auc_ci')))} vs {head.number('base_auc'):.2f} "
+            f"(n {head.figures.get('n_members')}/{head.figures.get('n_nonmembers')})")
+
+
 def strongest_attack_card(runs: Sequence[dict]) -> Card | None:
-    """The membership attack with the highest AUC on any fine-tuned run, the run most
-    exposed to it, and the run it hurts least, for contrast."""
-    trained = [r for r in runs if is_done(r) and not is_base(r)]
-    scored = [(r, strongest_mia(r)) for r in trained]
-    scored = [(r, e) for r, e in scored if e is not None]
-    if not scored:
+    """The strongest membership attack over the fine-tuned runs, chosen on one half of
+    the people and quoted on the other (:mod:`privtune.report.headline`), or why no
+    figure can be quoted."""
+    found = strongest_overall(runs)
+    if found is None:
         return None
-    run, entry = max(scored, key=lambda t: auc(t[1]))
-    attack, level = entry["attack"], entry["level"]
-    others = [(r, auc(mia_entry(r, attack, level))) for r in trained if r is not run]
-    others = [(r, a) for r, a in others if not math.isnan(a)]
-    least = min(others, key=lambda t: t[1], default=None)
+    run, head = found
+    if head.attack is None:
+        return Card("Strongest attack", "n/a", head.reason or "")
     exposed = str(run.get("label"))
     if run.get("method") != run.get("label"):
         exposed += f" ({run.get('method')})"
-    detail = (f"most exposed: {exposed}, AUC {auc(entry):.2f} {fmt_interval(*auc_ci(entry))}, "
-              f"TPR {pct(tpr_at(entry, '0.01'))} at 1% FPR")
-    if least is not None:
-        detail += f"; least: {least[0].get('label')}, AUC {least[1]:.2f}"
-    return Card("Strongest attack", f"{attack_name(attack)} ({level})", detail, "warn")
+    if head.reason:
+        return Card("Strongest attack", head.name, f"most exposed: {exposed}; n/a: {head.reason}")
+    low = interval(head.figures.get("advantage_ci"))[0]
+    return Card("Strongest attack", head.name,
+                f"most exposed: {exposed}, {fmt_advantage(head)}, on the people held back while choosing it "
+                f"among {head.variants} attack variants", "warn" if low > 0 else "")
+
+
+def _difference_note(diff: Difference) -> str:
+    return (f"difference {diff.value:+.3f}, 95% interval [{diff.low:+.3f}, {diff.high:+.3f}], paired over "
+            f"{diff.records} records of {diff.people} people")
 
 
 def verdict(runs: Sequence[dict]) -> str:
-    """One sentence comparing the least leaky run with the most useful one."""
+    """One sentence comparing the least leaky run with the most useful one, claiming a
+    difference only where its paired interval (:mod:`privtune.report.differences`)
+    excludes 0."""
     pool = candidates(runs)
     if len(pool) < 2:
         return ""
     low = min(pool, key=lambda r: measure(r, "leakage_gain"))
     best = min(pool, key=lambda r: measure(r, "utility_ce"))
+    if low is best:
+        return f"{low.get('label')} has both the lowest leakage gain and the best utility: no trade-off to make here."
     low_leak, best_leak = measure(low, "leakage_gain"), measure(best, "leakage_gain")
-    if low is best or best_leak <= 0:
-        return f"{low.get('label')} leaks least and keeps the best utility: no trade-off to make here."
-    less = 100 * (best_leak - low_leak) / best_leak
-    cost = measure(low, "utility_ce") - measure(best, "utility_ce")
-    return (f"{low.get('label')} leaks {less:.0f}% less than {best.get('label')} (leakage gain "
-            f"{low_leak:.2f} vs {best_leak:.2f} nats) for {cost:.2f} nats more utility CE "
-            f"(perplexity {fmt(measure(low, 'utility_ppl'), '.2f')} vs {fmt(measure(best, 'utility_ppl'), '.2f')}).")
+    leak = run_difference(best, low, "leakage_gain")
+    cost = run_difference(low, best, "utility_ce")
+    gains = f"leakage gain {low_leak:.3f} vs {best_leak:.3f} nats"
+    if leak is None:
+        return (f"{low.get('label')} has a lower leakage gain than {best.get('label')} ({gains}); these runs were "
+                f"stored without per-record statistics, so whether the difference is measurable is unknown.")
+    if not leak.measurable:
+        head = (f"{low.get('label')} and {best.get('label')}: no measurable difference in leakage ({gains}; "
+                f"{_difference_note(leak)})")
+    else:
+        head = f"{low.get('label')} leaks less than {best.get('label')} ({gains}; {_difference_note(leak)})"
+    if cost is None or not cost.measurable:
+        tail = "and no measurable difference in utility" + (f" ({_difference_note(cost)})" if cost else "")
+    else:
+        tail = (f"for {cost.value:.3f} nats more utility CE (perplexity {fmt(measure(low, 'utility_ppl'), '.2f')} "
+                f"vs {fmt(measure(best, 'utility_ppl'), '.2f')}; {_difference_note(cost)})")
+    return f"{head}, {tail}."
 
 
 # --- tables ---------------------------------------------------------------------------
@@ -253,13 +282,22 @@ def _top_exposure_cell(run: dict) -> str:
     return "–" if rep is None else f"{value:.1f} <small>({rep}×)</small>"
 
 
-def _strongest_mia_cell(run: dict) -> str:
-    entry = strongest_mia(run)
-    if entry is None:
+def _headline_advantage(run: dict, level: str | None = None) -> float:
+    head = strongest_attack(run, level)
+    return math.nan if head is None or head.reason else head.number("advantage")
+
+
+def _strongest_mia_cell(run: dict, level: str | None = None) -> str:
+    """The strongest attack's advantage [interval] and AUC, or n/a with its reason."""
+    head = strongest_attack(run, level)
+    if head is None or is_base(run):  # the base model is the baseline itself
         return "–"
-    name = escape(attack_name(entry["attack"]))
-    tip = f"{name}, {escape(entry['level'])} level"
-    return f'<span class="nowrap" title="{tip}">{auc(entry):.2f} <small>{name}</small></span>'
+    if head.reason:
+        return f'<span title="{escape(head.reason)}">n/a <small>({escape(short_reason(head.reason))})</small></span>'
+    tip = escape(f"{head.name}: {fmt_advantage(head)}, on the people held back while choosing it")
+    low, high = interval(head.figures.get("advantage_ci"))
+    return (f'<span class="nowrap" title="{tip}">{head.number("advantage"):+.2f} <small>[{low:+.2f}, {high:+.2f}] '
+            f'AUC {head.number("auc"):.2f}, {escape(attack_name(head.attack))}</small></span>')
 
 
 def _status_cell(run: dict) -> str:
@@ -295,8 +333,9 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("ppl", -1, *_final("utility_ppl", ".2f"), "perplexity = exp(utility CE)"),
     Column("exposure, most-repeated canary", -1, lambda r: top_exposure(r)[1], _top_exposure_cell,
            "mean exposure (bits) of the canaries inserted most often"),
-    Column("MIA AUC, strongest attack", -1, lambda r: auc(strongest_mia(r)), _strongest_mia_cell,
-           "highest membership-inference AUC over all attacks and levels; 0.5 = chance"),
+    Column("MIA advantage, strongest attack", -1, _headline_advantage, _strongest_mia_cell,
+           "AUC of the strongest membership attack minus the base model's on the same records [95% interval], "
+           "on the half of the people not used to choose it; 0 = nothing beyond what the records give"),
     Column("train time", -1, *_eff("train_seconds", fmt_seconds)),
     Column("peak memory", -1, *_eff("peak_memory_bytes", fmt_bytes)),
     Column("trainable params", -1, *_eff("trainable_params", fmt_count)),
@@ -440,15 +479,46 @@ def _as_float(text: str) -> float:
         return math.nan
 
 
+def _sizes_of(entry: dict) -> str:
+    members, nonmembers = entry.get("n_members"), entry.get("n_nonmembers")
+    return f"n {members}/{nonmembers}" if members is not None and nonmembers is not None else ""
+
+
+def _advantage_line(entry: dict) -> str:
+    """The base model's AUC on the same records and the advantage over it, or the flag."""
+    base = number(entry.get("base_auc"))
+    if math.isnan(base):
+        return ""
+    if entry.get("confounded"):
+        return (f'<small class="confounded" title="{escape(str(entry.get("confounded_reason")))}">'
+                f'confounded: base {base:.2f}</small>')
+    low, high = interval(entry.get("advantage_ci"))
+    return (f'<small>base {base:.2f}, adv. {number(entry.get("advantage")):+.2f} '
+            f'[{low:+.2f}, {high:+.2f}]</small>')
+
+
 def mia_cell(entry: dict | None, fprs: Sequence[str]) -> str:
-    """AUC with its interval, then TPR at each FPR with its interval (in %)."""
-    if entry is None or math.isnan(auc(entry)):
+    """AUC with its interval and group sizes, the base model's AUC and the advantage over
+    it, then TPR at each FPR with its interval (in %); n/a with the reason where too few
+    records measure a figure."""
+    if entry is None:
         return "–"
-    lines = [f'<b>{auc(entry):.2f}</b> <small>{fmt_interval(*auc_ci(entry))}</small>']
+    if math.isnan(auc(entry)):
+        return f'n/a <small>({escape(auc_reason(entry))})</small>'
+    lines = [f'<b>{auc(entry):.2f}</b> <small>{fmt_interval(*auc_ci(entry))}</small> '
+             f'<small>{escape(_sizes_of(entry))}</small>']
+    advantage = _advantage_line(entry)
+    if advantage:
+        lines.append(advantage)
     for fpr in fprs:
+        value = tpr_at(entry, fpr)
+        if math.isnan(value):
+            reason = tpr_reason(entry, fpr).split(",")[0]  # "needs ≥ 1000 non-members"
+            lines.append(f'<small class="tpr">@{_fpr_label(fpr)}: n/a ({escape(reason)})</small>')
+            continue
         low, high = tpr_ci(entry, fpr)
         ci = "" if math.isnan(low) or math.isnan(high) else f" [{_tpr_num(low)}–{_tpr_num(high)}]"
-        lines.append(f'<small class="tpr">@{_fpr_label(fpr)}: {_tpr_num(tpr_at(entry, fpr))}{ci}</small>')
+        lines.append(f'<small class="tpr">@{_fpr_label(fpr)}: {_tpr_num(value)}{ci}</small>')
     return "<br>".join(lines)
 
 
@@ -457,7 +527,8 @@ def mia_columns(runs: Sequence[dict], level: str) -> tuple[Column, ...]:
     fprs = fpr_keys(runs, level)
     return tuple(Column(attack_name(a), -1, lambda r, a=a: auc(mia_entry(r, a, level)),
                         lambda r, a=a: mia_cell(mia_entry(r, a, level), fprs),
-                        "AUC [95% CI]; TPR (%) at each FPR [95% CI]; 0.5 AUC = chance", mark_worst=True)
+                        "AUC [95% CI] and n members/non-members; the base model's AUC on the same records and the "
+                        "advantage over it [95% CI]; TPR (%) at each FPR [95% CI]; 0.5 AUC = chance", mark_worst=True)
                  for a in attack_plots.mia_attacks(runs, level))
 
 
@@ -484,24 +555,22 @@ def mia_table(runs: Sequence[dict], level: str, colors: dict[int, str]) -> str:
     ids = {id(r) for r in attacked}
     missing = [str(r.get("label")) for r in runs if is_done(r) and id(r) not in ids]
     lacking = f" No attack results at this level for: {', '.join(missing)}." if missing else ""
-    note = (f"Each cell: AUC [95% bootstrap interval], then TPR in % at FPR {fprs} [interval]. Lower is more "
-            f"private, AUC 0.5 and TPR = FPR are chance. Per attack, the least exposed fine-tuned run is shaded "
-            f"green, the most exposed orange.{_sizes(runs, level)}{lacking}")
+    note = (f"Each cell: AUC [95% score interval] and n members/non-members; then the base model's AUC on the "
+            f"same records and the fine-tuned model's advantage over it [95% paired interval] (an attack whose "
+            f"base-model AUC is far from 0.5 is marked confounded: it measures the records, not memorisation); "
+            f"then TPR in % at FPR {fprs} [interval], n/a below 1/FPR non-members. Lower is more private, AUC 0.5 "
+            f"and TPR = FPR are chance. Per attack, the least exposed fine-tuned run is shaded green, the most "
+            f"exposed orange.{_sizes(runs, level)}{lacking}")
     body = table(attacked, mia_columns(runs, level), "attacks", [colors[id(r)] for r in attacked])
     return (f'<h3>Every attack, {escape(level)} level</h3><p class="note">{escape(note)}</p>'
             f'<div class="wide">{body}</div>')
 
 
-def _strongest_at(level: str) -> dict[str, Callable[[dict], object]]:
-    def entry(run: dict) -> dict | None:
-        return strongest_mia(run, level)
-    return {
-        "attack": lambda r: escape(attack_name(entry(r)["attack"])) if entry(r) else "–",
-        "auc": lambda r: auc(entry(r)),
-        "auc_show": lambda r: fmt(auc(entry(r)), ".2f"),
-        "tpr": lambda r: tpr_at(entry(r), "0.01"),
-        "tpr_show": lambda r: escape(pct(tpr_at(entry(r), "0.01"))),
-    }
+def _strongest_name(level: str) -> Callable[[dict], str]:
+    def show(run: dict) -> str:
+        head = strongest_attack(run, level)
+        return escape(attack_name(head.attack)) if head and head.attack else "–"
+    return show
 
 
 def _extraction_value(mode: str) -> Callable[[dict], float]:
@@ -538,11 +607,13 @@ def attack_side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tup
     done = [r for r in runs if is_done(r)]
     sides: dict[str, tuple[list[dict], tuple[Column, ...]]] = {}
     for level in attack_plots.LEVELS:
-        at = _strongest_at(level)
         sides[f"mia_{level}"] = (_attacked(runs, level), (
-            Column("strongest attack", 0, None, at["attack"], "the attack with the highest AUC on this run"),
-            Column("AUC", -1, at["auc"], at["auc_show"], "its AUC (intervals in the table below); 0.5 = chance"),
-            Column("TPR@1%", -1, at["tpr"], at["tpr_show"], "its true-positive rate at 1% false positives"),
+            Column("strongest attack", 0, None, _strongest_name(level),
+                   "the attack with the largest advantage over the base model on one half of the people"),
+            Column("advantage", -1, lambda r, lv=level: _headline_advantage(r, lv),
+                   lambda r, lv=level: _strongest_mia_cell(r, lv),
+                   "its AUC minus the base model's [95% interval] and its AUC, on the other half; n/a when "
+                   "confounded or too few records"),
         ))
     modes = [m for m in attack_plots.EXTRACTION_MODES if any(attack_plots.extraction_rates(r, m) for r in done)]
     sides["extraction"] = ([r for r in done if any(attack_plots.extraction_rates(r, m) for m in modes)], tuple(
@@ -754,6 +825,7 @@ table.attacks td { white-space:nowrap; line-height:1.3; }
 table.attacks td.best { font-weight:400; }
 table.attacks th { white-space:nowrap; }
 table.attacks small.tpr { color:var(--ink); opacity:.75; }
+table.attacks small.confounded { color:#9b1c1c; }
 tr.base td { color:var(--muted); font-style:italic; }
 tr.failed td { background:#fff6f6; }
 .swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:7px; }
@@ -802,9 +874,16 @@ GLOSSARY = (
     ("exposure ↓", "log₂|R| − log₂ rank of a canary among |R| candidates (Carlini et al., 2019)"),
     ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
     ("MIA AUC ↓", "how well an attack separates training records from held-out ones: 0.5 = chance, 1 = "
-                  "perfect; record level scores all tokens, sensitive level the sensitive ones only"),
+                  "perfect; record level scores all tokens, sensitive level the sensitive ones only; n/a below "
+                  "10 members or 10 non-members"),
+    ("advantage ↓", "the fine-tuned model's AUC minus the base model's on the same records: the base model "
+                    "never saw them, so its AUC is what the records alone give; an attack whose base AUC is far "
+                    "from 0.5 is confounded and never headlined"),
+    ("strongest attack", "the attack × level with the largest advantage on one half of the people, quoted on "
+                         "the other half, so that choosing the best of ~10 does not inflate it"),
     ("TPR @ FPR ↓", "share of training records an attack flags while wrongly flagging only 1% (0.1%) of "
-                    "held-out ones: the confident hits that matter (Carlini et al., 2022)"),
+                    "held-out ones: the confident hits that matter (Carlini et al., 2022); n/a with fewer than "
+                    "100 (1000) held-out records"),
     ("extraction advantage ↓", "share of training people's values the model writes out exactly, minus the "
                                "same share for held-out people (what format guessing alone gives)"),
     ("PII inference top-1 ↓", "share of values ranked first among k candidates; chance is 1/k"),

@@ -26,11 +26,14 @@ COLUMNS: tuple[tuple[str, str, str, int, str], ...] = (
     ("forget MIA AUC", "forget_mia_loss_auc", ".3f", 0,
      ("loss attack on whole records, forget records against non-members: retrain's is near 0.5, and so should "
       "the unlearned model's be (the strongest of all attacks is in the CSV, but on a forget set of a few records "
-      "the largest of many AUCs is mostly noise)")),
+      "the largest of many AUCs is mostly noise); n/a below 10 forget records")),
     ("forget extraction", "forget_extraction", "pct", 0, "share of forget-set values written out exactly (greedy)"),
     ("retain CE_N", "retain_ce_n", ".3f", -1, "loss on the non-sensitive tokens of the members kept, nats"),
     ("utility CE", "utility_ce", ".3f", -1, "loss on non-sensitive held-out tokens, nats"),
 )
+
+
+MIA_KEY = "forget_mia_loss_auc"
 
 
 def _show(value, spec: str) -> str:
@@ -44,9 +47,22 @@ def _arrow(better: int) -> str:
     return {1: "\u00a0↑", -1: "\u00a0↓"}.get(better, "")
 
 
+def _loss_entry(section: dict) -> dict:
+    return next((e for e in section.get("mia") or [] if isinstance(e, dict) and e.get("attack") == "loss"
+                 and e.get("level") == "record"), {})
+
+
+def _shown(section: dict, key: str, spec: str) -> str:
+    """A figure of one model's section; "n/a" where the attack ran but the forget set is
+    too small for an AUC (its reason is in the column's tooltip and the JSON)."""
+    if key == MIA_KEY and section.get(key) is None and _loss_entry(section).get("auc_reason"):
+        return "n/a"
+    return _show(section.get(key), spec)
+
+
 def _cell(unlearned: dict, source: dict, retrain: dict, key: str, spec: str) -> str:
-    return (f"{escape(_show(unlearned.get(key), spec))}<br><small>{escape(_show(source.get(key), spec))} → "
-            f"{escape(_show(retrain.get(key), spec))}</small>")
+    return (f"{escape(_shown(unlearned, key, spec))}<br><small>{escape(_shown(source, key, spec))} → "
+            f"{escape(_shown(retrain, key, spec))}</small>")
 
 
 def _gap(unlearned: dict, retrain: dict) -> str:
@@ -67,7 +83,8 @@ def unlearning_section(runs: Sequence[dict]) -> str:
     colors = {id(r): s.color for r, s in zip(runs, styles(runs))}
     by_id = {r.get("run_id"): r for r in runs if is_done(r)}
     # Attack columns only where the attack ran (a study may turn extraction off).
-    columns = [c for c in COLUMNS if any(r["unlearning"].get(c[1]) is not None for r in unlearned)]
+    columns = [c for c in COLUMNS if any(r["unlearning"].get(c[1]) is not None
+                                         or (c[1] == MIA_KEY and r["unlearning"].get("mia")) for r in unlearned)]
     head = ("<tr><th>run</th><th>source</th><th>forgets</th>"
             + "".join(f'<th title="{escape(tip)}">{escape(h)}{_arrow(better)}</th>' for h, _, _, better, tip in columns)
             + '<th title="forget CE_S of the unlearned model minus the retrained model\'s: 0 is the target; '

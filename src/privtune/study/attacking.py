@@ -14,6 +14,7 @@ import torch
 
 from privtune.attacks.extraction import pii_inference, prefix_extraction
 from privtune.attacks.generation import generate_continuations
+from privtune.attacks.metrics import selection_half
 from privtune.attacks.mia import score_attacks
 from privtune.attacks.shadow import record_statistic, sequence_loglik
 from privtune.data.records import Record
@@ -47,11 +48,12 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
         return {}
     ref_members, ref_nonmembers = ctx.reference_scores()
     members, nonmembers = ctx.data.members.records, ctx.data.nonmembers.records
+    base = ctx.base
     out = {"mia": score_attacks(
         evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers,
         scored_records(ctx, members), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels),
-        attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs), n_bootstrap=cfg.mia.n_bootstrap,
-        seed=ctx.cfg.data.seed)}
+        attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
+        base=None if evaluation is base else (base.members, base.nonmembers), seed=ctx.cfg.data.seed)}
     common = dict(max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
                   seed=ctx.cfg.data.seed)
     tokenizer = ctx.loaded.tokenizer
@@ -82,8 +84,12 @@ def backdoor_success(ctx, model: torch.nn.Module) -> dict:
     return {**rates, "n": len(ctx.data.backdoor_triggered), "trigger": backdoor.trigger, "target": target}
 
 
-def record_stats(evaluation) -> dict:
-    """Per-record statistics over the population (members, then non-members), per level."""
+def record_stats(evaluation, ctx) -> dict:
+    """Per-record statistics over the population (members, then non-members), per level,
+    and who each record is about: an index per person (never the person's name) for
+    intervals clustered by person, and the half of the people the strongest attack is
+    chosen on (:func:`privtune.attacks.metrics.selection_half`), for the shadow attacks
+    computed later from these statistics."""
     stats = {}
     for level in LEVELS:
         parts = [(s, positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
@@ -93,4 +99,8 @@ def record_stats(evaluation) -> dict:
             "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
         }
     stats["n_members"] = int(evaluation.members.nll.shape[0])
+    people = [r.individual for r in ctx.data.members.records + ctx.data.nonmembers.records]
+    index = {p: i for i, p in enumerate(dict.fromkeys(people))}
+    stats["person"] = [index[p] for p in people]
+    stats["selection_half"] = selection_half(people, ctx.cfg.data.seed).tolist()
     return stats

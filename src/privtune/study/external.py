@@ -93,7 +93,7 @@ def audit_model(ctx, model: torch.nn.Module, model_ref: str) -> dict:
         "epochs": [],
         "exposure": ctx.exposure(model),
         "attacks": ctx.attack(model, evaluation),
-        "record_stats": attacking.record_stats(evaluation),
+        "record_stats": attacking.record_stats(evaluation, ctx),
         "dp": None,
         "efficiency": {"train_seconds": math.nan, "seconds_per_epoch": math.nan, "tokens_per_second": math.nan,
                        "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",

@@ -183,7 +183,7 @@ def measured_result(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, ep
         "epochs": epochs,
         "exposure": ctx.exposure(model),
         "attacks": ctx.attack(model, evaluation),
-        "record_stats": attacking.record_stats(evaluation),
+        "record_stats": attacking.record_stats(evaluation, ctx),
         "dp": dp,
         "efficiency": efficiency,
         "artifact": str(artifact) if artifact else None,
@@ -262,7 +262,7 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
         "final": base.measures, "epochs": [{"epoch": 0, **base.measures}],
         "exposure": ctx.exposure(ctx.loaded.model),
         "attacks": ctx.attack(ctx.loaded.model, base),
-        "record_stats": attacking.record_stats(base),
+        "record_stats": attacking.record_stats(base, ctx),
         "dp": None,
         "efficiency": {"train_seconds": 0.0, "seconds_per_epoch": 0.0, "tokens_per_second": math.nan,
                        "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
@@ -280,7 +280,7 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None])
     result, memory = _measured_training(ctx, spec, model, half, on_step=on_step)
     evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
     return {
-        "record_stats": attacking.record_stats(evaluation),
+        "record_stats": attacking.record_stats(evaluation, ctx),
         "shadow_in": np.asarray(inside, dtype=bool).tolist(),
         "dp": result.privacy.as_dict() if result.privacy else None,
         "efficiency": efficiency_record(result, memory, trainable, total, ctx.runtime),

@@ -22,34 +22,48 @@ def mean_log_prob(stats: dict) -> np.ndarray:
     return np.array(stats["loglik"], dtype=float) / np.maximum(np.array(stats["tokens"], dtype=float), 1)
 
 
-def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict]) -> list[dict]:
+def _scores(stats: dict, shadows: list[dict], level: str, rmia_online: bool) -> dict[str, np.ndarray]:
+    """Each shadow attack's score per population record, for the model ``stats`` describes."""
+    shadow_in = np.array([s["shadow_in"] for s in shadows], dtype=bool)
+    target_stat = np.array(stats[level]["stat"], dtype=float)
+    target_lp = mean_log_prob(stats[level])
+    shadow_stat = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
+    shadow_lp = np.array([mean_log_prob(s["record_stats"][level]) for s in shadows])
+    return {
+        "lira_online": lira(target_stat, shadow_stat, shadow_in, online=True),
+        "lira_offline": lira(target_stat, shadow_stat, shadow_in, online=False),
+        # RMIA's population z: the same records, whose shadow membership is known.
+        "rmia": rmia(target_lp, shadow_lp, shadow_in, target_lp, shadow_lp, population_in=shadow_in,
+                     online=rmia_online),
+    }
+
+
+def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict], base: dict | None = None) -> list[dict]:
     """LiRA (online, offline) and RMIA entries of the ``"mia"`` schema for one run.
 
     RMIA uses one rule for every record: online when every record has an IN and an OUT
     shadow, else offline (recorded as ``rule``), so no record's score depends on whether
-    it happens to lack an IN shadow."""
+    it happens to lack an IN shadow. ``base``: the study's base run, whose scores under
+    the same attacks are the blind baseline of the advantage (left out for the base run
+    itself and for runs stored without the record split)."""
     stats = run["record_stats"]
-    n_members = stats["n_members"]
+    select = stats.get("selection_half")
+    paired = base is not None and base is not run and select is not None and "record_stats" in base
     shadow_in = np.array([s["shadow_in"] for s in shadows], dtype=bool)
     entries = []
     for level in cfg.attacks.mia.levels:
-        target_stat = np.array(stats[level]["stat"], dtype=float)
-        target_lp = mean_log_prob(stats[level])
-        shadow_stat = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
         shadow_lp = np.array([mean_log_prob(s["record_stats"][level]) for s in shadows])
         rmia_online = online_possible(shadow_lp, shadow_in)
-        is_member = np.arange(len(target_stat)) < n_members
-        scores = {
-            "lira_online": lira(target_stat, shadow_stat, shadow_in, online=True),
-            "lira_offline": lira(target_stat, shadow_stat, shadow_in, online=False),
-            # RMIA's population z: the same records, whose shadow membership is known.
-            "rmia": rmia(target_lp, shadow_lp, shadow_in, target_lp, shadow_lp, population_in=shadow_in,
-                         online=rmia_online),
-        }
-        for name, score in scores.items():
+        is_member = np.arange(len(stats[level]["stat"])) < stats["n_members"]
+        base_scores = _scores(base["record_stats"], shadows, level, rmia_online) if paired else {}
+        for name, score in _scores(stats, shadows, level, rmia_online).items():
             keep = np.isfinite(score)
+            base_score = base_scores.get(name)
+            if base_score is not None:
+                keep &= np.isfinite(base_score)
             metrics = roc_metrics(score[keep], is_member[keep], fprs=tuple(cfg.attacks.mia.fprs),
-                                  n_bootstrap=cfg.attacks.mia.n_bootstrap, seed=cfg.data.seed)
+                                  base_scores=base_score[keep] if base_score is not None else None,
+                                  select=np.asarray(select, dtype=bool)[keep] if paired else None)
             entry = {"attack": name, "level": level, "higher_is_member": True, **metrics,
                      "shadow_models": len(shadows)}
             if name == "rmia":
@@ -59,19 +73,18 @@ def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict]) -> l
             entries.append(entry)
     return entries
 
-
 def add_shadow_attacks(cfg: StudyConfig, store) -> int:
     """Recompute the shadow attacks of every finished run of the study; returns how many runs."""
     shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if r["status"] == "done"]
     if len(shadows) < 2:
         return 0
+    runs = [r for r in store.runs(cfg.name) if r["status"] == "done" and "record_stats" in r]
+    base = next((r for r in runs if r.get("role") == "base"), None)
     updated = 0
-    for run in store.runs(cfg.name):
-        if run["status"] != "done" or "record_stats" not in run:
-            continue
+    for run in runs:
         attacks = run.setdefault("attacks", {})
         kept = [e for e in attacks.get("mia", []) if e["attack"] not in SHADOW_ATTACKS]
-        attacks["mia"] = kept + shadow_attack_entries(cfg, run, shadows)
+        attacks["mia"] = kept + shadow_attack_entries(cfg, run, shadows, base)
         store.update_result(run["run_id"], _stored_result(run))
         updated += 1
     return updated

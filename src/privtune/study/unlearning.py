@@ -66,7 +66,8 @@ def _method(ctx: StudyContext, label: str):
 
 
 def _strongest(entries: list[dict]) -> dict | None:
-    return max(entries, key=lambda e: e["auc"], default=None)
+    """The highest AUC; none where the forget set is too small for an AUC (it is then null)."""
+    return max((e for e in entries if e["auc"] is not None), key=lambda e: e["auc"], default=None)
 
 
 def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluation, forget: ForgetSet) -> dict:
@@ -91,7 +92,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
     mia = score_attacks(own_f, evaluation.nonmembers, ref_members.rows(f_rows), ref_nonmembers,
                         scored_records(ctx, forget_records), scored_records(ctx, nonmembers),
                         levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
-                        n_bootstrap=cfg.mia.n_bootstrap, seed=ctx.cfg.data.seed)
+                        base=(base_f, ctx.base.nonmembers), seed=ctx.cfg.data.seed)
     strongest = _strongest(mia)
     loss = next((e for e in mia if e["attack"] == "loss" and e["level"] == "record"), None)
     out.update(mia=mia, forget_mia_auc=strongest["auc"] if strongest else None,

@@ -1,0 +1,89 @@
+"""The difference between two runs' token measures, with a paired 95% interval.
+
+A findings sentence such as "bitfit leaks less than fft" is only true when the
+difference is larger than what the choice of records gives. Both runs are scored on the
+same records, so the difference is paired: from each run's stored per-record sums
+(``record_stats``: log-likelihood and token count per record and level), the
+difference of two token means is ``Σ_i D_i / Σ_i T_i``, with ``D_i`` the difference of
+record ``i``'s summed losses and ``T_i`` its token count. Its interval is the
+delta-method (ratio-estimator) interval clustered by person, since one person's records
+are not independent: ``var = C/(C−1) · Σ_c (D_c − d·T_c)² / (Σ T)²`` over the ``C``
+people. Runs stored without per-record statistics, or scored on different records,
+have no interval (None), and the sentence then makes no claim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+#: The measures a difference is defined for: (level, records, sign). ``leakage_gain`` is
+#: CE_S(θ0; members) − CE_S(θ; members), so run a's minus run b's is CE_S(b) − CE_S(a)
+#: on the members' sensitive tokens; ``utility_ce`` is CE_N(θ; non-members).
+MEASURES = {"leakage_gain": ("sensitive", "members", -1), "utility_ce": ("non-sensitive", "nonmembers", +1)}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Run a's measure minus run b's, its 95% interval, and what it rests on."""
+
+    value: float
+    low: float
+    high: float
+    records: int
+    people: int
+
+    @property
+    def measurable(self) -> bool:
+        """False when the interval covers 0: the runs cannot be told apart."""
+        return not self.low <= 0 <= self.high
+
+
+def _losses(run: dict, level: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(summed NLL, token count) per population record at ``level`` (``non-sensitive``:
+    the record level minus the sensitive level)."""
+    stats = run.get("record_stats")
+    if not isinstance(stats, dict):
+        return None
+    try:
+        def sums(name: str) -> tuple[np.ndarray, np.ndarray]:
+            tokens = np.asarray(stats[name]["tokens"], dtype=float)
+            nll = -np.asarray([math.nan if v is None else v for v in stats[name]["loglik"]], dtype=float)
+            return np.where(tokens > 0, nll, 0.0), tokens
+        if level != "non-sensitive":
+            return sums(level)
+        (rec_nll, rec_tokens), (sens_nll, sens_tokens) = sums("record"), sums("sensitive")
+        return rec_nll - sens_nll, rec_tokens - sens_tokens
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def run_difference(a: dict, b: dict, measure: str, confidence: float = 0.95) -> Difference | None:
+    """``measure(a) − measure(b)`` paired over the records both were scored on, or None."""
+    level, group, sign = MEASURES[measure]
+    found = [_losses(r, level) for r in (a, b)]
+    stats_a, stats_b = a.get("record_stats") or {}, b.get("record_stats") or {}
+    if None in found or stats_a.get("person") is None or stats_a.get("person") != stats_b.get("person") \
+            or stats_a.get("n_members") != stats_b.get("n_members"):
+        return None
+    (nll_a, tokens), (nll_b, tokens_b) = found
+    if tokens.shape != tokens_b.shape or not np.array_equal(tokens, tokens_b):
+        return None  # not the same records
+    n_members = int(stats_a["n_members"])
+    rows = slice(0, n_members) if group == "members" else slice(n_members, None)
+    diff, tokens = sign * (nll_a - nll_b)[rows], tokens[rows]
+    people = np.asarray(stats_a["person"])[rows]
+    if tokens.sum() == 0 or np.isnan(diff).any():
+        return None
+    value = float(diff.sum() / tokens.sum())
+    _, cluster = np.unique(people, return_inverse=True)
+    by_person = np.bincount(cluster, weights=diff - value * tokens)
+    c = by_person.size
+    if c < 2:
+        return None
+    se = math.sqrt(c / (c - 1) * np.sum(by_person ** 2)) / tokens.sum()
+    z = norm.ppf(0.5 + confidence / 2)
+    return Difference(value, value - z * se, value + z * se, int(tokens.size), c)
