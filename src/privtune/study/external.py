@@ -101,6 +101,7 @@ def audit_model(ctx, model: torch.nn.Module, model_ref: str) -> dict:
                        "device": str(ctx.runtime.device), "precision": ctx.runtime.precision},
         "artifact": model_ref,
         "data": ctx.data.summary(),
+        **ctx.provenance,
     }
 
 

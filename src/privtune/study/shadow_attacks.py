@@ -45,14 +45,19 @@ def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict]) -> l
     return entries
 
 
-def add_shadow_attacks(cfg: StudyConfig, store) -> int:
-    """Recompute the shadow attacks of every finished run of the study; returns how many runs."""
-    shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if r["status"] == "done"]
+def add_shadow_attacks(cfg: StudyConfig, store, data_digest: str) -> int:
+    """Recompute the shadow attacks of every finished run of the study measured on the data
+    of ``data_digest`` (the shadows' record statistics are of those records); returns how many runs."""
+
+    def current(run: dict) -> bool:
+        return run["status"] == "done" and (run.get("digests") or {}).get("data") == data_digest
+
+    shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if current(r)]
     if len(shadows) < 2:
         return 0
     updated = 0
     for run in store.runs(cfg.name):
-        if run["status"] != "done" or "record_stats" not in run:
+        if not current(run) or "record_stats" not in run:
             continue
         attacks = run.setdefault("attacks", {})
         kept = [e for e in attacks.get("mia", []) if e["attack"] not in SHADOW_ATTACKS]
