@@ -105,7 +105,7 @@ def stale_reason(store: Store, spec: RunSpec, digest: str) -> str | None:
         return None
     again = "measuring it again" if spec.is_base else "retraining"
     if stored is None:
-        return f"run {spec.label}: stored without a data digest (by an older privtune), so its data are unknown; {again}"
+        return f"run {spec.label}: stored without a data digest (by an older privtune), its data unknown; {again}"
     return f"run {spec.label}: data changed since it was stored (digest {short(stored)} -> {short(digest)}); {again}"
 
 
@@ -120,8 +120,8 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
     """Measure and attack a model privtune did not train, as a run of study ``cfg``.
 
     The study's base run is measured first when the database lacks it, or holds it
-    measured on other data (every measure is relative to it). Returns the audit's label. A failed audit is stored as failed, like
-    any run, and re-raised.
+    measured on other data (every measure is relative to it). Returns the audit's label.
+    A failed audit is stored as failed, like any run, and re-raised.
     """
     from privtune.study.external import AUDIT_METHOD, AUDIT_ROLE, audit_config, audit_label, audit_model, \
         load_audited_model
