@@ -36,6 +36,7 @@ def test_export_writes_the_study_split_in_the_loader_format(tmp_path, monkeypatc
     assert code == 0 and "train.jsonl" in out
 
     expected = build_study_records(cfg)
+    assert f"records digest: {expected.digest()}" in out  # what every run of the study stores
     for name, records in (("train", expected.train), ("members", expected.members),
                           ("nonmembers", expected.nonmembers)):
         loaded = load_records(tmp_path / "data" / f"{name}.jsonl")

@@ -26,3 +26,21 @@ def test_restart_drops_partial_epochs_and_failed_runs_keep_their_error(tmp_path)
     (run,) = store.runs()
     assert run["epochs"] == [] and run["status"] == "failed" and run["error"].startswith("out of memory")
     assert store.studies() == ["s"]
+
+
+def test_a_finished_run_is_reused_only_on_the_data_digest_it_stored(tmp_path):
+    from privtune.study.driver import stale_reason
+    from privtune.study.plan import RunSpec
+
+    store = Store(tmp_path / "r.db")
+    fft, old = RunSpec("abc", "s", "fft", "fft", 0, {}), RunSpec("old", "s", "lora", "lora", 0, {})
+    store.start("abc", "s", "fft", "fft", {})
+    assert store.data_digest("abc") is None and stale_reason(store, fft, "d1" * 32) is None  # not finished
+    store.finish("abc", {"digests": {"data": "d1" * 32}})
+    store.start("old", "s", "lora", "lora", {})
+    store.finish("old", {"final": {}})  # stored by a privtune that recorded no digest
+    assert store.data_digest("abc") == "d1" * 32 and store.data_digest("missing") is None
+    assert stale_reason(store, fft, "d1" * 32) is None
+    assert stale_reason(store, fft, "e2" * 32) == (
+        "run fft: data changed since it was stored (digest d1d1d1d1d1d1 -> e2e2e2e2e2e2); retraining")
+    assert "stored without a data digest" in stale_reason(store, old, "d1" * 32)

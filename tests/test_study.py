@@ -193,3 +193,48 @@ def test_scrubbed_run_trains_on_scrubbed_text_and_is_measured_on_the_original(tm
     assert 'id="scrubbing"' in text and "100%" in text
     header = (write_csv(runs, tmp_path / "runs.csv")).read_text().splitlines()[0].split(",")
     assert {"scrub_tagger", "scrub_recall", "scrub_precision"} <= set(header)
+
+
+def test_a_rerun_reuses_its_runs_until_the_data_file_changes(tmp_path):
+    import json
+
+    from privtune.data.corpora import generate_corpus
+    from privtune.report import write_json
+    from privtune.study.runner import StudyContext
+
+    data = tmp_path / "tickets.jsonl"
+    rows = [{"id": r.id, "individual": r.individual, "text": r.text,
+             "spans": [{"start": s.start, "end": s.end, "label": s.label} for s in r.spans]}
+            for r in generate_corpus("customer-sim", 10, 0)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = tiny_study(tmp_path, data={"source": str(data), "max_length": 64}, methods=[{"method": "fft"}],
+                     canaries={"enabled": False}, train={"epochs": 1, "batch_size": 4},
+                     attacks={"mia": {"n_bootstrap": 20}, "extraction": {"enabled": False}})
+    said = []
+    first = run_study(cfg, show_progress=False, say=said.append)
+    assert first.done == ["base", "fft"] and said == []
+    store = open_store(cfg)
+    stored = {r["label"]: r for r in store.runs("tiny")}
+    store.close()
+    digests = StudyContext.build(cfg).data.digests.as_dict()
+    for run in stored.values():
+        assert run["digests"] == digests
+        assert run["versions"]["privtune"] and run["versions"]["torch"] and run["versions"]["faker"]
+    exported = json.loads(write_json(list(stored.values()), tmp_path / "runs.json").read_text())
+    assert all(run["digests"]["data"] == digests["data"] and "transformers" in run["versions"] for run in exported)
+
+    unchanged = run_study(cfg, show_progress=False, say=said.append)
+    assert unchanged.done == [] and unchanged.skipped == ["base", "fft"] and said == []
+
+    rows[-1]["text"] = rows[-1]["text"] + " Thanks again."  # the user edits one record
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = run_study(cfg, show_progress=False, say=said.append)
+    assert changed.done == ["base", "fft"] and changed.skipped == []
+    old, new = digests["data"][:12], StudyContext.build(cfg).data.digests.data
+    assert said == [f"run base: data changed since it was stored (digest {old} -> {new[:12]}); measuring it again",
+                    f"run fft: data changed since it was stored (digest {old} -> {new[:12]}); retraining"]
+    assert set(changed.rerun) == {"base", "fft"}
+    store = open_store(cfg)
+    assert {r["label"]: r["digests"]["data"] for r in store.runs("tiny")} == {"base": new, "fft": new}
+    store.close()
+    assert run_study(cfg, show_progress=False, say=said.append).skipped == ["base", "fft"] and len(said) == 2

@@ -157,12 +157,15 @@ def data_export(config: Path = typer.Argument(None, help="study YAML; default: t
                 out: Path = typer.Option(Path("privtune-data"), "--out", help="directory to write the JSONL files to")) -> None:
     """Write the study's training set and its member / non-member split as JSONL with spans."""
     from privtune.config import load_config
+    from privtune.study.dataset import build_study_records
     from privtune.study.external import export_study_data
 
     cfg = load_config(config)
-    counts = export_study_data(cfg, out)
+    recs = build_study_records(cfg)
+    counts = export_study_data(cfg, out, recs)
     for name, n in counts.items():
         console.print(f"{out / name}: {n} records")
+    console.print(f"records digest: {recs.digest()} (each run stores it as digests.records)", highlight=False)
     console.print(f"Train on train.jsonl (records up to data.max_length = {cfg.data.max_length} tokens), then run "
                   "privtune audit MODEL_DIR with the same study config.", highlight=False)
 

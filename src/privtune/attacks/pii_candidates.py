@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import string
-from datetime import date
 from functools import lru_cache
 from typing import Callable
 
@@ -39,6 +38,7 @@ from faker import Faker
 
 from privtune.data.corpora.customer_sim import CARD_TYPES, LOCALES, MONTHS, _ascii
 from privtune.data.corpora.synbio import UNIVERSITY_FORMS
+from privtune.data.dates import date_of_birth
 from privtune.data.scrub import perturb
 from privtune.errors import PrivtuneError
 
@@ -73,7 +73,7 @@ def _card(fk: Faker, rng: random.Random) -> str:
 
 
 def _dob(fk: Faker, rng: random.Random) -> str:
-    d: date = fk.date_of_birth(minimum_age=18, maximum_age=85)
+    d = date_of_birth(rng, minimum_age=18, maximum_age=85)
     month = MONTHS[d.month - 1]
     return rng.choice([d.isoformat(), f"{month} {d.day}, {d.year}", f"{d.day} {month} {d.year}",
                        f"{d.month:02d}/{d.day:02d}/{d.year}", f"{d.day:02d}/{d.month:02d}/{d.year}"])

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from faker import Faker
 
+from privtune.data.dates import calendar_date, date_of_birth
 from privtune.data.records import Record, Span
 
 REPLACEMENTS = ("placeholder", "surrogate")
@@ -101,8 +102,8 @@ _FAKERS: dict[str, Callable[[Faker, str], str]] = {
     "EMAIL": lambda f, v: f.email(),
     "PHONE": lambda f, v: f.phone_number(),
     "ADDRESS": lambda f, v: f.address().replace("\n", ", "),
-    "DOB": lambda f, v: f.date_of_birth(minimum_age=18, maximum_age=85).isoformat(),
-    "DATE": lambda f, v: f.date(),
+    "DOB": lambda f, v: date_of_birth(f.random, minimum_age=18, maximum_age=85).isoformat(),
+    "DATE": lambda f, v: calendar_date(f.random).isoformat(),
     "IBAN": lambda f, v: f.iban(),
     "CITY": lambda f, v: f.city(),
     "EMPLOYER": lambda f, v: f.company(),

@@ -74,6 +74,22 @@ def load_model(name_or_path: str, *, cache_dir: Path | None = None,
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, family=family)
 
 
+def load_tokenizer(name_or_path: str, *, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load_model` gives for ``name_or_path``, without loading the
+    weights (the study's data digest needs it before deciding whether any run must load
+    the model). Its pad token is not set: the data digest does not depend on it."""
+    spec = resolve(name_or_path)
+    if spec.source == "tiny":
+        return tiny_tokenizer()
+    where = str(gguf.ensure_converted(spec, cache_dir)) if spec.source == "gguf-package" else spec.location
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        if spec.source == "hub":  # not in the local cache: fetched with the model, as load_model would
+            return _from_hub(spec, trust_remote_code=False)[1]
+        raise _load_error(spec, err) from err
+
+
 def _from_pretrained(where: str, spec: ModelSpec, *, trust_remote_code: bool, local_only: bool = False):
     """Model and tokenizer via ``from_pretrained``, with loading failures made user errors."""
     options = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)

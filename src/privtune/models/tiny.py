@@ -6,13 +6,21 @@ real checkpoints: Llama and Gemma tie the input embedding to the output head, GP
 fuses Q/K/V into one Linear and uses LayerNorm with biases, Gemma scales embeddings and
 uses its own RMSNorm, Qwen has biases on its Q/K/V projections.
 
-The tokenizer is a byte-level BPE trained in well under a second on text generated with
-a fixed seed, so it has character offsets like the real ones.
+The tokenizer is a byte-level BPE with character offsets like the real ones, shipped as
+``tiny_tokenizer.json`` beside this module rather than trained at run time: trained on
+the faker text of :func:`tokenizer_training_text`, it changed when the text did (the
+text once held birth dates counted from today, so 124 of its 512 tokens changed with the
+calendar). :func:`train_tiny_tokenizer` rebuilds the file (``python -m
+privtune.models.tiny``); a new file is a new tiny tokenizer, so its digest stored in
+``tests/test_data_digest.py`` changes with it.
 """
 
 from __future__ import annotations
 
+import random
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -55,22 +63,30 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
 
 
-def _tokenizer_training_text() -> list[str]:
+TOKENIZER_FILE = "tiny_tokenizer.json"
+
+
+def tokenizer_training_text() -> list[str]:
+    """The faker text the shipped tokenizer was trained on (seeded; dates from
+    :data:`~privtune.data.dates.REFERENCE_DATE`, never today)."""
     from faker import Faker
+
+    from privtune.data.dates import date_of_birth
 
     fake = Faker(["en_US", "en_GB"])
     fake.seed_instance(1234)
+    rng = random.Random(1234)  # for the dates; a two-locale Faker lends no generator of its own
     lines = []
     for _ in range(400):
         lines.append(f"{fake.name()} <{fake.email()}> {fake.phone_number()} {fake.address()}")
         lines.append(fake.sentence(nb_words=14))
         lines.append(f"Order {fake.bothify('??-#######')} card {fake.credit_card_number()} "
-                     f"born {fake.date_of_birth().isoformat()}")
+                     f"born {date_of_birth(rng, 0, 115).isoformat()}")
     return lines
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+def train_tiny_tokenizer() -> str:
+    """A freshly trained tiny tokenizer, as JSON: how ``tiny_tokenizer.json`` was made."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -79,8 +95,13 @@ def _tokenizer_json() -> str:
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_tokenizer_training_text(), trainer)
-    return tok.to_str()
+    tok.train_from_iterator(tokenizer_training_text(), trainer)
+    return tok.to_str(pretty=True)
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    return resources.files("privtune.models").joinpath(TOKENIZER_FILE).read_text(encoding="utf-8")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -89,3 +110,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
                                    pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+if __name__ == "__main__":  # rebuild the shipped file: python -m privtune.models.tiny
+    path = Path(__file__).with_name(TOKENIZER_FILE)
+    path.write_text(train_tiny_tokenizer() + "\n", encoding="utf-8")
+    print(f"wrote {path}")

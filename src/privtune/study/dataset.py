@@ -11,6 +11,7 @@ from privtune.config import StudyConfig
 from privtune.data.backdoor import backdoor_prompts, poison_records
 from privtune.data.canaries import Canary, canary_records, make_canaries
 from privtune.data.corpora import generate_corpus
+from privtune.data.digest import DataDigests, records_digest, tokenizer_digest
 from privtune.data.loaders import load_records
 from privtune.data.records import Record
 from privtune.data.split import check_dataset, split_by_individual
@@ -33,6 +34,8 @@ class StudyData:
     train: EncodedDataset
     canaries: list[Canary]
     tagger: str
+    #: what these data are, for the cache and every stored result (see ``privtune.data.digest``)
+    digests: DataDigests
     #: held-out prompts ending with / without the backdoor trigger (empty without a backdoor)
     backdoor_triggered: list[str] = field(default_factory=list)
     backdoor_clean: list[str] = field(default_factory=list)
@@ -75,6 +78,12 @@ class StudyRecords:
         """What a model of the study trains on: members, canary copies, poison."""
         return self.members + canary_records(self.canaries) + self.poisoned
 
+    def digest(self) -> str:
+        """The digest of these records, split, canaries and poison (``privtune.data.digest``)."""
+        return records_digest(members=self.members, nonmembers=self.nonmembers, canaries=self.canaries,
+                              poisoned=self.poisoned, tagger=self.tagger,
+                              backdoor_prompts={"triggered": self.backdoor_triggered, "clean": self.backdoor_clean})
+
 
 def build_study_records(cfg: StudyConfig) -> StudyRecords:
     """Load or generate the records, split them by individual, add canaries and poison."""
@@ -93,9 +102,15 @@ def build_study_records(cfg: StudyConfig) -> StudyRecords:
     return StudyRecords(members, nonmembers, canaries, poisoned, tagger, triggered, clean)
 
 
-def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
-    """The study's records, tokenised and checked against ``data.max_length``."""
-    recs = build_study_records(cfg)
+def study_digests(recs: StudyRecords, tokenizer) -> DataDigests:
+    """The digests of a study's data: its records and the tokenizer that encodes them."""
+    return DataDigests(records=recs.digest(), tokenizer=tokenizer_digest(tokenizer))
+
+
+def build_study_data(cfg: StudyConfig, tokenizer, recs: StudyRecords | None = None) -> StudyData:
+    """The study's records (``recs``, or built from ``cfg``), tokenised and checked
+    against ``data.max_length``."""
+    recs = recs if recs is not None else build_study_records(cfg)
     max_len = cfg.data.max_length
     enc_members = encode_records(recs.members, tokenizer, max_len)
     enc_nonmembers = encode_records(recs.nonmembers, tokenizer, max_len)
@@ -107,8 +122,8 @@ def build_study_data(cfg: StudyConfig, tokenizer) -> StudyData:
     if poisoned and (train.attention_mask[-len(poisoned):].sum(dim=1) >= max_len).any():
         raise PrivtuneError(f"poisoned records do not fit in data.max_length={max_len} tokens, so the backdoor "
                             "target would be cut off", "raise data.max_length or shorten backdoor.trigger/target")
-    return StudyData(enc_members, enc_nonmembers, train, recs.canaries, recs.tagger, recs.backdoor_triggered,
-                     recs.backdoor_clean)
+    return StudyData(enc_members, enc_nonmembers, train, recs.canaries, recs.tagger,
+                     study_digests(recs, tokenizer), recs.backdoor_triggered, recs.backdoor_clean)
 
 
 def shadow_membership(population: list[Record], shadow: int, seed: int) -> list[bool]:

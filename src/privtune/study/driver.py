@@ -1,11 +1,21 @@
-"""Running a study: plan, skip what is done, execute the rest, write every outcome."""
+"""Running a study: plan, skip what is done, execute the rest, write every outcome.
+
+A finished run is reused only when its stored result was measured on the same data as
+the study has now: its config hash and its data digest (``privtune.data.digest``) are
+the cache's key together. A run whose data changed (an edited JSONL file, another
+tokenizer) is run again, and the driver says so.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from privtune.config import StudyConfig
+from privtune.data.digest import short
+from privtune.models.loading import load_tokenizer
+from privtune.study.dataset import build_study_records, study_digests
 from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
 from privtune.study.forget import check_forget_sets
@@ -22,14 +32,18 @@ class StudyOutcome:
     skipped: list[str]
     failed: dict[str, str]
     db_path: Path
+    #: label -> why a run the database held as done ran again (its data changed)
+    rerun: dict[str, str] = field(default_factory=dict)
 
 
 def open_store(cfg: StudyConfig) -> Store:
     return Store(Path(cfg.output_dir) / DB_NAME)
 
 
-def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress: bool = True) -> StudyOutcome:
-    """Execute every run of ``cfg`` that the database does not already hold as done.
+def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress: bool = True,
+              say: Callable[[str], None] = print) -> StudyOutcome:
+    """Execute every run of ``cfg`` that the database does not already hold as done on
+    the study's current data; ``say`` gets a line for each finished run that runs again.
 
     Each finished run is committed as soon as it ends, so an interruption loses only the
     run in progress; a failed run is recorded with its error and the others go on.
@@ -39,19 +53,29 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     check_forget_sets(cfg)  # a bad forget set fails the study before any run starts
     store = open_store(cfg)
     plan = plan_study(cfg)
-    pending = [r for r in plan if store.status(r.run_id) != "done"]
+    records = build_study_records(cfg)
+    digest = study_digests(records, load_tokenizer(cfg.model)).data
+    stale = {r.run_id: why for r in plan if (why := stale_reason(store, r, digest))}
+    pending = [r for r in plan if store.status(r.run_id) != "done" or r.run_id in stale]
     retrain = {r.run_id for r in missing_sources(plan, pending, Path(cfg.output_dir) / "artifacts")}
     pending = [r for r in plan if r in pending or r.run_id in retrain]
     outcome = StudyOutcome(done=[], skipped=[r.label for r in plan if r not in pending], failed={},
-                           db_path=store.path)
+                           db_path=store.path, rerun={r.label: stale[r.run_id] for r in plan if r.run_id in stale})
+    for line in outcome.rerun.values():
+        say(line)
     if executor is None:
-        executor = LocalExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress, retries=cfg.retries,
-                                 log_dir=Path(cfg.output_dir) / "logs")
+        executor = LocalExecutor(lambda: StudyContext.build(cfg, records), show_progress=show_progress,
+                                 retries=cfg.retries, log_dir=Path(cfg.output_dir) / "logs")
 
     def started(spec: RunSpec) -> None:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
 
     def finished(spec: RunSpec, result: dict) -> None:
+        used = result["digests"]["data"]
+        if used != digest:  # a worker read another copy of the data, or the data changed meanwhile
+            failed(spec, f"it ran on data with digest {short(used)}, but the study's data have digest "
+                         f"{short(digest)}; give every worker the same data and run the study again")
+            return
         _store_result(store, spec.run_id, result)
         outcome.done.append(spec.label)
 
@@ -65,10 +89,24 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         for phase in execution_phases(pending):  # unlearning runs after the runs they start from
             executor.execute(phase, hooks)
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
-            add_shadow_attacks(cfg, store)
+            add_shadow_attacks(cfg, store, digest)
     finally:
         store.close()
     return outcome
+
+
+def stale_reason(store: Store, spec: RunSpec, digest: str) -> str | None:
+    """Why the database's finished ``spec`` cannot be reused with data of ``digest``
+    (``None``: it can, or it has not finished)."""
+    if store.status(spec.run_id) != "done":
+        return None
+    stored = store.data_digest(spec.run_id)
+    if stored == digest:
+        return None
+    again = "measuring it again" if spec.is_base else "retraining"
+    if stored is None:
+        return f"run {spec.label}: stored without a data digest (by an older privtune), its data unknown; {again}"
+    return f"run {spec.label}: data changed since it was stored (digest {short(stored)} -> {short(digest)}); {again}"
 
 
 def _store_result(store: Store, run_id: str, result: dict) -> None:
@@ -77,12 +115,13 @@ def _store_result(store: Store, run_id: str, result: dict) -> None:
     store.finish(run_id, {k: v for k, v in result.items() if k != "epochs"})
 
 
-def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None) -> str:
+def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
+                   say: Callable[[str], None] = print) -> str:
     """Measure and attack a model privtune did not train, as a run of study ``cfg``.
 
-    The study's base run is measured first when the database lacks it (every measure is
-    relative to it). Returns the audit's label. A failed audit is stored as failed, like
-    any run, and re-raised.
+    The study's base run is measured first when the database lacks it, or holds it
+    measured on other data (every measure is relative to it). Returns the audit's label.
+    A failed audit is stored as failed, like any run, and re-raised.
     """
     from privtune.study.external import AUDIT_METHOD, AUDIT_ROLE, audit_config, audit_label, audit_model, \
         load_audited_model
@@ -94,7 +133,11 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None) -
     store = open_store(cfg)
     try:
         base = plan_study(cfg)[0]
-        if store.status(base.run_id) != "done":
+        digest = ctx.data.digests.data
+        why = stale_reason(store, base, digest)
+        if why:
+            say(why)
+        if why or store.status(base.run_id) != "done":
             store.start(base.run_id, base.study, base.label, base.method, base.config, base.role)
             _store_result(store, base.run_id, execute_run(ctx, base))
         store.start(run_id, cfg.name, label, AUDIT_METHOD, run_cfg, AUDIT_ROLE)
@@ -105,7 +148,7 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None) -
             store.fail(run_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
-            add_shadow_attacks(cfg, store)
+            add_shadow_attacks(cfg, store, digest)
     finally:
         store.close()
     return label

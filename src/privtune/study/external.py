@@ -25,17 +25,18 @@ from privtune.errors import PrivtuneError
 from privtune.measures.efficiency import count_parameters
 from privtune.models.loading import load_model
 from privtune.study import attacking
-from privtune.study.dataset import build_study_records
+from privtune.study.dataset import StudyRecords, build_study_records
 from privtune.study.plan import plan_study, shared_config
 
 AUDIT_ROLE = "audit"
 AUDIT_METHOD = "audit"
 
 
-def export_study_data(cfg: StudyConfig, out_dir: str | Path) -> dict[str, int]:
+def export_study_data(cfg: StudyConfig, out_dir: str | Path, recs: StudyRecords | None = None) -> dict[str, int]:
     """Write ``train.jsonl`` (members, canary copies, poison), ``members.jsonl`` and
-    ``nonmembers.jsonl`` in the format ``data.source`` reads; returns records per file."""
-    recs = build_study_records(cfg)
+    ``nonmembers.jsonl`` of ``recs`` (default: the study's) in the format ``data.source``
+    reads; returns records per file."""
+    recs = recs if recs is not None else build_study_records(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"train.jsonl": recs.train, "members.jsonl": recs.members, "nonmembers.jsonl": recs.nonmembers}
@@ -101,6 +102,7 @@ def audit_model(ctx, model: torch.nn.Module, model_ref: str) -> dict:
                        "device": str(ctx.runtime.device), "precision": ctx.runtime.precision},
         "artifact": model_ref,
         "data": ctx.data.summary(),
+        **ctx.provenance,
     }
 
 

@@ -28,7 +28,7 @@ from privtune.measures.leakage import leakage_measures
 from privtune.measures.token_scores import TokenScores, score_tokens
 from privtune.models.loading import LoadedModel, load_model
 from privtune.study import attacking
-from privtune.study.dataset import StudyData, build_study_data, shadow_membership
+from privtune.study.dataset import StudyData, StudyRecords, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
 from privtune.study.scrubbing import TrainingScrubber
 from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
@@ -36,6 +36,7 @@ from privtune.train import distributed, streams
 from privtune.train.loop import TrainResult, train
 from privtune.train.methods import get_method
 from privtune.train.precision import Runtime, resolve_runtime
+from privtune.versions import dependency_versions
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -63,11 +64,12 @@ class StudyContext:
     _scrubber: TrainingScrubber | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, cfg: StudyConfig) -> "StudyContext":
+    def build(cls, cfg: StudyConfig, records: StudyRecords | None = None) -> "StudyContext":
+        """Load the model and encode the data (``records`` when the caller has built them)."""
         runtime = resolve_runtime(cfg.device, cfg.precision)
         loaded = load_model(cfg.model)
         loaded.model.to(runtime.device)
-        data = build_study_data(cfg, loaded.tokenizer)
+        data = build_study_data(cfg, loaded.tokenizer, records)
         reference = None
         if cfg.attacks.enabled and cfg.attacks.mia.reference_model:
             reference = load_model(cfg.attacks.mia.reference_model)
@@ -78,6 +80,13 @@ class StudyContext:
     @property
     def artifacts_dir(self) -> Path:
         return Path(self.cfg.output_dir) / "artifacts"
+
+    @property
+    def provenance(self) -> dict:
+        """What every result of this context records beyond its config: the digests of the
+        data it used (``digests``, the cache's key besides the config) and the libraries'
+        ``versions``."""
+        return {"digests": self.data.digests.as_dict(), "versions": dependency_versions()}
 
     def score(self, model: torch.nn.Module, data: EncodedDataset) -> TokenScores:
         return score_tokens(model, data, self.runtime, batch_size=self.cfg.eval_batch_size)
@@ -131,7 +140,12 @@ class StudyContext:
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,
                 on_step: Callable[[], None] = lambda: None) -> dict:
-    """Train (unless base) and measure one run; returns its result dict."""
+    """Train (unless base) and measure one run; returns its result dict, with the
+    context's :attr:`~StudyContext.provenance`."""
+    return {**_execute(ctx, spec, on_epoch, on_step), **ctx.provenance}
+
+
+def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback, on_step: Callable[[], None]) -> dict:
     if spec.is_base:
         return _measure_base(ctx, on_epoch)
     if spec.is_shadow:

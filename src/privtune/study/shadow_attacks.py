@@ -73,12 +73,18 @@ def shadow_attack_entries(cfg: StudyConfig, run: dict, shadows: list[dict], base
             entries.append(entry)
     return entries
 
-def add_shadow_attacks(cfg: StudyConfig, store) -> int:
-    """Recompute the shadow attacks of every finished run of the study; returns how many runs."""
-    shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if r["status"] == "done"]
+
+def add_shadow_attacks(cfg: StudyConfig, store, data_digest: str) -> int:
+    """Recompute the shadow attacks of every finished run of the study measured on the data
+    of ``data_digest`` (the shadows' record statistics are of those records); returns how many runs."""
+
+    def current(run: dict) -> bool:
+        return run["status"] == "done" and (run.get("digests") or {}).get("data") == data_digest
+
+    shadows = [r for r in store.runs(cfg.name, roles=("shadow",)) if current(r)]
     if len(shadows) < 2:
         return 0
-    runs = [r for r in store.runs(cfg.name) if r["status"] == "done" and "record_stats" in r]
+    runs = [r for r in store.runs(cfg.name) if current(r) and "record_stats" in r]
     base = next((r for r in runs if r.get("role") == "base"), None)
     updated = 0
     for run in runs:

@@ -68,6 +68,13 @@ class Store:
         row = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
 
+    def data_digest(self, run_id: str) -> str | None:
+        """The data digest a run's stored result records (``None``: no result, or one
+        stored before privtune recorded digests)."""
+        row = self._db.execute("SELECT json_extract(result, '$.digests.data') FROM runs WHERE run_id=?",
+                               (run_id,)).fetchone()
+        return row[0] if row else None
+
     def start(self, run_id: str, study: str, label: str, method: str, config: dict, role: str = "target") -> None:
         """Mark a run as running, dropping rows a previous attempt left behind."""
         with self._db:

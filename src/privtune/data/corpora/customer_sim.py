@@ -24,6 +24,7 @@ from typing import NamedTuple
 from faker import Faker
 
 from privtune.data.corpora import TextBuilder, approx_tokens, individual_rng, register_corpus
+from privtune.data.dates import date_of_birth
 from privtune.data.records import Record
 
 NAME = "customer-sim"
@@ -329,7 +330,7 @@ def make_profile(rng: random.Random) -> dict:
         "order": rng.choice([f"ORD-{_digits(rng, 7)}", f"{rng.choice('ABCDEFGHKLMNPRSTWX')}{_digits(rng, 9)}",
                              f"{_digits(rng, 3)}-{_digits(rng, 7)}-{_digits(rng, 4)}"]),
         "card": _grouped(fk.credit_card_number(rng.choice(CARD_TYPES)), card_sep),
-        "dob": _format_date(fk.date_of_birth(minimum_age=18, maximum_age=85), locale, rng),
+        "dob": _format_date(date_of_birth(rng, minimum_age=18, maximum_age=85), locale, rng),
         "iban": _grouped(iban, " ") if rng.random() < 0.5 else iban,
     }
 

@@ -14,6 +14,7 @@ import random
 
 from privtune.data.corpora import TextBuilder, individual_rng, register_corpus
 from privtune.data.corpora.customer_sim import MONTHS, _ascii, draw_person
+from privtune.data.dates import date_of_birth
 from privtune.data.records import Record
 
 NAME = "synbio"
@@ -71,7 +72,7 @@ def make_profile(rng: random.Random) -> dict:
     uni = rng.choice(UNIVERSITY_FORMS).format(city=fk.city(), last=fk.last_name())
     return {
         "first": first, "name": f"{first} {last}", "female": female,
-        "dob": _date(fk.date_of_birth(minimum_age=22, maximum_age=80), rng),
+        "dob": _date(date_of_birth(rng, minimum_age=22, maximum_age=80), rng),
         "city": fk.city(), "university": uni, "employer": fk.company(),
         "email": f"{_ascii(first)}.{_ascii(last)}@{fk.free_email_domain()}", "phone": fk.phone_number(),
         "subject": rng.choice(SUBJECTS), "job": rng.choice(JOBS), "hobby": rng.choice(HOBBIES),
