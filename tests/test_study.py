@@ -150,7 +150,9 @@ def test_scrubbed_run_trains_on_scrubbed_text_and_is_measured_on_the_original(tm
     from privtune.report import write_csv, write_report
     from privtune.study.runner import StudyContext
 
-    cfg = tiny_study(tmp_path, methods=[{"method": "fft"}, {"method": "fft", "scrub": {"tagger": "exact"}}],
+    # lr 1e-3: at the default 3e-3 a tiny fft can spike in its second epoch on some batch orders
+    cfg = tiny_study(tmp_path, methods=[{"method": "fft", "lr": 1e-3},
+                                        {"method": "fft", "lr": 1e-3, "scrub": {"tagger": "exact"}}],
                      data={"source": "customer-sim", "n_individuals": 16, "max_length": 256},
                      attacks={"mia": {"n_bootstrap": 50}, "extraction": {"max_spans_per_type": 2, "n_samples": 0}})
     ctx = StudyContext.build(cfg)
