@@ -108,7 +108,7 @@ def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     path = write_study(tmp_path, data={"source": str(data), "tagger": "regex", "max_length": 48},
                        methods=[{"method": "fft", "scrub": {"tagger": "exact"}}],
-                       attacks={"mia": {"n_bootstrap": 10}, "extraction": {"enabled": False}})
+                       attacks={"mia": {}, "extraction": {"enabled": False}})
     code, _, err = run_cli(monkeypatch, capsys, "run", "--no-report", str(path))
     assert_one_line_error(code, err, "run fft+scrub-exact failed", "labelled by the regex tagger",
                           "use scrub.tagger: regex or presidio")

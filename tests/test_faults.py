@@ -21,7 +21,7 @@ def fast_study(tmp_path, name="tiny", **overrides):
     raw = {
         "name": name, "model": "tiny-llama", "output_dir": str(tmp_path / "out"),
         "data": {"source": "customer-sim", "n_individuals": 8, "max_length": 48},
-        "canaries": {"enabled": False}, "attacks": {"extraction": {"enabled": False}, "mia": {"n_bootstrap": 50}},
+        "canaries": {"enabled": False}, "attacks": {"extraction": {"enabled": False}, "mia": {}},
         "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4},
         "methods": [{"method": "fft"}, {"method": "lora", "lora": {"r": 2}},
                     {"method": "lora", "label": "lora-r4", "lora": {"r": 4}}],

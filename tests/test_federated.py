@@ -229,7 +229,7 @@ def test_federated_study_end_to_end(tmp_path):
         "name": "fed", "model": "tiny-llama", "output_dir": str(tmp_path / "out"),
         "data": {"source": "customer-sim", "n_individuals": 12, "max_length": 64},
         "canaries": {"repetitions": [2], "n_reference": 1, "n_candidates": 16},
-        "attacks": {"mia": {"n_bootstrap": 10}, "extraction": {"max_spans_per_type": 1, "n_samples": 0}},
+        "attacks": {"mia": {}, "extraction": {"max_spans_per_type": 1, "n_samples": 0}},
         "train": {"batch_size": 4, "physical_batch_size": 4, "lr": 3e-3},
         "methods": [
             {"method": "lora", "lr": 3e-2, "lora": {"r": 4}, "federated": {"clients": 2, "rounds": 2}},

@@ -583,7 +583,7 @@ def test_study_rmia_uses_the_mean_token_log_probability_and_one_rule():
 
     order = np.argsort(~member, kind="stable")  # the study lists members first
     target, refs, ref_in, member = target[order], refs[:, order], ref_in[:, order], member[order]
-    cfg = parse_config({"methods": [{"method": "fft"}], "attacks": {"mia": {"n_bootstrap": 10, "levels": ["record"]}}})
+    cfg = parse_config({"methods": [{"method": "fft"}], "attacks": {"mia": {"levels": ["record"]}}})
     shadows = [{"record_stats": stats(refs[k]), "shadow_in": ref_in[k].tolist()} for k in range(2)]
     (entry,) = [e for e in shadow_attack_entries(cfg, {"record_stats": stats(target)}, shadows)
                 if e["attack"] == "rmia"]

@@ -121,7 +121,7 @@ def test_every_parameter_efficient_method_in_one_study(tmp_path):
                {"method": "dp-head-only", "dp": {"noise_multiplier": 0.8, "delta": 1e-3, "engine": "opacus"}},
                {"method": "dp-bitfit", "lr": 3e-2, "dp": {"noise_multiplier": 0.8, "delta": 1e-3}}]
     cfg = tiny_study(tmp_path, methods=methods, train={"epochs": 1, "batch_size": 4, "lr": 3e-3},
-                     attacks={"mia": {"n_bootstrap": 50}, "extraction": {"max_spans_per_type": 2, "n_samples": 2}})
+                     attacks={"mia": {}, "extraction": {"max_spans_per_type": 2, "n_samples": 2}})
     outcome = run_study(cfg, show_progress=False)
     labels = ["lora-r2", "lora-r4", "dora", "ia3", "prefix-tuning", "prompt-tuning", "head-only", "bitfit",
               "dp-prefix-tuning", "dp-head-only", "dp-bitfit"]
@@ -154,7 +154,7 @@ def test_scrubbed_run_trains_on_scrubbed_text_and_is_measured_on_the_original(tm
     cfg = tiny_study(tmp_path, methods=[{"method": "fft", "lr": 1e-3},
                                         {"method": "fft", "lr": 1e-3, "scrub": {"tagger": "exact"}}],
                      data={"source": "customer-sim", "n_individuals": 16, "max_length": 256},
-                     attacks={"mia": {"n_bootstrap": 50}, "extraction": {"max_spans_per_type": 2, "n_samples": 0}})
+                     attacks={"mia": {}, "extraction": {"max_spans_per_type": 2, "n_samples": 0}})
     ctx = StudyContext.build(cfg)
     scrubbed = ctx.scrubber.training_set(cfg.methods[1].scrub)
     tok = ctx.loaded.tokenizer
@@ -211,7 +211,7 @@ def test_a_rerun_reuses_its_runs_until_the_data_file_changes(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = tiny_study(tmp_path, data={"source": str(data), "max_length": 64}, methods=[{"method": "fft"}],
                      canaries={"enabled": False}, train={"epochs": 1, "batch_size": 4},
-                     attacks={"mia": {"n_bootstrap": 20}, "extraction": {"enabled": False}})
+                     attacks={"mia": {}, "extraction": {"enabled": False}})
     said = []
     first = run_study(cfg, show_progress=False, say=said.append)
     assert first.done == ["base", "fft"] and said == []

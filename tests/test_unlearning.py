@@ -32,7 +32,7 @@ def tiny_study(tmp_path, methods=None, **overrides):
         "name": "tiny", "model": "tiny-llama", "output_dir": str(tmp_path / "out"),
         "data": {"source": "customer-sim", "n_individuals": 12, "max_length": 64},
         "canaries": {"enabled": False},
-        "attacks": {"mia": {"n_bootstrap": 20},
+        "attacks": {"mia": {},
                     "extraction": {"max_spans_per_type": 2, "n_samples": 0, "pii_inference": False}},
         "train": {"epochs": 2, "batch_size": 4, "physical_batch_size": 4, "lr": 3e-3},
         "methods": methods or [
@@ -341,7 +341,7 @@ def test_unlearning_section_reaches_the_report_and_the_csv(tmp_path):
 
     cfg = tiny_study(tmp_path, methods=[{"method": "fft"}, {
         "method": "unlearn-ga", "lr": 1e-3, "epochs": 1, "unlearn": {"source": "fft", "forget": {"fraction": 0.34}}}],
-        attacks={"mia": {"n_bootstrap": 10}, "extraction": {"enabled": False}}, train={"epochs": 1, "batch_size": 4})
+        attacks={"mia": {}, "extraction": {"enabled": False}}, train={"epochs": 1, "batch_size": 4})
     assert run_study(cfg, show_progress=False).failed == {}
     runs = list(_runs(cfg).values())
     page = render_html(runs, title="t", meta={})

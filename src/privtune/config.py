@@ -93,7 +93,6 @@ class MIASettings(_Strict):
     attacks: list[str] | None = Field(None, description="score-based attacks to run; default: all")
     k: float = Field(0.2, gt=0, le=1, description="fraction of tokens Min-K% and Min-K%++ average")
     fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001], description="report TPR at these FPRs")
-    n_bootstrap: int = Field(1000, ge=0, description="resamples for the 95% intervals")
     reference_model: str | None = Field(None, description="reference for the calibrated attack; default: the base model")
 
     @field_validator("attacks")
