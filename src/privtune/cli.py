@@ -273,7 +273,7 @@ def _strongest_auc(run: dict) -> float | None:
 
 
 def _print_summary(output_dir: str, study: str) -> None:
-    from privtune.report.html import fmt_count
+    from privtune.report.html import epsilon_unit, fmt_count
 
     table = Table(title=f"study {study}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
@@ -288,7 +288,9 @@ def _print_summary(output_dir: str, study: str) -> None:
         top = [e["exposure"] for e in r.get("exposure", []) if e["repetitions"] == max(
             (x["repetitions"] for x in r.get("exposure", [])), default=0)]
         peak = eff.get("peak_memory_bytes")
-        table.add_row(r["label"], _fmt((r.get("dp") or {}).get("epsilon"), ".2f"), _fmt(final.get("leakage_gain")),
+        eps = _fmt((r.get("dp") or {}).get("epsilon"), ".2f")
+        eps = f"{eps} per {epsilon_unit(r)}" if r.get("dp") else eps
+        table.add_row(r["label"], eps, _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
                       _fmt(_strongest_auc(r), ".2f"),
