@@ -4,11 +4,16 @@ For one architecture (random-initialised, no weights needed) and the methods ful
 fine-tuning and LoRA, trains with engine ``none`` (non-private), ``opacus`` and
 ``privtune`` through privtune's own training loop (``privtune.train.loop.train``), so
 the figures are what a study gets, and prints ONE markdown table with the ratios to
-non-private side by side. Usage:
+non-private side by side. ``opacus-person`` and ``privtune-person`` are the same engines
+under user-level DP (``dp.unit: individual``): the records belong to people of
+``--per-person`` records each, and each person's summed gradient is clipped; the plain
+``opacus`` / ``privtune`` rows clip records of the same data (``dp.unit: record``).
+Usage:
 
     python benchmarks/dp_engines.py                                  # SmolLM2-135M, CPU, 8 x 128
     python benchmarks/dp_engines.py --arch tiny --batch 4 --seq 32   # seconds, a smoke test
     python benchmarks/dp_engines.py --device cuda --arch pythia-1b --batch 16 --seq 256 --steps 8
+    python benchmarks/dp_engines.py --engines privtune,privtune-person --per-person 2   # user-level cost
 
 What is measured, and how:
 
@@ -61,13 +66,23 @@ ARCHS = {
     "tiny": lambda: tiny_config("llama"),
 }
 METHODS = ("full", "lora")
-ENGINES = ("none", "opacus", "privtune")
+ENGINES = ("none", "opacus", "privtune", "opacus-person", "privtune-person")
 
 
-def synthetic_data(n: int, seq: int, vocab: int) -> EncodedDataset:
+def synthetic_data(n: int, seq: int, vocab: int, per_person: int) -> EncodedDataset:
+    """``n`` records of ``seq`` random tokens; records ``k*per_person ...`` belong to person k."""
     ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
-    return EncodedDataset([Record(str(i), str(i), "") for i in range(n)], ids, torch.ones_like(ids),
+    return EncodedDataset([Record(str(i), str(i // per_person), "") for i in range(n)], ids, torch.ones_like(ids),
                           torch.zeros_like(ids, dtype=torch.bool))
+
+
+def dp_settings(engine: str) -> DPSettings | None:
+    """``none``: no DP; ``<engine>``: record-level; ``<engine>-person``: user-level."""
+    if engine == "none":
+        return None
+    name, _, unit = engine.partition("-")
+    return DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", engine=name,
+                      unit="individual" if unit == "person" else "record")
 
 
 def prepare(model: torch.nn.Module, method: str, full_trainable: str, lora_r: int) -> torch.nn.Module:
@@ -95,11 +110,9 @@ def run_row(method: str, engine: str, args) -> dict:
     model = AutoModelForCausalLM.from_config(ARCHS[args.arch](), dtype=torch.float32)
     model = prepare(model, method, args.full_trainable, args.lora_r).to(device)
     trainable, total = count_parameters(model)
-    data = synthetic_data(args.batch, args.seq, model.config.vocab_size)
-    dp = None if engine == "none" else DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
-                                                  accountant="rdp", engine=engine)
+    data = synthetic_data(args.batch, args.seq, model.config.vocab_size, args.per_person)
     plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
-                     lr=1e-5, weight_decay=0.0, seed=0, dp=dp)
+                     lr=1e-5, weight_decay=0.0, seed=0, dp=dp_settings(engine))
     marks: list[float] = []
     with PeakMemory(device) as memory:
         train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
@@ -163,6 +176,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="on CUDA, plain fp32 matmuls")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--per-person", type=int, default=2,
+                        help="records per person (the *-person engines clip people; --batch must be a multiple)")
     parser.add_argument("--full-trainable", default="blocks", choices=["blocks", "all"],
                         help="blocks: freeze norms and input embedding (a tied head with it); all: train everything")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one method:engine, print JSON
@@ -171,6 +186,9 @@ def parse_args(argv=None):
         bad = [x for x in getattr(args, name).split(",") if x not in allowed]
         if bad:
             parser.error(f"unknown {name} {bad}; use {', '.join(allowed)}")
+    if args.per_person < 1 or args.batch % args.per_person:
+        parser.error(f"--per-person {args.per_person} must be at least 1 and divide --batch {args.batch}, "
+                     "so every step holds whole people")
     return args
 
 
@@ -193,7 +211,7 @@ def main() -> None:
     print(f"\n`python benchmarks/dp_engines.py {' '.join(argv)}`\n")
     print(f"{args.arch}, batch {args.batch} x {args.seq}, {args.device} {args.precision}{tf32}, "
           f"{hardware(device, args.threads)}, torch {torch.__version__}; median of {args.steps} steps after one warm-up; "
-          f"peak memory = {kind}; full = {args.full_trainable}\n")
+          f"peak memory = {kind}; full = {args.full_trainable}; {args.per_person} records per person\n")
     print(table(rows, engines))
 
 

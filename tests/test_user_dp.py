@@ -240,3 +240,36 @@ def test_the_loop_samples_and_clips_people(monkeypatch):
     result = train(make_model("llama", "lora", lora_init=True), people_data(list(range(12))), plan, CPU)
     assert result.privacy.unit == "record" and all(groups is None for _, groups in _Spy.seen)
     assert math.isfinite(result.privacy.epsilon)
+
+
+# ---------------------------------------------------------------------------- the unit beside every ε
+def test_the_unit_is_shown_beside_epsilon():
+    from privtune.report.export import csv_columns, csv_row
+    from privtune.report.html import fmt_epsilon
+
+    person = {"dp": {"epsilon": 7.99, "unit": "individual", "delta": 1e-3}}
+    assert fmt_epsilon(person) == "7.99 per person"
+    assert fmt_epsilon({"dp": {"epsilon": 2.5, "unit": "client"}}) == "2.5 per client"
+    assert fmt_epsilon({"dp": {"epsilon": 3.0, "unit": "individual, largest over clients"}}) == \
+        "3 per person, largest over clients"
+    assert fmt_epsilon({"dp": {"epsilon": 8.0}}) == "8 per record"  # stored before dp.unit: records were clipped
+    assert fmt_epsilon({"dp": {"epsilon": math.inf, "unit": "record"}}) == "∞ per record"
+    assert fmt_epsilon({"dp": None}) == "–"
+    columns = csv_columns([person])
+    assert columns[columns.index("dp_epsilon") + 1] == "dp_unit"
+    assert csv_row(person, columns)["dp_unit"] == "individual"
+
+
+def test_record_level_runs_keep_their_identity():
+    """``unit: record`` is what DP runs did before ``dp.unit``: same identity as then, so a
+    database of such runs is still found; ``auto`` may train people, so it is a new run."""
+    from privtune.config import parse_config
+    from privtune.study.plan import plan_study
+
+    def dp_entry(unit):
+        cfg = parse_config({"methods": [{"method": "dp-lora", "dp": {"target_epsilon": 8, "unit": unit}}]})
+        return plan_study(cfg)[1].config["method"]["dp"]
+
+    assert set(dp_entry("record")) == {"target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant",
+                                       "engine", "secure_mode"}
+    assert dp_entry("auto")["unit"] == "auto" and dp_entry("individual")["unit"] == "individual"
