@@ -4,7 +4,8 @@ For one architecture (random-initialised, no weights needed) and the methods ful
 fine-tuning and LoRA, trains with engine ``none`` (non-private), ``opacus`` and
 ``privtune`` through privtune's own training loop (``privtune.train.loop.train``), so
 the figures are what a study gets, and prints ONE markdown table with the ratios to
-non-private side by side. ``opacus-person`` and ``privtune-person`` are the same engines
+non-private side by side (a ``*-person`` row's ratios are to its engine's record-level
+row, when that ran). ``opacus-person`` and ``privtune-person`` are the same engines
 under user-level DP (``dp.unit: individual``): the records belong to people of
 ``--per-person`` records each, and each person's summed gradient is clipped; the plain
 ``opacus`` / ``privtune`` rows clip records of the same data (``dp.unit: record``).
@@ -150,15 +151,25 @@ def _cell(row: dict, base: dict | None) -> str:
     return f"{row['s_per_step']:.3f}{time_ratio} | {row['peak_gib']:.2f}{mem_ratio}"
 
 
+def _baseline(by_key: dict, method: str, engine: str) -> dict | None:
+    """What a row's ratios are to: a ``*-person`` row's record-level row of the same engine
+    when it ran, else the non-private row (none for the non-private row itself)."""
+    if engine == "none":
+        return None
+    record = engine.removesuffix("-person")
+    if record != engine and (method, record) in by_key:
+        return by_key[(method, record)]
+    return by_key.get((method, "none"))
+
+
 def table(rows: list[dict], engines: list[str]) -> str:
     by_key = {(r["method"], r["engine"]): r for r in rows}
     head = "| method | trainable | " + " | ".join(f"{e} s/step | {e} peak GiB" for e in engines) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(engines))]
     for method in dict.fromkeys(r["method"] for r in rows):
-        base = by_key.get((method, "none"))
         known = next((r for r in rows if r["method"] == method and "trainable" in r), {})
         trainable = f"{known['trainable'] / 1e6:.3g}M" if known else "?"
-        cells = [_cell(by_key[(method, e)], base if e != "none" else None) for e in engines]
+        cells = [_cell(by_key[(method, e)], _baseline(by_key, method, e)) for e in engines]
         lines.append(f"| {method} | {trainable} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

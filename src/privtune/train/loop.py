@@ -187,6 +187,7 @@ def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, resul
 def _private_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
     privacy = result.privacy
     units = privacy_units(data, privacy.unit)  # records, or people with all their records
+    n = units.count  # what is Poisson-sampled and divided by: people or records
     clipper = dp.make_clipper(plan.dp.engine)
     module = clipper.attach(model)
     ledger = dp.PrivacyLedger(privacy.accountant)
@@ -195,15 +196,16 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
     if group and noise.secure:  # unseeded: one draw, on rank 0, for every rank
         noise = distributed.BroadcastNoise(noise, group)
     steps_per_epoch = privacy.steps // plan.epochs
-    expected_batch = privacy.sample_rate * units.count  # expected units (records or people) per step
+    expected_batch = privacy.sample_rate * n
     # In secure mode batch membership is secret too: sample it from the secure source.
     sampler = noise if plan.dp.secure_mode else generator
     try:
         for epoch in range(1, plan.epochs + 1):
             with Stopwatch(runtime.device) as clock:
-                for batch in dp.poisson_batches(units.count, privacy.sample_rate, steps_per_epoch, sampler):
+                for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, sampler):
                     # Chunks of whole people under user-level DP; ``owners`` None for records.
-                    for rows, owners in units.chunks(group.shard(batch) if group else batch, plan.physical_batch_size):
+                    mine = group.shard(batch) if group else batch
+                    for rows, owners in units.chunks(mine, plan.physical_batch_size):
                         clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
                                                    privacy.max_grad_norm, groups=owners)
                         result.tokens += int(data.attention_mask[rows].sum())
