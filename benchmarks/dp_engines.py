@@ -14,7 +14,7 @@ Usage:
     python benchmarks/dp_engines.py                                  # SmolLM2-135M, CPU, 8 x 128
     python benchmarks/dp_engines.py --arch tiny --batch 4 --seq 32   # seconds, a smoke test
     python benchmarks/dp_engines.py --device cuda --arch pythia-1b --batch 16 --seq 256 --steps 8
-    python benchmarks/dp_engines.py --engines privtune,privtune-person --per-person 2   # user-level cost
+    python benchmarks/dp_engines.py --engines privtune,privtune-person --per-person 2 --paired 3   # user-level cost
 
 What is measured, and how:
 
@@ -123,6 +123,38 @@ def run_row(method: str, engine: str, args) -> dict:
             "memory_kind": memory.kind, "trainable": trainable, "total": total}
 
 
+def paired_ratio(method: str, engine: str, args) -> dict:
+    """Median over ``--paired`` alternating runs of (user-level s/step) / (record-level s/step).
+
+    One process and one model, record- and user-level ``train`` calls taking turns, so a
+    machine whose load drifts over minutes slows both sides of each pair alike (rows in
+    separate subprocesses, minutes apart, do not share that). Time only; memory comes
+    from the subprocess rows.
+    """
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS[args.arch](), dtype=torch.float32)
+    model = prepare(model, method, args.full_trainable, args.lora_r).to(device)
+    data = synthetic_data(args.batch, args.seq, model.config.vocab_size, args.per_person)
+
+    def seconds_per_step(unit_engine: str) -> float:
+        plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
+                         lr=0.0, weight_decay=0.0, seed=0, dp=dp_settings(unit_engine))
+        marks: list[float] = []
+        train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
+        return statistics.median(b - a for a, b in zip(marks, marks[1:]))
+
+    pairs = []
+    for _ in range(args.paired):
+        record = seconds_per_step(engine)
+        pairs.append((record, seconds_per_step(f"{engine}-person")))
+    ratios = [p / r for r, p in pairs]
+    return {"method": method, "engine": engine, "ratio": statistics.median(ratios),
+            "pairs": [(round(r, 3), round(p, 3)) for r, p in pairs]}
+
+
 def run_in_subprocess(method: str, engine: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, *argv, "--row", f"{method}:{engine}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -191,6 +223,9 @@ def parse_args(argv=None):
                         help="records per person (the *-person engines clip people; --batch must be a multiple)")
     parser.add_argument("--full-trainable", default="blocks", choices=["blocks", "all"],
                         help="blocks: freeze norms and input embedding (a tied head with it); all: train everything")
+    parser.add_argument("--paired", type=int, default=0,
+                        help="also time each engine's record- and user-level runs N times in turns, in one process, "
+                             "and print the median ratio (robust to a machine whose load drifts)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one method:engine, print JSON
     args = parser.parse_args(argv)
     for name, allowed in (("methods", METHODS), ("engines", ENGINES)):
@@ -224,6 +259,13 @@ def main() -> None:
           f"{hardware(device, args.threads)}, torch {torch.__version__}; median of {args.steps} steps after one warm-up; "
           f"peak memory = {kind}; full = {args.full_trainable}; {args.per_person} records per person\n")
     print(table(rows, engines))
+    if args.paired:
+        print(f"\nuser-level / record-level s/step, median of {args.paired} alternating pairs in one process:\n")
+        print("| method | engine | ratio | (record, user-level) s/step per pair |\n|---|---|---|---|")
+        for method in methods:
+            for engine in (e for e in engines if f"{e}-person" in engines):
+                row = paired_ratio(method, engine, args)
+                print(f"| {method} | {engine} | {row['ratio']:.2f}x | {row['pairs']} |", flush=True)
 
 
 if __name__ == "__main__":
