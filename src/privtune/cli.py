@@ -298,7 +298,7 @@ def _print_summary(output_dir: str, study: str) -> None:
                       fmt_count(eff.get("trainable_params", 0)))
     # Wide enough for every column and the longest label, even when stdout is a file.
     longest = max((len(str(r["label"])) for r in runs), default=0)
-    Console(width=max(console.width, 132 + longest)).print(table)
+    Console(width=max(console.width, 146 + longest)).print(table)
     for line in scrub_lines(runs):
         console.print(line, highlight=False)
 
