@@ -4,11 +4,17 @@ For one architecture (random-initialised, no weights needed) and the methods ful
 fine-tuning and LoRA, trains with engine ``none`` (non-private), ``opacus`` and
 ``privtune`` through privtune's own training loop (``privtune.train.loop.train``), so
 the figures are what a study gets, and prints ONE markdown table with the ratios to
-non-private side by side. Usage:
+non-private side by side (a ``*-person`` row's ratios are to its engine's record-level
+row, when that ran). ``opacus-person`` and ``privtune-person`` are the same engines
+under user-level DP (``dp.unit: individual``): the records belong to people of
+``--per-person`` records each, and each person's summed gradient is clipped; the plain
+``opacus`` / ``privtune`` rows clip records of the same data (``dp.unit: record``).
+Usage:
 
     python benchmarks/dp_engines.py                                  # SmolLM2-135M, CPU, 8 x 128
     python benchmarks/dp_engines.py --arch tiny --batch 4 --seq 32   # seconds, a smoke test
     python benchmarks/dp_engines.py --device cuda --arch pythia-1b --batch 16 --seq 256 --steps 8
+    python benchmarks/dp_engines.py --engines privtune,privtune-person --per-person 2 --paired 3   # user-level cost
 
 What is measured, and how:
 
@@ -61,13 +67,23 @@ ARCHS = {
     "tiny": lambda: tiny_config("llama"),
 }
 METHODS = ("full", "lora")
-ENGINES = ("none", "opacus", "privtune")
+ENGINES = ("none", "opacus", "privtune", "opacus-person", "privtune-person")
 
 
-def synthetic_data(n: int, seq: int, vocab: int) -> EncodedDataset:
+def synthetic_data(n: int, seq: int, vocab: int, per_person: int) -> EncodedDataset:
+    """``n`` records of ``seq`` random tokens; records ``k*per_person ...`` belong to person k."""
     ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
-    return EncodedDataset([Record(str(i), str(i), "") for i in range(n)], ids, torch.ones_like(ids),
+    return EncodedDataset([Record(str(i), str(i // per_person), "") for i in range(n)], ids, torch.ones_like(ids),
                           torch.zeros_like(ids, dtype=torch.bool))
+
+
+def dp_settings(engine: str) -> DPSettings | None:
+    """``none``: no DP; ``<engine>``: record-level; ``<engine>-person``: user-level."""
+    if engine == "none":
+        return None
+    name, _, unit = engine.partition("-")
+    return DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", engine=name,
+                      unit="individual" if unit == "person" else "record")
 
 
 def prepare(model: torch.nn.Module, method: str, full_trainable: str, lora_r: int) -> torch.nn.Module:
@@ -95,11 +111,9 @@ def run_row(method: str, engine: str, args) -> dict:
     model = AutoModelForCausalLM.from_config(ARCHS[args.arch](), dtype=torch.float32)
     model = prepare(model, method, args.full_trainable, args.lora_r).to(device)
     trainable, total = count_parameters(model)
-    data = synthetic_data(args.batch, args.seq, model.config.vocab_size)
-    dp = None if engine == "none" else DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
-                                                  accountant="rdp", engine=engine)
+    data = synthetic_data(args.batch, args.seq, model.config.vocab_size, args.per_person)
     plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
-                     lr=1e-5, weight_decay=0.0, seed=0, dp=dp)
+                     lr=1e-5, weight_decay=0.0, seed=0, dp=dp_settings(engine))
     marks: list[float] = []
     with PeakMemory(device) as memory:
         train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
@@ -107,6 +121,38 @@ def run_row(method: str, engine: str, args) -> dict:
     return {"method": method, "engine": engine, "s_per_step": statistics.median(steps),
             "steps": [round(s, 4) for s in steps], "peak_gib": memory.peak_bytes / 2**30,
             "memory_kind": memory.kind, "trainable": trainable, "total": total}
+
+
+def paired_ratio(method: str, engine: str, args) -> dict:
+    """Median over ``--paired`` alternating runs of (user-level s/step) / (record-level s/step).
+
+    One process and one model, record- and user-level ``train`` calls taking turns, so a
+    machine whose load drifts over minutes slows both sides of each pair alike (rows in
+    separate subprocesses, minutes apart, do not share that). Time only; memory comes
+    from the subprocess rows.
+    """
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS[args.arch](), dtype=torch.float32)
+    model = prepare(model, method, args.full_trainable, args.lora_r).to(device)
+    data = synthetic_data(args.batch, args.seq, model.config.vocab_size, args.per_person)
+
+    def seconds_per_step(unit_engine: str) -> float:
+        plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
+                         lr=0.0, weight_decay=0.0, seed=0, dp=dp_settings(unit_engine))
+        marks: list[float] = []
+        train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
+        return statistics.median(b - a for a, b in zip(marks, marks[1:]))
+
+    pairs = []
+    for _ in range(args.paired):
+        record = seconds_per_step(engine)
+        pairs.append((record, seconds_per_step(f"{engine}-person")))
+    ratios = [p / r for r, p in pairs]
+    return {"method": method, "engine": engine, "ratio": statistics.median(ratios),
+            "pairs": [(round(r, 3), round(p, 3)) for r, p in pairs]}
 
 
 def run_in_subprocess(method: str, engine: str, argv: list[str]) -> dict:
@@ -137,15 +183,25 @@ def _cell(row: dict, base: dict | None) -> str:
     return f"{row['s_per_step']:.3f}{time_ratio} | {row['peak_gib']:.2f}{mem_ratio}"
 
 
+def _baseline(by_key: dict, method: str, engine: str) -> dict | None:
+    """What a row's ratios are to: a ``*-person`` row's record-level row of the same engine
+    when it ran, else the non-private row (none for the non-private row itself)."""
+    if engine == "none":
+        return None
+    record = engine.removesuffix("-person")
+    if record != engine and (method, record) in by_key:
+        return by_key[(method, record)]
+    return by_key.get((method, "none"))
+
+
 def table(rows: list[dict], engines: list[str]) -> str:
     by_key = {(r["method"], r["engine"]): r for r in rows}
     head = "| method | trainable | " + " | ".join(f"{e} s/step | {e} peak GiB" for e in engines) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(engines))]
     for method in dict.fromkeys(r["method"] for r in rows):
-        base = by_key.get((method, "none"))
         known = next((r for r in rows if r["method"] == method and "trainable" in r), {})
         trainable = f"{known['trainable'] / 1e6:.3g}M" if known else "?"
-        cells = [_cell(by_key[(method, e)], base if e != "none" else None) for e in engines]
+        cells = [_cell(by_key[(method, e)], _baseline(by_key, method, e)) for e in engines]
         lines.append(f"| {method} | {trainable} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -163,14 +219,22 @@ def parse_args(argv=None):
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="on CUDA, plain fp32 matmuls")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--per-person", type=int, default=2,
+                        help="records per person (the *-person engines clip people; --batch must be a multiple)")
     parser.add_argument("--full-trainable", default="blocks", choices=["blocks", "all"],
                         help="blocks: freeze norms and input embedding (a tied head with it); all: train everything")
+    parser.add_argument("--paired", type=int, default=0,
+                        help="also time each engine's record- and user-level runs N times in turns, in one process, "
+                             "and print the median ratio (robust to a machine whose load drifts)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one method:engine, print JSON
     args = parser.parse_args(argv)
     for name, allowed in (("methods", METHODS), ("engines", ENGINES)):
         bad = [x for x in getattr(args, name).split(",") if x not in allowed]
         if bad:
             parser.error(f"unknown {name} {bad}; use {', '.join(allowed)}")
+    if args.per_person < 1 or args.batch % args.per_person:
+        parser.error(f"--per-person {args.per_person} must be at least 1 and divide --batch {args.batch}, "
+                     "so every step holds whole people")
     return args
 
 
@@ -193,8 +257,15 @@ def main() -> None:
     print(f"\n`python benchmarks/dp_engines.py {' '.join(argv)}`\n")
     print(f"{args.arch}, batch {args.batch} x {args.seq}, {args.device} {args.precision}{tf32}, "
           f"{hardware(device, args.threads)}, torch {torch.__version__}; median of {args.steps} steps after one warm-up; "
-          f"peak memory = {kind}; full = {args.full_trainable}\n")
+          f"peak memory = {kind}; full = {args.full_trainable}; {args.per_person} records per person\n")
     print(table(rows, engines))
+    if args.paired:
+        print(f"\nuser-level / record-level s/step, median of {args.paired} alternating pairs in one process:\n")
+        print("| method | engine | ratio | (record, user-level) s/step per pair |\n|---|---|---|---|")
+        for method in methods:
+            for engine in (e for e in engines if f"{e}-person" in engines):
+                row = paired_ratio(method, engine, args)
+                print(f"| {method} | {engine} | {row['ratio']:.2f}x | {row['pairs']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -472,7 +472,7 @@ def test_training_loop_runs_dp_lora_and_reports_epsilon():
     model = make_model("llama", "lora", lora_init=True)
     before = [p.detach().clone() for p in trainable(model)]
     plan = TrainPlan(epochs=1, batch_size=4, physical_batch_size=2, lr=1e-2, weight_decay=0.0, seed=0,
-                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"))
+                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", unit="record"))
     result = train(model, data, plan, Runtime(torch.device("cpu"), "fp32"))
     assert result.steps == 3
     assert 0 < result.privacy.epsilon < math.inf

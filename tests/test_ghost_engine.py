@@ -500,7 +500,8 @@ def test_training_loop_runs_with_the_privtune_engine(mode):
     model = make_model("gemma", mode, lora_init=True)
     before = [p.detach().clone() for p in trainable(model)]
     plan = TrainPlan(epochs=1, batch_size=4, physical_batch_size=2, lr=1e-2, weight_decay=0.0, seed=0,
-                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", engine="privtune"))
+                     dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", engine="privtune",
+                                   unit="record"))  # records without individuals
     result = train(model, data, plan, Runtime(torch.device("cpu"), "fp32"))
     assert result.steps == 3 and 0 < result.privacy.epsilon < math.inf
     assert result.privacy.epsilon == pytest.approx(dp.epsilon_for(1.0, result.privacy.delta, 4 / 12, 3, accountant="rdp"))

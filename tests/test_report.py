@@ -76,7 +76,8 @@ def test_report_shows_every_run_the_dp_budgets_and_the_metadata(page, runs):
     _, text = page
     for run in runs:
         assert html.escape(run["label"]) in text
-    assert ">7.92<" in text and ">3.04<" in text  # ε of dp-fft and dp-lora-r8
+    # ε of dp-fft and dp-lora-r8 with its unit (stored without one, from before dp.unit: records)
+    assert ">7.92 per record<" in text and ">3.04 per record<" in text
     for value in META.values():
         assert html.escape(value) in text
 

@@ -49,6 +49,8 @@ def test_full_study_on_a_tiny_model(tmp_path):
     assert runs["dp-fft"]["dp"]["epsilon"] == pytest.approx(8.0, rel=0.02)
     assert runs["dp-lora"]["dp"]["noise_multiplier"] == 0.8 and runs["dp-lora"]["dp"]["epsilon"] > 0
     assert runs["dp-fft"]["epochs"][1]["epsilon"] < runs["dp-fft"]["epochs"][2]["epsilon"]
+    # canaries repeated 4 times are one person with 4 records: user-level DP, per person
+    assert runs["dp-fft"]["dp"]["unit"] == "individual" and runs["dp-fft"]["dp"]["n_units"] > 1
     # Every run is attacked: score-based MIA at both levels, extraction, PII inference.
     for run in runs.values():
         attacks = run["attacks"]

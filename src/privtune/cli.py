@@ -299,7 +299,7 @@ def strongest_lines(runs: list[dict]) -> list[str]:
 
 
 def _print_summary(output_dir: str, study: str) -> None:
-    from privtune.report.html import fmt_count
+    from privtune.report.html import epsilon_unit, fmt_count
 
     table = Table(title=f"study {study}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
@@ -314,7 +314,9 @@ def _print_summary(output_dir: str, study: str) -> None:
         top = [e["exposure"] for e in r.get("exposure", []) if e["repetitions"] == max(
             (x["repetitions"] for x in r.get("exposure", [])), default=0)]
         peak = eff.get("peak_memory_bytes")
-        table.add_row(r["label"], _fmt((r.get("dp") or {}).get("epsilon"), ".2f"), _fmt(final.get("leakage_gain")),
+        eps = _fmt((r.get("dp") or {}).get("epsilon"), ".2f")
+        eps = f"{eps} per {epsilon_unit(r)}" if r.get("dp") else eps
+        table.add_row(r["label"], eps, _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
                       _strongest_cell(r),
@@ -322,7 +324,7 @@ def _print_summary(output_dir: str, study: str) -> None:
                       fmt_count(eff.get("trainable_params", 0)))
     # Wide enough for every column and the longest label, even when stdout is a file.
     longest = max((len(str(r["label"])) for r in runs), default=0)
-    Console(width=max(console.width, 132 + longest)).print(table)
+    Console(width=max(console.width, 146 + longest)).print(table)
     for line in strongest_lines(runs) + scrub_lines(runs):
         console.print(line, highlight=False)
 

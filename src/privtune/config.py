@@ -205,8 +205,12 @@ class IA3Settings(_Strict):
 class DPSettings(_Strict):
     target_epsilon: float | None = Field(8.0, gt=0, description="noise is derived to reach it")
     noise_multiplier: float | None = Field(None, ge=0, description="give this instead of target_epsilon")
-    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
-    max_grad_norm: float = Field(1.0, gt=0, description="per-record clipping bound C")
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N), N the number of units")
+    max_grad_norm: float = Field(1.0, gt=0, description="clipping bound C on each unit's gradient")
+    unit: Literal["auto", "individual", "record"] = Field(
+        "auto", description="what epsilon protects: individual (user-level DP-SGD: people are sampled and each "
+                            "person's gradient summed over their records is clipped), record, or auto: individual "
+                            "when any training individual has several records, else record")
     accountant: Literal["prv", "rdp"] = Field("prv", description="prv (tight) or rdp (classic) accountant")
     engine: Literal["privtune", "opacus"] = Field(
         "privtune", description="per-sample clipping engine: privtune (ghost norms, fast) or opacus (hooks)")

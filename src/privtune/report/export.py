@@ -3,7 +3,8 @@
 
 The CSV keeps the identity of each run, every final measure under its own name
 (``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
-...), the DP settings prefixed ``dp_`` and the canary exposure per repetition count
+...), the DP settings prefixed ``dp_`` (``dp_unit`` beside ``dp_epsilon`` says what ε
+protects: individual, record or client) and the canary exposure per repetition count
 (``exposure_r16``: mean over the canaries inserted 16 times), and the attacks' headline
 numbers: per (attack, level) the AUC, the members and non-members it was measured on, the
 base model's AUC on the same records, the advantage over it with its 95% interval, the
@@ -49,7 +50,7 @@ LEADING = {
               "utility_gain"),
     "efficiency": ("train_seconds", "seconds_per_epoch", "tokens_per_second", "peak_memory_bytes", "memory_kind",
                    "trainable_params", "total_params", "flops_estimate", "bytes_communicated"),
-    "dp": ("epsilon", "delta", "noise_multiplier", "max_grad_norm"),
+    "dp": ("epsilon", "unit", "delta", "noise_multiplier", "max_grad_norm"),
 }
 
 #: The keys of a run's ``scrub`` section the CSV keeps (per-type recall is left to the JSON).

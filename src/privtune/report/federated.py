@@ -5,7 +5,7 @@ federation has is how its leakage falls on the data holders: a client whose reco
 model fits much better than the base leaks its own people most, and a non-iid split
 can concentrate that on a few clients. The table gives each client's records,
 individuals and rounds taken part in, its CE_S and leakage gain on its own member
-records, and (for ``dp-`` methods) its record-level epsilon; the note under the
+records, and (for ``dp-`` methods) the epsilon of its local DP-SGD; the note under the
 heading gives each run's split, rounds, bytes communicated and client-level epsilon.
 """
 
@@ -56,7 +56,8 @@ def federated_section(runs: Sequence[dict]) -> str:
     head = ("<tr><th>run</th><th>client</th><th>records</th><th>individuals</th><th>rounds</th><th>kinds</th>"
             "<th title=\"CE_S of the model on the client's own member records, nats\">CE_S\u00a0↑</th>"
             "<th title=\"CE_S(base) − CE_S(model) on the client's member records, nats\">leakage gain\u00a0↓</th>"
-            + ("<th title=\"record-level ε of the client's local DP-SGD\">record ε\u00a0↓</th>" if with_eps else "")
+            + ("<th title=\"ε of the client's local DP-SGD, per person or per record as the run's ε unit says\">"
+               "local ε\u00a0↓</th>" if with_eps else "")
             + "</tr>")
     rows = []
     for run in federated:

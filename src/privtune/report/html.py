@@ -92,12 +92,27 @@ def epsilon(run: dict) -> float:
     return number((run.get("dp") or {}).get("epsilon"))
 
 
+#: What ε protects, by the ``unit`` a run's ``dp`` section stores.
+_UNIT_NOUNS = {"individual": "person", "record": "record", "client": "client"}
+
+
+def epsilon_unit(run: dict) -> str:
+    """The unit ε covers as a noun: "person", "record", "client", "person, largest over clients".
+
+    Runs stored before ``dp.unit`` existed have no unit; their DP-SGD clipped records.
+    """
+    head, _, rest = str((run.get("dp") or {}).get("unit") or "record").partition(", ")
+    return ", ".join([_UNIT_NOUNS.get(head, head)] + ([rest] if rest else []))
+
+
 def fmt_epsilon(run: dict) -> str:
-    """ε as shown in the table and headline, "–" for runs without DP."""
+    """ε with its unit, as shown in the tables and headline ("8 per person"), "–" for runs without DP."""
     eps = epsilon(run)
     if math.isnan(eps):
-        return "∞" if (run.get("dp") or {}).get("epsilon") == math.inf else "–"
-    return f"{eps:.3g}"
+        if (run.get("dp") or {}).get("epsilon") != math.inf:
+            return "–"
+        return f"∞ per {epsilon_unit(run)}"
+    return f"{eps:.3g} per {epsilon_unit(run)}"
 
 
 # --- the headline -------------------------------------------------------------------
@@ -325,7 +340,8 @@ def _escaped(show: Callable[[dict], str]) -> Callable[[dict], str]:
 
 RUN_COLUMNS: tuple[Column, ...] = (
     Column("method", 0, None, lambda r: escape(str(r.get("method")))),
-    Column("ε", -1, epsilon, _escaped(fmt_epsilon), "DP budget; lower is more private (– = no DP)"),
+    Column("ε", -1, epsilon, _escaped(fmt_epsilon),
+           "DP budget per unit (a person, a record or a client); lower is more private (– = no DP)"),
     Column("leakage gain", -1, *_final("leakage_gain"), "CE_S(base; train) − CE_S(model; train), nats"),
     Column("memorisation gap (net)", -1, *_final("memorisation_gap_net"),
            "CE_S(model; test) − CE_S(model; train), minus the base model's own gap, nats"),

@@ -7,7 +7,8 @@ leakage (CE_S on each client's own member records, from the same token scores as
 study-wide measures, so no extra forward pass), bytes communicated each way, and the
 privacy of the run. ``dp`` carries the headline epsilon: client-level under
 ``client_dp`` (the privacy unit is a client), else for ``dp-`` methods the largest
-record-level epsilon over the clients (each client's DP-SGD protects its own records).
+epsilon over the clients of their local DP-SGD, whose unit (a person or a record of the
+client's, ``dp.unit``) ``dp["unit"]`` names.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _privacy(progress: FederatedResult) -> dict | None:
         return {**progress.client_privacy.as_dict(), "unit": "client"}
     if progress.record_privacy:
         worst = max(progress.record_privacy, key=lambda r: r["epsilon"])
-        return {**worst, "unit": "record, largest over clients"}
+        return {**worst, "unit": f"{worst['unit']}, largest over clients"}
     return None
 
 

@@ -67,7 +67,7 @@ from privtune.config import ClientDPSettings, FederatedSettings
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
 from privtune.train import dp, streams
-from privtune.train.loop import TrainPlan, plan_privacy, train
+from privtune.train.loop import TrainPlan, plan_privacy, privacy_units, train
 from privtune.train.precision import Runtime
 
 INSTALL_FIX = "install the federated extra: pip install 'privtune[federated]'"
@@ -118,9 +118,9 @@ def local_plans(plan: TrainPlan, clients: list[EncodedDataset], rounds: int) -> 
         return [plan] * len(clients)
     plans = []
     for data in clients:
-        setup = plan_privacy(plan.dp, len(data), plan.batch_size, rounds * plan.epochs)
+        setup = plan_privacy(plan.dp, privacy_units(data, plan.dp.unit), plan.batch_size, rounds * plan.epochs)
         settings = plan.dp.model_copy(update={"noise_multiplier": setup.noise_multiplier, "target_epsilon": None,
-                                              "delta": setup.delta})
+                                              "delta": setup.delta, "unit": setup.unit})
         plans.append(replace(plan, dp=settings))
     return plans
 
@@ -138,7 +138,7 @@ class FederatedResult:
     rounds: list[dict] = field(default_factory=list)
     participation: list[int] = field(default_factory=list)
     client_privacy: ClientPrivacy | None = None
-    #: per client, record-level DP-SGD inside it (``dp-`` methods): noise, sample rate, steps, epsilon
+    #: per client, DP-SGD inside it (``dp-`` methods): noise, sample rate, steps, unit, epsilon
     record_privacy: list[dict] | None = None
 
 
@@ -413,7 +413,9 @@ def federated_train(model: torch.nn.Module, clients: list[EncodedDataset], plan:
 
 
 def _record_privacy(plans: list[TrainPlan], clients: list[EncodedDataset], participation: list[int]) -> list[dict] | None:
-    """Per client: record-level epsilon of local DP-SGD over the rounds it took part in."""
+    """Per client: epsilon of local DP-SGD (per record or per person) over the rounds it took part in.
+
+    The sample rate and steps are the same for either unit (``train/dp/units.py``)."""
     if plans[0].dp is None:
         return None
     rows = []
@@ -421,6 +423,6 @@ def _record_privacy(plans: list[TrainPlan], clients: list[EncodedDataset], parti
         q = min(1.0, p.batch_size / len(data))
         steps = rounds * p.epochs * math.ceil(len(data) / p.batch_size)
         rows.append({"noise_multiplier": p.dp.noise_multiplier, "sample_rate": q, "steps": steps,
-                     "delta": p.dp.delta, "accountant": p.dp.accountant,
+                     "delta": p.dp.delta, "accountant": p.dp.accountant, "unit": p.dp.unit,
                      "epsilon": dp.epsilon_for(p.dp.noise_multiplier, p.dp.delta, q, steps, p.dp.accountant)})
     return rows

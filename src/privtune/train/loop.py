@@ -1,8 +1,9 @@
 """The one training loop, for every method.
 
 Written out rather than delegated to HF's Trainer because DP-SGD changes the loop
-itself: Poisson-sampled logical batches of varying size, split into physical batches,
-per-record clipping before accumulation, noise once per logical step, an accountant
+itself: Poisson-sampled logical batches of varying size (of records, or of people with
+all their records under user-level DP), split into physical batches, per-record (or
+per-person) clipping before accumulation, noise once per logical step, an accountant
 stepped alongside. Non-private methods take the same path minus those steps, with
 shuffled fixed-size batches, and optimise the same objective (mean over records of each
 record's mean token loss), so a difference between methods is the method's and not the
@@ -51,6 +52,8 @@ class PrivacySetup:
     delta: float
     max_grad_norm: float
     accountant: str
+    unit: str  # what epsilon protects: "individual" or "record"
+    n_units: int  # people (or records) in the training set
     epsilon: float = math.nan
 
     def as_dict(self) -> dict:
@@ -66,22 +69,42 @@ class TrainResult:
     privacy: PrivacySetup | None = None
 
 
-def plan_privacy(settings: DPSettings, n_records: int, batch_size: int, epochs: int) -> PrivacySetup:
-    """Derive the noise (or check the given one) for Poisson sampling over ``epochs``."""
+def privacy_units(data: EncodedDataset, unit: str) -> dp.PrivacyUnits:
+    """The DP units of ``data``'s records for ``dp.unit`` (``auto`` resolved from the records)."""
+    individuals = None if unit == "record" else [r.individual for r in data.records]
+    return dp.PrivacyUnits.of(unit, len(data), individuals)
+
+
+def plan_privacy(settings: DPSettings, units: dp.PrivacyUnits, batch_size: int, epochs: int) -> PrivacySetup:
+    """Derive the noise (or check the given one) for Poisson sampling of ``units`` over ``epochs``.
+
+    ``batch_size`` is the expected number of records per step for either unit, so the
+    sample rate q = batch_size / N_records and the steps are the same; with people as
+    units, q applies to each person and delta defaults to 1 / (10 * people).
+    """
+    n_records, n_units = units.n_records, units.count
+    if n_records < 1:
+        raise PrivtuneError("DP training needs at least one training record", "add training data")
     sample_rate = min(1.0, batch_size / n_records)
     steps = epochs * math.ceil(n_records / batch_size)
-    delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_records)
+    delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_units)
+    if units.kind == "individual" and sample_rate * n_units < 1:
+        raise PrivtuneError(
+            f"a step of {batch_size} expected records holds {sample_rate * n_units:.2g} people in expectation "
+            f"({n_units} people with {n_records / n_units:.1f} records each on average): user-level DP needs at "
+            "least one", f"raise train.batch_size to {math.ceil(n_records / n_units)} or more, or set dp.unit: record")
     # The settings are checked on their own here; reachability of the target comes from
     # the noise search itself, which runs once (it is the costly part).
-    dp.check_dp_settings(n_records=n_records, delta=delta, sample_rate=sample_rate,
+    dp.check_dp_settings(n_records=n_units, delta=delta, sample_rate=sample_rate,
                          max_grad_norm=settings.max_grad_norm, noise_multiplier=settings.noise_multiplier,
-                         accountant=settings.accountant)
+                         accountant=settings.accountant, unit=units.kind)
     if settings.noise_multiplier is not None:
         sigma = settings.noise_multiplier
     else:
         sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, steps,
                                             accountant=settings.accountant)
-    return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant)
+    return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant,
+                        unit=units.kind, n_units=n_units)
 
 
 @contextmanager
@@ -117,7 +140,7 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     result = TrainResult()
     labels = data.labels
     if plan.dp is not None:
-        result.privacy = plan_privacy(plan.dp, len(data), plan.batch_size, plan.epochs)
+        result.privacy = plan_privacy(plan.dp, privacy_units(data, plan.dp.unit), plan.batch_size, plan.epochs)
     step_fn = _private_steps if plan.dp is not None else _plain_steps
     model.train()
     group = distributed.current()
@@ -164,7 +187,8 @@ def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, resul
 
 def _private_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
     privacy = result.privacy
-    n = len(data)
+    units = privacy_units(data, privacy.unit)  # records, or people with all their records
+    n = units.count  # what is Poisson-sampled and divided by: people or records
     clipper = dp.make_clipper(plan.dp.engine)
     module = clipper.attach(model)
     ledger = dp.PrivacyLedger(privacy.accountant)
@@ -180,11 +204,13 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
         for epoch in range(1, plan.epochs + 1):
             with Stopwatch(runtime.device) as clock:
                 for batch in dp.poisson_batches(n, privacy.sample_rate, steps_per_epoch, sampler):
-                    for rows in dp.physical_chunks(group.shard(batch) if group else batch, plan.physical_batch_size):
+                    # Chunks of whole people under user-level DP; ``owners`` None for records.
+                    mine = group.shard(batch) if group else batch
+                    for rows, owners in units.chunks(mine, plan.physical_batch_size):
                         clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
-                                                   privacy.max_grad_norm)
+                                                   privacy.max_grad_norm, groups=owners)
                         result.tokens += int(data.attention_mask[rows].sum())
-                    if group:  # clipped per record on each rank, summed over ranks, noised once below
+                    if group:  # clipped per unit on each rank, summed over ranks, noised once below
                         group.all_reduce_sum_(clipper.clipped_sums())
                     # An empty Poisson batch still gets its noisy step: the accountant assumes it.
                     clipper.finish_step(privacy.noise_multiplier, privacy.max_grad_norm, expected_batch, noise)

@@ -1,4 +1,4 @@
-"""Record-level DP-SGD: per-record clipping engines, noise, Poisson sampling, accounting.
+"""DP-SGD: per-record (or per-person) clipping engines, noise, Poisson sampling, accounting.
 
 The training loop uses only the names exported here. Importing this package imports
 every engine module, which registers the engine in :data:`DP_ENGINES`.
@@ -26,10 +26,11 @@ from privtune.train.dp.sampling import (
     physical_chunks,
     poisson_batches,
 )
+from privtune.train.dp.units import UNITS, PrivacyUnits, resolve_unit
 
 __all__ = [
     "ACCOUNTANTS", "DP_ENGINES", "GhostClipper", "MAX_NOISE_MULTIPLIER", "NoiseSource", "OpacusClipper",
-    "PerSampleClipper", "PrivacyLedger", "SecureNoise", "TorchNoise", "check_dp_settings",
+    "PerSampleClipper", "PrivacyLedger", "PrivacyUnits", "UNITS", "SecureNoise", "TorchNoise", "check_dp_settings",
     "clip_factors", "epsilon_for", "make_accountant", "make_clipper", "make_noise_generator",
-    "noise_for_target_epsilon", "physical_chunks", "poisson_batches", "register_engine",
+    "noise_for_target_epsilon", "physical_chunks", "poisson_batches", "register_engine", "resolve_unit",
 ]

@@ -96,8 +96,13 @@ def noise_for_target_epsilon(target_epsilon: float, delta: float, sample_rate: f
 def _setting_problems(*, n_records: int | None = None, delta: float | None = None,
                       sample_rate: float | None = None, max_grad_norm: float | None = None,
                       target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                      steps: int | None = None, accountant: str | None = None) -> list[tuple[str, str]]:
-    """(problem, fix) for every setting that is wrong on its own or against another."""
+                      steps: int | None = None, accountant: str | None = None,
+                      unit: str = "record") -> list[tuple[str, str]]:
+    """(problem, fix) for every setting that is wrong on its own or against another.
+
+    ``n_records`` counts the privacy units: records, or people when ``unit`` is
+    ``individual`` (delta must then be below 1 / people).
+    """
     out: list[tuple[str, str]] = []
     if accountant is not None and accountant not in ACCOUNTANTS:
         out.append((f"unknown accountant {accountant!r}", f"use one of: {', '.join(ACCOUNTANTS)}"))
@@ -110,8 +115,9 @@ def _setting_problems(*, n_records: int | None = None, delta: float | None = Non
         if not 0 < delta < 1:
             out.append((f"delta must be in (0, 1), got {delta}", "use a small delta such as 1/(10N)"))
         elif n_records is not None and n_records >= 1 and delta >= 1 / n_records:
+            units = "people" if unit == "individual" else "records"
             out.append((f"delta {delta:g} must be below 1/N = {1 / n_records:.3g} "
-                        f"(N = {n_records} training records)",
+                        f"(N = {n_records} training {units})",
                         f"use delta <= {1 / (10 * n_records):.3g}, i.e. 1/(10N), or leave it unset"))
     if max_grad_norm is not None and not max_grad_norm > 0:
         out.append((f"max_grad_norm must be positive, got {max_grad_norm}",
@@ -138,7 +144,7 @@ def _raise_all(problems: list[tuple[str, str]]) -> None:
 
 def check_dp_settings(*, n_records: int, delta: float, sample_rate: float, max_grad_norm: float,
                       target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                      steps: int | None = None, accountant: str = "prv") -> None:
+                      steps: int | None = None, accountant: str = "prv", unit: str = "record") -> None:
     """Raise one :class:`PrivtuneError` listing every impossible DP setting.
 
     With ``target_epsilon`` and ``steps`` both given it also checks that the target is
@@ -147,7 +153,7 @@ def check_dp_settings(*, n_records: int, delta: float, sample_rate: float, max_g
     """
     problems = _setting_problems(n_records=n_records, delta=delta, sample_rate=sample_rate,
                                  max_grad_norm=max_grad_norm, target_epsilon=target_epsilon,
-                                 noise_multiplier=noise_multiplier, steps=steps, accountant=accountant)
+                                 noise_multiplier=noise_multiplier, steps=steps, accountant=accountant, unit=unit)
     _raise_all(problems)
     if target_epsilon is not None and steps is not None:
         noise_for_target_epsilon(target_epsilon, delta, sample_rate, steps, accountant)

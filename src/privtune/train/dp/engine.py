@@ -1,4 +1,4 @@
-"""The per-record clipping interface every DP-SGD engine implements.
+"""The per-record (or per-person) clipping interface every DP-SGD engine implements.
 
 Record-level DP-SGD (Abadi et al., 2016, "Deep Learning with Differential Privacy",
 https://arxiv.org/abs/1607.00133) needs, per logical step, the sum over the sampled
@@ -14,6 +14,11 @@ training loop makes and nothing else:
     clipper.finish_step(sigma, C, q * N, noise)   # writes param.grad; caller steps the optimizer
     clipper.detach()                          # once, at the end
 
+User-level DP-SGD clips people, not records: ``accumulate_clipped(loss, C, groups=owner)``
+with ``owner`` (B,) the person of each record of the chunk clips each person's gradient
+summed over their records in the chunk (``grouping.py``). A person's records must then
+all be in one chunk; the loop builds its chunks from whole people.
+
 The noise and accumulator arithmetic lives here, in the base class, so every engine adds
 noise the same way; an engine only implements how one chunk's clipped sum is formed.
 """
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from privtune.errors import PrivtuneError
+from privtune.train.dp.grouping import Grouping
 from privtune.train.dp.sampling import NoiseSource, as_noise_source
 
 
@@ -45,7 +51,7 @@ def check_positive(name: str, value: float, fix: str) -> None:
 
 
 class PerSampleClipper(ABC):
-    """Clips each record's whole gradient to norm <= C and keeps the running clipped sum.
+    """Clips each record's (or person's) whole gradient to norm <= C and keeps the running clipped sum.
 
     Subclasses implement :meth:`attach`, :meth:`accumulate_clipped` and :meth:`detach`;
     they call :meth:`_start` with the trainable parameters in ``attach`` and
@@ -70,17 +76,21 @@ class PerSampleClipper(ABC):
         """
 
     @abstractmethod
-    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-        """Backward ``per_sample_loss.sum()``, clip each record, add the clipped sum.
+    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float,
+                           groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Backward ``per_sample_loss.sum()``, clip each record (or group), add the clipped sum.
 
         Args:
             per_sample_loss: (B,) one loss per record of the chunk, from a forward pass
                 through the module :meth:`attach` returned.
-            max_grad_norm: C, the bound on each record's gradient norm over all
-                trainable parameters together.
+            max_grad_norm: C, the bound on each record's (group's) gradient norm over
+                all trainable parameters together.
+            groups: optional (B,) integer id of each record's group (its person); then
+                each group's gradient *summed over its records* is clipped to C.
 
         Returns:
-            (B,) the records' *unclipped* gradient norms (float32, detached).
+            The *unclipped* gradient norms (float32, detached): (B,) per record, or one
+            per group in the order of the sorted group ids.
         """
 
     @abstractmethod
@@ -140,6 +150,15 @@ class PerSampleClipper(ABC):
     def _reset_sums(self) -> None:
         self._sums = [None] * len(self._params)
         self.records_in_step = 0
+
+    @staticmethod
+    def _grouping(per_sample_loss: torch.Tensor, groups: torch.Tensor | None) -> Grouping | None:
+        if groups is None:
+            return None
+        if tuple(groups.shape) != tuple(per_sample_loss.shape):
+            raise ValueError(f"groups must have one id per record: shape {tuple(groups.shape)} for a loss of "
+                             f"shape {tuple(per_sample_loss.shape)}")
+        return Grouping(groups.to(per_sample_loss.device))
 
     def _add_to_sum(self, index: int, clipped_sum: torch.Tensor) -> None:
         clipped_sum = clipped_sum.detach().float()

@@ -20,6 +20,11 @@ https://arxiv.org/abs/2210.00038, "book-keeping"):
    one matmul of the c-weighted g with a), added to the float32 accumulator of the base
    class, which adds the noise in ``finish_step``.
 
+User-level clipping regroups the kept forms of a chunk into per-person forms before
+step 2 (``grouping.py``): a person's summed Linear gradient is the ghost form of their
+records laid end to end on the token axis, so ghost norms and cross terms (tied
+parameters) stay exact.
+
 A trainable layer of a class without a rule fails at :meth:`GhostClipper.attach`, and a
 trainable parameter that reaches autograd outside the rules (used by some other code
 path) fails at the first step: nothing is ever silently left unclipped.
@@ -160,17 +165,24 @@ class GhostClipper(PerSampleClipper):
         self._layers = []
         self._recorder = None
 
-    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float,
+                           groups: torch.Tensor | None = None) -> torch.Tensor:
         recorder = self._recorder
         if recorder is None:
             raise RuntimeError("accumulate_clipped called before attach")
         if per_sample_loss.dim() != 1 or per_sample_loss.numel() == 0:
             raise ValueError(f"expected a non-empty (B,) per-record loss, got shape {tuple(per_sample_loss.shape)}")
         check_positive("max_grad_norm", max_grad_norm, "set dp.max_grad_norm above 0 (1.0 is usual)")
+        grouping = self._grouping(per_sample_loss, groups)
         batch = per_sample_loss.shape[0]
         try:
             self._backward(per_sample_loss, recorder)
-            norms = self._norms(recorder, batch, per_sample_loss.device)
+            units = batch
+            if grouping is not None:  # every form becomes the form of the people's sums
+                recorder.forms = {i: [f.grouped(grouping) for f in forms] for i, forms in recorder.forms.items()}
+                units = grouping.size
+                del grouping  # it holds the regrouped tensors; the forms hold them now
+            norms = self._norms(recorder, units, per_sample_loss.device)
             factors = clip_factors(norms, max_grad_norm)
             for i in sorted(recorder.forms):
                 forms = recorder.forms.pop(i)  # free each parameter's activations once used

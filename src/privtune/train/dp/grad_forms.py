@@ -19,6 +19,10 @@ Large Model at Small Cost", https://arxiv.org/abs/2210.00038):
   next to their activations (norm weights, biases, LoRA matrices), where it is the
   cheaper form in both time and memory.
 
+For user-level DP every form also regroups into the per-person sums of its G_i
+(:meth:`GradForm.grouped`, see ``grouping.py``), after which norms, cross terms and
+weighted sums are those of the people.
+
 A parameter used several times in one forward pass (an input embedding tied to the
 output head, a module called twice) has the *sum* of its uses as its per-record
 gradient, so its squared norm has cross terms: ||U + V||^2 = ||U||^2 + ||V||^2 +
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from privtune.train.dp.grouping import Grouping
 
 class GramCache:
     """Per-record Gram matrices ``t @ t^T`` (B,T,T) in float32, each computed once.
@@ -106,6 +111,10 @@ class GradForm(ABC):
     def materialize(self) -> torch.Tensor:
         """(B, *shape) float32: every G_i written out. Slow; for tests and cross terms."""
 
+    @abstractmethod
+    def grouped(self, grouping: Grouping) -> "GradForm":
+        """The same form of the per-group sums sum_{i in group} G_i (batch ``grouping.size``)."""
+
 
 @dataclass
 class PerSample(GradForm):
@@ -130,6 +139,9 @@ class PerSample(GradForm):
 
     def materialize(self):
         return self.samples
+
+    def grouped(self, grouping):
+        return PerSample(grouping.sum_records(self.samples))
 
     def merged(self, other: "PerSample") -> "PerSample":
         """The form of the summed gradient of two uses (in place: both are ours)."""
@@ -165,6 +177,9 @@ class Outer(GradForm):
 
     def materialize(self):
         return torch.bmm(self.g.float().transpose(1, 2), self.a.float())
+
+    def grouped(self, grouping):
+        return Outer(grouping.concat_tokens(self.a), grouping.concat_tokens(self.g))
 
 
 @dataclass
@@ -214,6 +229,11 @@ class Rows(GradForm):
         for i in range(self.batch):
             out[i].index_add_(0, self.ids[i], self.g[i].float())
         return out
+
+    def grouped(self, grouping):
+        # Padding slots look up row 0 with a zero gradient; g already has the padding
+        # row's positions zeroed, so the new form needs no padding_idx.
+        return Rows(grouping.concat_tokens(self.ids), grouping.concat_tokens(self.g), self.num_rows)
 
 
 # ---------------------------------------------------------------------- cross terms

@@ -7,6 +7,9 @@ clipping, the float32 accumulation over physical chunks and the noise are ours (
 ``engine.py``), so the same loop drives every engine and no ``DPOptimizer`` or
 ``DPDataLoader`` hides a step.
 
+User-level clipping (``groups`` given) sums each person's per-record gradients with an
+``index_add`` over the batch dimension and clips the sums.
+
 What the hooks get right and what we add:
 
 * Tied weights (Llama/Gemma input embedding = output head): Opacus counts the forward
@@ -128,7 +131,8 @@ class OpacusClipper(PerSampleClipper):
             self._gsm.cleanup()  # removes hooks and the grad_sample attributes
             self._gsm = None
 
-    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    def accumulate_clipped(self, per_sample_loss: torch.Tensor, max_grad_norm: float,
+                           groups: torch.Tensor | None = None) -> torch.Tensor:
         if self._gsm is None:
             raise RuntimeError("accumulate_clipped called before attach")
         if per_sample_loss.dim() != 1 or per_sample_loss.numel() == 0:
@@ -136,7 +140,13 @@ class OpacusClipper(PerSampleClipper):
         check_positive("max_grad_norm", max_grad_norm, "set dp.max_grad_norm above 0 (1.0 is usual)")
         if not self._gsm._module.training:
             raise RuntimeError("Opacus records per-record activations only in train mode; call model.train()")
+        grouping = self._grouping(per_sample_loss, groups)
         batch = per_sample_loss.shape[0]
+        units = grouping.size if grouping is not None else batch
+
+        def per_unit(gs: torch.Tensor) -> torch.Tensor:  # a person's gradient: the sum of their records'
+            return grouping.sum_records(gs) if grouping is not None else gs
+
         with warnings.catch_warnings():
             # Opacus hooks the token embedding, whose integer input needs no gradient;
             # torch warns about that case, which is expected here.
@@ -146,16 +156,16 @@ class OpacusClipper(PerSampleClipper):
             samples = [self._grad_sample(p, batch) for p in self._params]
             # Two passes (norms, then the weighted sum) so only one float32 copy of one
             # parameter's per-record gradients exists at a time under bf16.
-            squares = torch.zeros(batch, dtype=torch.float32, device=per_sample_loss.device)
+            squares = torch.zeros(units, dtype=torch.float32, device=per_sample_loss.device)
             for gs in samples:
                 if gs is not None:
-                    squares += gs.flatten(1).float().pow(2).sum(dim=1).to(squares.device)
+                    squares += per_unit(gs).flatten(1).float().pow(2).sum(dim=1).to(squares.device)
             norms = squares.sqrt()
             factors = clip_factors(norms, max_grad_norm)
             for i, gs in enumerate(samples):
                 if gs is not None:
                     f = factors.to(gs.device)
-                    self._add_to_sum(i, torch.einsum("b,b...->...", f, gs.float()))
+                    self._add_to_sum(i, torch.einsum("b,b...->...", f, per_unit(gs).float()))
         finally:
             self._clear_per_sample_state()
         self.records_in_step += batch
