@@ -118,7 +118,9 @@ def test_per_person_norms_and_clipped_sum_match_per_example_backward(family, mod
     model, batch, ref = case(family, mode)
     people = grouped_reference(ref, GROUPS)
     want_norms = torch.stack([flat_norm(g) for g in people])
-    c = float(want_norms.median())  # one person clipped, one not
+    # The three-record person clipped (so record- and person-level clipping must differ);
+    # the median's person was the largest one on some models, and clipped alike at both levels.
+    c = 0.9 * float(want_norms[0])
     _, want = clipped(people, c)
     norms, got = engine_sum(ENGINES[engine](), model, batch, c, groups=GROUPS)
     assert norms.shape == (3,)
