@@ -206,10 +206,11 @@ def test_overfit_canary_is_exposed_and_reference_is_not(tokenizer):
     assert hot["exposure_method"] == "exact" and hot["rank"] == 1 and hot["search_expanded"] < 20
     assert hot["exposure"] == pytest.approx(hot["max_exposure"])
     assert hot["exposure_empirical"] == pytest.approx(math.log2(129))  # beats every candidate
-    # The unseen canary exhausts the budget: the sampled estimate inside proven bounds.
-    assert cold["exposure_method"] == "bounded" and cold["rank"] is None and cold["search_expanded"] == 2048
-    assert cold["exposure_low"] <= cold["exposure"] == cold["exposure_empirical"] <= cold["exposure_high"] < 19
-    assert cold["exposure"] < 5.0 and cold["exposure_reason"] is None
+    # The unseen canary opens too many prefixes to finish: the search gives up early,
+    # proves nothing, and the exposure is the sampled estimate.
+    assert cold["exposure_method"] == "estimated" and "gave up" in cold["exposure_reason"]
+    assert 0 < cold["search_expanded"] < 2048 and cold["exposure_low"] is cold["rank"] is None
+    assert cold["exposure"] == cold["exposure_empirical"] < 5.0
     assert hot["loss"] < cold["loss"]
     assert model.training  # canary_exposure put it back as it found it
 

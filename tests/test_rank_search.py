@@ -63,11 +63,11 @@ def test_every_exposure_on_a_four_digit_space_is_exact(four_digit_case, tokenize
 def test_an_exhausted_budget_gives_bounds_that_hold(four_digit_case, tokenizer):
     model, hot, cold, truth = four_digit_case
     space = SecretTokenSpace.build(tokenizer, cold, candidate_secrets(cold, 64))
-    for budget in (1, 40, 400):
+    for budget in (1, 20, 400):
         bounds = search_rank(model, tokenizer, space, budget=budget)
-        assert not bounds.exact and bounds.expanded == budget
+        assert not bounds.exact and bounds.expanded <= budget
         assert bounds.low <= truth[cold.id][0] <= bounds.high
-    (row,) = canary_exposure(model, tokenizer, [hot], n_candidates=64, search_budget=3)
+    (row,) = canary_exposure(model, tokenizer, [hot], n_candidates=64, search_budget=400)
     assert row["exposure_method"] == "bounded" and row["rank"] is None
     assert row["rank_low"] <= truth[hot.id][0] <= row["rank_high"]
     assert row["exposure_low"] <= exposure_from_rank(truth[hot.id][0], 10**4) <= row["exposure_high"]

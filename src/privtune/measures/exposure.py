@@ -16,10 +16,10 @@ Every exposure says how it was obtained (``exposure_method``):
   prefixes to expand.
 - ``bounded``: the budget ran out; the search proved ``rank_low <= rank <= rank_high``,
   i.e. ``exposure_low <= exposure <= exposure_high``, and ``exposure`` is the sampled
-  estimate below clamped into that interval. Unmemorised canaries end here: their
-  interval is wide, their estimate near chance.
+  estimate below clamped into that interval.
 - ``estimated``: no search ran (``search_budget`` 0, or a tokenizer that rewrites the
-  text before the secret: ``exposure_reason`` says which); ``exposure`` is the sampled
+  text before the secret), or it proved nothing (an unmemorised canary opens too many
+  prefixes to finish); ``exposure_reason`` says which. ``exposure`` is the sampled
   estimate, with no proven bounds.
 
 The sampled estimate is the canary's rank among itself and ``m`` uniformly sampled
@@ -185,7 +185,11 @@ def canary_exposure(model: torch.nn.Module, tokenizer, canaries: list[Canary], *
 
 def exposure_figures(bounds: RankBounds | None, estimate: float, space_size: int, reason: str | None = None) -> dict:
     """The exposure fields of one canary from what the search proved (None: no search)
-    and the sampled ``estimate`` (bits); see the module docstring for the three methods."""
+    and the sampled ``estimate`` (bits); see the module docstring for the three methods.
+    A search that proved nothing (rank in ``[1, |R|]``) counts as no search."""
+    if bounds is not None and bounds.low == 1 and bounds.high >= space_size > 1:
+        bounds, reason = None, (f"the rank search gave up after {bounds.expanded} prefixes, with more open "
+                                "than its budget had left, and proved no bound")
     if bounds is None:
         return {"exposure": estimate, "exposure_method": "estimated", "exposure_low": None, "exposure_high": None,
                 "rank": None, "rank_low": None, "rank_high": None, "exposure_reason": reason}

@@ -18,9 +18,12 @@ every secret (the canary's too) summed along its canonical path by this search; 
 counts in the canary's favour. A float32 log-softmax can put a near-certain token a hair
 above log-probability 0; such NLLs count as 0, so partial losses never fall along a path.
 
-At most ``budget`` prefixes are expanded. When prefixes are still open after that, the
-rank is bounded: below by 1 + the secrets found, above by that plus every secret an
-open prefix could still lead to.
+At most ``budget`` prefixes are expanded, and the search stops as soon as more prefixes
+are open than the budget has left (each needs an expansion of its own, so it could not
+finish): an unmemorised canary, whose open prefixes multiply by about ``|alphabet|`` a
+level, gives up after a fraction of the budget. When prefixes are still open, the rank
+is bounded: below by 1 + the secrets found, above by that plus every secret an open
+prefix could still lead to.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class RankBounds:
     Attributes:
         low, high: the rank lies in ``[low, high]``; equal when the search finished.
         loss: the canary's loss (nats) as the search summed it, the threshold.
-        expanded: prefixes expanded (rows of next-token distributions).
+        expanded: prefixes expanded (rows of next-token distributions), at most the budget.
         forward_passes: batched model calls, the context's included.
         seconds: wall time of the search.
     """
@@ -144,7 +147,7 @@ def search_rank(model: torch.nn.Module, tokenizer, space: SecretTokenSpace, *, b
         threshold = _path_loss(next_token, space, canary_path)
         heap: list[tuple[float, int, tuple[int, ...], int, str]] = [(0.0, 0, (), 0, "")]
         pushed, expanded, found = 1, 0, set()
-        while heap and expanded < budget:
+        while heap and len(heap) <= budget - expanded:  # each open prefix costs one expansion
             batch = [heapq.heappop(heap) for _ in range(min(batch_size, budget - expanded, len(heap)))]
             expanded += len(batch)
             leaves: dict[str, list[tuple[int, ...]]] = {}
