@@ -87,9 +87,10 @@ def main() -> None:
                 totals.setdefault((name, budget), [0.0, 0.0])
                 totals[(name, budget)][0] += sampled
                 totals[(name, budget)][1] += bounds.seconds
+                shown = f"{fig['exposure']:.1f}" + (f" [{fig['exposure_low']:.1f}, {fig['exposure_high']:.1f}]"
+                                                    if fig["exposure_low"] is not None else "")
                 print(f"| {name} | {canary.id} ({canary.repetitions}) | {sampled:.1f} | {budget} | "
-                      f"{fig['exposure_method']} | {fig['exposure']:.1f} [{fig['exposure_low']:.1f}, "
-                      f"{fig['exposure_high']:.1f}] | [{bounds.low}, {bounds.high}] | {bounds.expanded} | "
+                      f"{fig['exposure_method']} | {shown} | [{bounds.low}, {bounds.high}] | {bounds.expanded} | "
                       f"{bounds.forward_passes} | {bounds.seconds:.1f} | {bounds.seconds / sampled:.2f}x |", flush=True)
     for (name, budget), (sampled, searched) in totals.items():
         print(f"{name}, budget {budget}: all canaries sampled {sampled:.1f} s, searched {searched:.1f} s")
