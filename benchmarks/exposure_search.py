@@ -12,7 +12,7 @@ extrapolation privtune reported before. Models:
   the study), ``--epochs`` epochs of batch 8 at ``--lr`` (the default study's fft), so
   the most repeated canaries are memorised as in a study's fft run.
 
-Usage: ``python benchmarks/exposure_search.py [--budget 512 2048] [--threads 2]``.
+Usage: ``python benchmarks/exposure_search.py [--budget 1024 4096] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def fine_tune(model, tokenizer, texts: list[str], epochs: int, lr: float, autoca
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--budget", type=int, nargs="+", default=[1024])
     parser.add_argument("--candidates", type=int, default=128, help="the default study's n_candidates")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -128,7 +128,7 @@ def secret_losses(model: torch.nn.Module, tokenizer, canary: Canary, secrets: li
 
 
 def canary_exposure(model: torch.nn.Module, tokenizer, canaries: list[Canary], *, n_candidates: int = 256,
-                    search_budget: int = 2048, seed: int = 0, batch_size: int = 64,
+                    search_budget: int = 1024, seed: int = 0, batch_size: int = 64,
                     device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Exposure of every canary (inserted and reference) under ``model``.
 
