@@ -52,3 +52,10 @@ def test_a_tokenization_outside_the_trie_is_refused(tokenizer):
         space.path_from_ids("17", [ids[0] + 1] + ids[1:])
     with pytest.raises(TokenizationMismatch, match="does not spell"):
         space.path_from_ids("18", ids)
+
+
+def test_a_prefix_the_secret_merges_into_leaves_no_context(tokenizer):
+    # "t" + "he" is one word: the first token depends on the secret, so nothing is shared.
+    canary = Canary("c", "t", "he", alphabet="aehnrt", length=2)
+    with pytest.raises(TokenizationMismatch, match="no token before"):
+        SecretTokenSpace.build(tokenizer, canary, ["an", "rn", "ee"])

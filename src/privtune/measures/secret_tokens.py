@@ -108,6 +108,9 @@ class SecretTokenSpace:
         cut = min(_first_touching(offsets, canary.secret_start, canary.secret_start + canary.length)
                   for offsets in encodings["offset_mapping"])
         context = _common_prefix(encodings["input_ids"], cut)
+        if not context:
+            raise TokenizationMismatch(f"no token before {canary.id}'s secret is the same for every secret",
+                                       "give the canary a prefix, or a tokenizer that adds a BOS token")
         texts = token_texts(tokenizer)
         context_text = "".join(texts[i] for i in context)
         if not canary.prefix.startswith(context_text):
@@ -187,6 +190,6 @@ def _steps(texts: tuple[str, ...], window: str, secret_start: int, canary: Canar
     for k in range(secret_end):
         fitting = [(i, t) for i, t in usable if fits(t, k)]
         ends = np.array([k + len(t) for _, t in fitting], dtype=np.int64)
-        steps.append(Step(np.array([i for i, _ in fitting], dtype=np.int64), ends,
-                          (ends > secret_start) & (k < secret_end), tuple(t for _, t in fitting)))
+        steps.append(Step(np.array([i for i, _ in fitting], dtype=np.int64), ends, ends > secret_start,
+                          tuple(t for _, t in fitting)))
     return steps
