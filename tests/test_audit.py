@@ -70,6 +70,9 @@ def test_audit_of_saved_runs_reproduces_their_measurements(tmp_path):
             assert entry["auc"] == pytest.approx(aucs[entry["attack"], entry["level"]], abs=1e-9)
         assert [e["exposure"] for e in audit["exposure"]] == pytest.approx(
             [e["exposure"] for e in runs[label]["exposure"]], rel=1e-4)
+        # The audit reports the same proof: method and rank bounds of every canary.
+        assert [(e["exposure_method"], e["rank_low"], e["rank_high"]) for e in audit["exposure"]] == [
+            (e["exposure_method"], e["rank_low"], e["rank_high"]) for e in runs[label]["exposure"]]
         assert audit["efficiency"]["trainable_params"] == runs[label]["efficiency"]["trainable_params"]
 
 

@@ -1,6 +1,7 @@
 """Canary exposure: the rank formula by hand, the skew-normal extrapolation against
 analytic truth, batched secret losses against a one-text-at-a-time reference on every
-tiny family, and an overfit model that must expose its canary."""
+tiny family, and an overfit model that must expose its canary. The exact rank search is
+checked against brute force in test_rank_search.py."""
 
 from __future__ import annotations
 
@@ -168,7 +169,9 @@ def test_exact_rank_on_a_two_digit_space(tokenizer):
     assert row["max_exposure"] == pytest.approx(math.log2(100))
     assert row["loss"] == pytest.approx(losses[0], abs=1e-9)
     assert row["exposure_empirical"] == pytest.approx(exact, abs=1e-12)
-    assert 0.0 <= row["exposure"] <= math.log2(100)
+    strict = 1 + int(np.sum(losses[1:] < losses[0]))  # the search's convention: ties count for the canary
+    assert row["exposure_method"] == "exact" and row["rank"] == strict
+    assert row["exposure"] == pytest.approx(exposure_from_rank(strict, 100), abs=1e-12)
 
 
 # --- an overfit model exposes its canary -------------------------------------------------------
@@ -193,13 +196,21 @@ def test_overfit_canary_is_exposed_and_reference_is_not(tokenizer):
     rows = canary_exposure(model, tokenizer, [inserted, reference], n_candidates=128, seed=0)
     by_id = {r["canary"]: r for r in rows}
     hot, cold = by_id[inserted.id], by_id[reference.id]
-    assert set(hot) == {"canary", "repetitions", "loss", "exposure", "exposure_empirical",
-                        "max_exposure", "n_candidates"}
+    assert set(hot) == {"canary", "repetitions", "loss", "exposure", "exposure_method", "exposure_low",
+                        "exposure_high", "rank", "rank_low", "rank_high", "exposure_reason", "exposure_empirical",
+                        "exposure_extrapolated", "max_exposure", "n_candidates", "search_expanded",
+                        "search_forward_passes", "search_seconds"}
     assert hot["repetitions"] == 16 and cold["repetitions"] == 0
     assert hot["n_candidates"] == 128 and hot["max_exposure"] == pytest.approx(math.log2(10**6))
-    assert 5.0 < hot["exposure"] <= hot["max_exposure"] and hot["exposure"] > cold["exposure"] + 3.0
+    # Ranked first among all 10^6 secrets, proven by expanding a handful of prefixes.
+    assert hot["exposure_method"] == "exact" and hot["rank"] == 1 and hot["search_expanded"] < 20
+    assert hot["exposure"] == pytest.approx(hot["max_exposure"])
     assert hot["exposure_empirical"] == pytest.approx(math.log2(129))  # beats every candidate
-    assert cold["exposure"] < 5.0
+    # The unseen canary opens too many prefixes to finish: the search gives up early,
+    # proves nothing, and the exposure is the sampled estimate.
+    assert cold["exposure_method"] == "estimated" and "gave up" in cold["exposure_reason"]
+    assert 0 < cold["search_expanded"] < 2048 and cold["exposure_low"] is cold["rank"] is None
+    assert cold["exposure"] == cold["exposure_empirical"] < 5.0
     assert hot["loss"] < cold["loss"]
     assert model.training  # canary_exposure put it back as it found it
 
@@ -207,3 +218,13 @@ def test_overfit_canary_is_exposed_and_reference_is_not(tokenizer):
 def test_canary_exposure_rejects_too_few_candidates(tokenizer):
     with pytest.raises(PrivtuneError):
         canary_exposure(tiny_model("llama"), tokenizer, make_canaries()[:1], n_candidates=2)
+    with pytest.raises(PrivtuneError):
+        canary_exposure(tiny_model("llama"), tokenizer, make_canaries()[:1], search_budget=-1)
+
+
+def test_without_a_search_the_exposure_is_the_sampled_estimate(tokenizer):
+    (row,) = canary_exposure(tiny_model("llama"), tokenizer, make_canaries()[:1], n_candidates=32, search_budget=0)
+    assert row["exposure_method"] == "estimated" and row["exposure_reason"] == "search_budget is 0"
+    assert row["exposure"] == row["exposure_empirical"] <= math.log2(33)
+    assert row["exposure_low"] is row["exposure_high"] is row["rank"] is row["rank_low"] is None
+    assert row["search_expanded"] == row["search_forward_passes"] == 0

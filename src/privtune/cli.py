@@ -299,6 +299,8 @@ def strongest_lines(runs: list[dict]) -> list[str]:
 
 
 def _print_summary(output_dir: str, study: str) -> None:
+    from privtune.report.exposure import text as exposure_text
+    from privtune.report.exposure import top as top_exposure
     from privtune.report.html import epsilon_unit, fmt_count
 
     table = Table(title=f"study {study}", show_lines=False)
@@ -311,14 +313,12 @@ def _print_summary(output_dir: str, study: str) -> None:
             table.add_row(r["label"], *["–"] * 9, f"[red]{r['status']}[/]")
             continue
         final, eff = r.get("final", {}), r.get("efficiency", {})
-        top = [e["exposure"] for e in r.get("exposure", []) if e["repetitions"] == max(
-            (x["repetitions"] for x in r.get("exposure", [])), default=0)]
         peak = eff.get("peak_memory_bytes")
         eps = _fmt((r.get("dp") or {}).get("epsilon"), ".2f")
         eps = f"{eps} per {epsilon_unit(r)}" if r.get("dp") else eps
         table.add_row(r["label"], eps, _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
-                      _fmt(final.get("utility_ppl"), ".2f"), _fmt(sum(top) / len(top) if top else None, ".1f"),
+                      _fmt(final.get("utility_ppl"), ".2f"), exposure_text(top_exposure(r)[1], compact=True),
                       _strongest_cell(r),
                       _fmt(eff.get("train_seconds"), ".0f"), _fmt(peak / 1e9 if peak else None, ".2f"),
                       fmt_count(eff.get("trainable_params", 0)))

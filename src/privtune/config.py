@@ -79,6 +79,8 @@ class CanaryConfig(_Strict):
     per_repetition: int = Field(1, ge=1, description="canaries inserted for each repetition count")
     n_reference: int = Field(2, ge=0, description="canaries never inserted: the exposure baseline")
     n_candidates: int = Field(256, ge=16, description="sampled candidates per canary for the rank estimate")
+    search_budget: int = Field(1024, ge=0, description="token prefixes the exact rank search may expand per canary "
+                                                       "(0: estimate from the sample only)")
 
     @model_validator(mode="after")
     def _positive_repetitions(self):

@@ -8,20 +8,29 @@ secret's tokens after the prefix); with the true secret at ``rank`` (1 = lowest 
 
 from 0 (the model prefers every other secret) to ``log2 |R|`` (it prefers the true one).
 
-Scoring ``|R| = 10^6`` secrets per canary is too slow, so the rank is estimated from
-``m`` sampled candidates in two ways:
+Every exposure says how it was obtained (``exposure_method``):
 
-- *extrapolation* (the paper's §4.3, the headline number): fit a skew-normal to the
-  candidates' losses and take ``exposure ≈ -log2 CDF_fit(loss_canary)``, clipped to
-  ``[0, log2 |R|]``. It reaches far beyond ``log2(m + 1)`` bits, which is where the
-  memorised canaries sit.
-- *empirical*: the canary's rank among the ``m + 1`` scored secrets,
-  ``(1 + #{candidates with loss ≤ canary loss}) / (m + 1)``, i.e. the fraction of sampled
-  candidates that beat or tie it, floored at ``1/(m + 1)``; it saturates at
-  ``log2(m + 1)`` bits but assumes no distribution. Ties count against the canary.
-  With ``m = |R| - 1`` it is the exact exposure.
+- ``exact``: :mod:`privtune.measures.rank_search` found the rank among all ``|R|``
+  secrets (``rank = 1 + #{s ≠ canary : loss(s) < loss(canary)}``) within its budget of
+  expanded token prefixes. Cheap for memorised canaries, whose low loss leaves few
+  prefixes to expand.
+- ``bounded``: the budget ran out; the search proved ``rank_low <= rank <= rank_high``,
+  i.e. ``exposure_low <= exposure <= exposure_high``, and ``exposure`` is the sampled
+  estimate below clamped into that interval.
+- ``estimated``: no search ran (``search_budget`` 0, or a tokenizer that rewrites the
+  text before the secret), or it proved nothing (an unmemorised canary opens too many
+  prefixes to finish); ``exposure_reason`` says which. ``exposure`` is the sampled
+  estimate, with no proven bounds.
 
-The losses are computed here rather than read from the per-token cache of
+The sampled estimate is the canary's rank among itself and ``m`` uniformly sampled
+candidates, ``(1 + #{candidates with loss <= canary loss}) / (m + 1)`` as a fraction of
+``|R|`` (ties count against the canary). It is unbiased and assumes no distribution, but
+saturates at ``log2(m + 1)`` bits. The paper's skew-normal extrapolation
+(``exposure_extrapolated``) reaches further but is kept for comparison only: its fitted
+tail is too light, and against exact ranks it overstated memorised canaries by 1 to 4
+bits, often up to the ``log2 |R|`` cap.
+
+The candidates' losses are computed here rather than read from the per-token cache of
 :mod:`privtune.measures.token_scores`, because candidates are texts that are not in any
 dataset; they are batched forward passes that sum the NLL of every token overlapping
 the secret's characters (different secrets tokenise into different numbers of tokens).
@@ -38,6 +47,8 @@ from scipy import stats
 from privtune.attacks.continuation import continuation_losses
 from privtune.data.canaries import Canary, candidate_secrets
 from privtune.errors import PrivtuneError
+from privtune.measures.rank_search import RankBounds, search_rank
+from privtune.measures.secret_tokens import SecretTokenSpace, TokenizationMismatch
 
 
 def exposure_from_rank(rank: float, space_size: int) -> float:
@@ -117,34 +128,73 @@ def secret_losses(model: torch.nn.Module, tokenizer, canary: Canary, secrets: li
 
 
 def canary_exposure(model: torch.nn.Module, tokenizer, canaries: list[Canary], *, n_candidates: int = 256,
-                    seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
-                    autocast_dtype: torch.dtype | None = None) -> list[dict]:
+                    search_budget: int = 1024, seed: int = 0, batch_size: int = 64,
+                    device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Exposure of every canary (inserted and reference) under ``model``.
 
-    The true secret and its ``m = min(n_candidates, |R| - 1)`` candidates are scored in
-    the same call (the true secret first, so in the first batch), under identical
-    precision and padding.
+    The true secret and its ``m = min(n_candidates, |R| - 1)`` sampled candidates are
+    scored in the same call (the true secret first, so in the first batch), under
+    identical precision and padding; then the rank search expands at most
+    ``search_budget`` token prefixes (0: no search, the exposure is estimated).
 
     Returns:
         One dict per canary: ``canary`` (id), ``repetitions``, ``loss`` (nats, the true
-        secret's), ``exposure`` (skew-normal extrapolation, in ``[0, log2 |R|]``),
-        ``exposure_empirical`` (rank among the scored secrets), ``max_exposure``
-        (``log2 |R|``) and ``n_candidates`` (``m``). Higher exposure = more memorised.
+        secret's), ``exposure`` (bits, higher = more memorised), ``exposure_method``
+        (``exact``, ``bounded`` or ``estimated``), ``exposure_low`` / ``exposure_high``
+        and ``rank`` / ``rank_low`` / ``rank_high`` (what the search proved; ``rank`` only
+        when exact, all None when estimated), ``exposure_reason`` (why estimated, else
+        None), ``exposure_empirical`` (the sampled estimate), ``exposure_extrapolated``
+        (the skew-normal fit, for comparison), ``max_exposure`` (``log2 |R|``),
+        ``n_candidates`` (``m``), and the search's cost ``search_expanded``,
+        ``search_forward_passes`` and ``search_seconds``.
     """
     if n_candidates < 3:
         raise PrivtuneError(f"n_candidates must be at least 3 to fit a distribution, got {n_candidates}",
                             "use a few hundred, e.g. 256")
+    if search_budget < 0:
+        raise PrivtuneError(f"search_budget must not be negative, got {search_budget}",
+                            "use 0 to skip the exact search, or a few thousand")
     results = []
     for canary in canaries:
         m = min(n_candidates, canary.space_size - 1)
-        secrets = [canary.secret] + candidate_secrets(canary, m, seed)
-        losses = secret_losses(model, tokenizer, canary, secrets, batch_size=batch_size, device=device,
-                               autocast_dtype=autocast_dtype)
-        loss, candidates = float(losses[0]), losses[1:]
+        candidates = candidate_secrets(canary, m, seed)
+        losses = secret_losses(model, tokenizer, canary, [canary.secret] + candidates, batch_size=batch_size,
+                               device=device, autocast_dtype=autocast_dtype)
+        loss, candidate_losses = float(losses[0]), losses[1:]
+        empirical = empirical_exposure(candidate_losses, loss, canary.space_size)
+        bounds, reason = None, "search_budget is 0"
+        if search_budget > 0:
+            try:
+                space = SecretTokenSpace.build(tokenizer, canary, candidates)
+                bounds = search_rank(model, tokenizer, space, budget=search_budget, batch_size=batch_size,
+                                     device=device, autocast_dtype=autocast_dtype)
+            except TokenizationMismatch as err:
+                reason = err.one_line()
         results.append({
             "canary": canary.id, "repetitions": canary.repetitions, "loss": loss,
-            "exposure": extrapolated_exposure(candidates, loss, canary.space_size),
-            "exposure_empirical": empirical_exposure(candidates, loss, canary.space_size),
+            **exposure_figures(bounds, empirical, canary.space_size, reason),
+            "exposure_empirical": empirical,
+            "exposure_extrapolated": extrapolated_exposure(candidate_losses, loss, canary.space_size),
             "max_exposure": math.log2(canary.space_size), "n_candidates": m,
+            "search_expanded": bounds.expanded if bounds else 0,
+            "search_forward_passes": bounds.forward_passes if bounds else 0,
+            "search_seconds": bounds.seconds if bounds else 0.0,
         })
     return results
+
+
+def exposure_figures(bounds: RankBounds | None, estimate: float, space_size: int, reason: str | None = None) -> dict:
+    """The exposure fields of one canary from what the search proved (None: no search)
+    and the sampled ``estimate`` (bits); see the module docstring for the three methods.
+    A search that proved nothing (rank in ``[1, |R|]``) counts as no search."""
+    if bounds is not None and bounds.low == 1 and bounds.high >= space_size > 1:
+        bounds, reason = None, (f"the rank search gave up after {bounds.expanded} prefixes, with more open "
+                                "than its budget had left, and proved no bound")
+    if bounds is None:
+        return {"exposure": estimate, "exposure_method": "estimated", "exposure_low": None, "exposure_high": None,
+                "rank": None, "rank_low": None, "rank_high": None, "exposure_reason": reason}
+    low, high = exposure_from_rank(bounds.high, space_size), exposure_from_rank(bounds.low, space_size)
+    return {"exposure": high if bounds.exact else min(max(estimate, low), high),
+            "exposure_method": "exact" if bounds.exact else "bounded", "exposure_low": low, "exposure_high": high,
+            "rank": bounds.low if bounds.exact else None, "rank_low": bounds.low, "rank_high": bounds.high,
+            "exposure_reason": None}

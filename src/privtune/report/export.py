@@ -5,7 +5,9 @@ The CSV keeps the identity of each run, every final measure under its own name
 (``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
 ...), the DP settings prefixed ``dp_`` (``dp_unit`` beside ``dp_epsilon`` says what ε
 protects: individual, record or client) and the canary exposure per repetition count
-(``exposure_r16``: mean over the canaries inserted 16 times), and the attacks' headline
+(``exposure_r16``: mean over the canaries inserted 16 times, with ``exposure_r16_method``
+exact / bounded / estimated and its proven bounds ``_low`` / ``_high``, empty when
+estimated), and the attacks' headline
 numbers: per (attack, level) the AUC, the members and non-members it was measured on, the
 base model's AUC on the same records, the advantage over it with its 95% interval, the
 confounded flag and the TPR at 1% FPR (``mia_lira_online_record_auc``,
@@ -35,11 +37,13 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from privtune.report import attack_plots, unlearning
+from privtune.report import attack_plots, exposure, unlearning
 from privtune.report.attack_plots import ALL, auc, interval, mia_entry, tpr_at
 from privtune.report.headline import strongest_attack
-from privtune.report.plots import exposure_by_repetition, top_exposure
+from privtune.report.plots import exposure_by_repetition
 
+#: The columns of each mean exposure: the bits, how they were obtained, the proven bounds.
+EXPOSURE_PARTS = ("", "_method", "_low", "_high")
 IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
 #: Nested sections flattened into the CSV, with the prefix their keys get.
 SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"))
@@ -91,9 +95,9 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
             columns.append(name)
             taken.add(name)
     reps = sorted({r for run in runs for r in exposure_by_repetition(run)})
-    columns += [f"exposure_r{r}" for r in reps]
+    columns += [f"exposure_r{r}{part}" for r in reps for part in EXPOSURE_PARTS]
     if reps:
-        columns += ["exposure_top_repetitions", "exposure_top_mean"]
+        columns += ["exposure_top_repetitions"] + [f"exposure_top_mean{part}" for part in EXPOSURE_PARTS]
     columns += [c for c in attack_columns(runs) if c not in taken]
     if any(run.get("scrub") for run in runs):
         columns += [f"scrub_{k}" for k in SCRUB_KEYS]
@@ -175,6 +179,14 @@ def attack_cells(run: dict, pairs: Sequence[tuple[str, str]]) -> dict:
     return cells
 
 
+def _exposure_cells(name: str, figure: exposure.ExposureFigure | None) -> dict:
+    """A mean exposure and how it was obtained, under the names of :data:`EXPOSURE_PARTS`."""
+    if figure is None:
+        return {}
+    return {name: figure.value, f"{name}_method": figure.method, f"{name}_low": figure.low,
+            f"{name}_high": figure.high}
+
+
 def _cell(value):
     """A CSV cell: empty for missing or non-finite numbers, JSON for anything nested."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -191,10 +203,11 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
         for key, value in (run.get(section) or {}).items():
             name = prefix + key
             row[name if name in columns and name not in row else f"{section}_{key}"] = value
-    for r, value in exposure_by_repetition(run).items():
-        row[f"exposure_r{r}"] = value
-    top_r, top_mean = top_exposure(run)
-    row["exposure_top_repetitions"], row["exposure_top_mean"] = top_r, top_mean
+    for r, figure in exposure.by_repetition(run).items():
+        row.update(_exposure_cells(f"exposure_r{r}", figure))
+    top_r, top_figure = exposure.top(run)
+    row["exposure_top_repetitions"] = top_r
+    row.update(_exposure_cells("exposure_top_mean", top_figure))
     pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})

@@ -35,7 +35,7 @@ from string import Template
 import matplotlib.pyplot as plt
 
 from privtune.errors import PrivtuneError
-from privtune.report import attack_plots, plots
+from privtune.report import attack_plots, exposure, plots
 from privtune.report.federated import federated_section
 from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
@@ -183,8 +183,9 @@ def headline_cards(runs: Sequence[dict]) -> list[Card]:
         run, rep, value = max(exposed, key=lambda t: t[2])
         ceiling = max((number(x.get("max_exposure")) for x in run.get("exposure") or []), default=math.nan)
         of = f" of {ceiling:.1f} possible" if not math.isnan(ceiling) else ""
+        figure = exposure.top(run)[1]
         cards.append(Card("Highest canary exposure", str(run.get("label")),
-                          f"{value:.1f} bits{of}, canaries inserted {rep}×", "warn"))
+                          f"{value:.1f} bits{of} ({exposure.how(figure)}), canaries inserted {rep}×", "warn"))
     failed = [r for r in runs if r.get("status") == "failed"]
     if failed:
         cards.append(Card(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed",
@@ -293,8 +294,17 @@ def _eff(key: str, show: Callable) -> tuple[Callable[[dict], float], Callable[[d
 
 
 def _top_exposure_cell(run: dict) -> str:
-    rep, value = top_exposure(run)
-    return "–" if rep is None else f"{value:.1f} <small>({rep}×)</small>"
+    rep, figure = exposure.top(run)
+    return "–" if figure is None else _exposure_html(figure, rep)
+
+
+def _exposure_html(figure: exposure.ExposureFigure, rep: int) -> str:
+    """Exposure bits, how they were obtained and the repetition count, as a table cell."""
+    if figure.method == "bounded":
+        shown = f"{figure.value:.1f} <small>[{figure.low:.1f}–{figure.high:.1f}] bounded, {rep}×</small>"
+    else:
+        shown = f"{'≈' if figure.method == 'estimated' else ''}{figure.value:.1f} <small>{figure.method}, {rep}×</small>"
+    return f'<span class="nowrap">{shown}</span>'
 
 
 def _headline_advantage(run: dict, level: str | None = None) -> float:
@@ -416,11 +426,11 @@ def _epoch_change(key: str) -> Callable[[dict], str]:
 
 def _exposure_at(reps_key: str) -> Callable[[dict], str]:
     def show(run: dict) -> str:
-        by_rep = plots.exposure_by_repetition(run)
+        by_rep = exposure.by_repetition(run)
         if not by_rep:
             return "–"
         r = min((k for k in by_rep if k > 0), default=None) if reps_key == "first" else max(by_rep)
-        return "–" if r is None else f"{by_rep[r]:.1f} <small>({r}×)</small>"
+        return "–" if r is None else _exposure_html(by_rep[r], r)
     return show
 
 
@@ -677,7 +687,9 @@ FIGURE_NOTES = {
     "leakage_utility_epochs": "How each run moved while it trained: every epoch buys utility (left) and "
                               "costs privacy (up). Private runs should stay low.",
     "exposure": "How many bits of a secret the model gives away, against how often the secret was in the "
-                "training data. At the dashed line the model ranks the true secret first.",
+                "training data. At the dashed line the model ranks the true secret first. Filled markers are "
+                "exact ranks; hollow ones are not (bounded: the bar is the proven interval; estimated: sampled "
+                "only).",
     "efficiency": "What each method costs to train. Memory is the peak resident set on CPU, allocated "
                   "memory on GPU.",
     "loss_quantiles": "The spread over records of the loss on sensitive tokens: 10th, 50th and 90th "
@@ -887,7 +899,9 @@ GLOSSARY = (
     ("memorisation gap (net) ↓", "CE_S(model; test) − CE_S(model; train), minus the base model's own gap: "
                                  "what the model learnt about training records' values beyond their format"),
     ("utility CE ↓", "CE_N(model; held-out records); perplexity = exp(utility CE)"),
-    ("exposure ↓", "log₂|R| − log₂ rank of a canary among |R| candidates (Carlini et al., 2019)"),
+    ("exposure ↓", "log₂|R| − log₂ rank of a canary among all |R| secrets of its format (Carlini et al., "
+                   "2019): exact (rank found by search), bounded (proven interval, sampled estimate inside) or "
+                   "estimated (sampled only)"),
     ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
     ("MIA AUC ↓", "how well an attack separates training records from held-out ones: 0.5 = chance, 1 = "
                   "perfect; record level scores all tokens, sensitive level the sensitive ones only; n/a below "

@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from privtune.report import exposure  # noqa: E402
+
 BASE_METHOD = "base"
 
 #: Fixed colours for the methods privtune ships: warm for plain fine-tuning (leaks
@@ -347,6 +349,13 @@ def exposure_curves(runs: Sequence[dict]) -> Figure:
         ax.plot([_rep_position(r) for r in by_rep], list(by_rep.values()), marker=style.marker, color=style.color,
                 linewidth=2 if not is_base(run) else 1.2, linestyle="-" if not is_base(run) else ":",
                 label=str(run.get("label")))
+        for r, figure in exposure.by_repetition(run).items():  # what is not exact is drawn hollow
+            if figure.method == "exact":
+                continue
+            ax.plot([_rep_position(r)], [figure.value], marker=style.marker, color=style.color,
+                    markerfacecolor="white", linestyle="none")
+            if figure.method == "bounded":
+                ax.vlines(_rep_position(r), figure.low, figure.high, color=style.color, alpha=0.35, linewidth=1)
     for value in max_exposures(runs):
         ax.axhline(value, color="#333333", linestyle="--", linewidth=1)
         ax.annotate(f"max possible = log₂|R| = {value:.1f} bits", (0.01, value), xycoords=("axes fraction", "data"),

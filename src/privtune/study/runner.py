@@ -131,7 +131,8 @@ class StudyContext:
             return []
         return canary_exposure(
             model, self.loaded.tokenizer, self.data.canaries, n_candidates=self.cfg.canaries.n_candidates,
-            seed=self.cfg.data.seed, batch_size=max(16, self.cfg.eval_batch_size * 4),
+            search_budget=self.cfg.canaries.search_budget, seed=self.cfg.data.seed,
+            batch_size=max(16, self.cfg.eval_batch_size * 4),
             device=self.runtime.device, autocast_dtype=self.autocast_dtype)
 
     def attack(self, model: torch.nn.Module, evaluation: Evaluation) -> dict:

@@ -1,0 +1,88 @@
+"""Canary exposure as the report, the CSV and the CLI show it: never a bare number.
+
+Each canary's exposure is ``exact``, ``bounded`` (proven to lie in
+``[exposure_low, exposure_high]``, the figure being the sampled estimate clamped into
+it) or ``estimated`` (sampled only, no proof); see :mod:`privtune.measures.exposure`.
+A mean over several canaries inherits the weakest method among them, and the mean of
+their bounds, which bounds the mean. Rows stored before exposures said how they were
+obtained count as estimated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+METHODS = ("exact", "bounded", "estimated")
+
+
+def _bits(value) -> float:
+    """A stored number of bits as a float; NaN when missing or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ExposureFigure:
+    """A mean exposure in bits, its proven bounds (NaN when estimated) and its method."""
+
+    value: float
+    low: float
+    high: float
+    method: str
+
+
+def summarise(rows: list[dict]) -> ExposureFigure | None:
+    """The mean exposure of ``rows`` (one per canary), None when none has a number."""
+    rows = [r for r in rows if not math.isnan(_bits(r.get("exposure")))]
+    if not rows:
+        return None
+    methods = [r.get("exposure_method") if r.get("exposure_method") in METHODS else "estimated" for r in rows]
+    method = max(methods, key=METHODS.index)
+    value = sum(_bits(r["exposure"]) for r in rows) / len(rows)
+    if method == "estimated":
+        return ExposureFigure(value, math.nan, math.nan, method)
+    low = sum(_bits(r.get("exposure_low")) for r in rows) / len(rows)
+    high = sum(_bits(r.get("exposure_high")) for r in rows) / len(rows)
+    return ExposureFigure(value, low, high, method)
+
+
+def by_repetition(run: dict) -> dict[int, ExposureFigure]:
+    """:func:`summarise` over the canaries inserted r times, for every r of the run."""
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for row in run.get("exposure") or []:
+        if isinstance(row.get("repetitions"), int):
+            groups[row["repetitions"]].append(row)
+    figures = {r: summarise(rows) for r, rows in sorted(groups.items())}
+    return {r: f for r, f in figures.items() if f is not None}
+
+
+def top(run: dict) -> tuple[int | None, ExposureFigure | None]:
+    """(r, figure) of the most repeated canaries, the worst case of the run."""
+    figures = by_repetition(run)
+    if not figures:
+        return None, None
+    r = max(figures)
+    return r, figures[r]
+
+
+def how(figure: ExposureFigure) -> str:
+    """How the figure was obtained, in words: ``exact``, ``bounded to 7.0–19.9``, ``estimated``."""
+    return f"bounded to {figure.low:.1f}–{figure.high:.1f}" if figure.method == "bounded" else figure.method
+
+
+def text(figure: ExposureFigure | None, compact: bool = False) -> str:
+    """``12.9 (exact)``, ``8.1 [7.0–19.9] bounded`` or ``≈ 7.0 (estimated)``, in bits.
+
+    ``compact`` (the CLI's summary) shows a bounded figure by what is proven, ``≥ 7.0``,
+    and an estimated one as ``≈ 7.0 est.``.
+    """
+    if figure is None:
+        return "–"
+    if figure.method == "exact":
+        return f"{figure.value:.1f} (exact)"
+    if figure.method == "bounded":
+        return f"≥ {figure.low:.1f}" if compact else f"{figure.value:.1f} [{figure.low:.1f}–{figure.high:.1f}] bounded"
+    return f"≈ {figure.value:.1f}" + (" est." if compact else " (estimated)")
