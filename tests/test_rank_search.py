@@ -28,12 +28,13 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def brute_force_rank(model, tokenizer, canary: Canary) -> tuple[int, float]:
-    """(rank, smallest loss gap to any other secret) over every secret of the format."""
+def brute_force_rank(model, tokenizer, canary: Canary, tolerance: float = 1e-4) -> tuple[int, int]:
+    """(lowest, highest) rank over every secret of the format that float noise allows: a
+    secret within ``tolerance`` nats of the canary may fall either side of it when the
+    losses are summed in another batch layout, so it may or may not count."""
     others = candidate_secrets(canary, canary.space_size - 1, seed=0)
     losses = secret_losses(model, tokenizer, canary, [canary.secret] + others, batch_size=512)
-    gap = float(np.min(np.abs(losses[1:] - losses[0])))
-    return 1 + int(np.sum(losses[1:] < losses[0])), gap
+    return 1 + int(np.sum(losses[1:] < losses[0] - tolerance)), 1 + int(np.sum(losses[1:] < losses[0] + tolerance))
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,13 @@ def test_every_exposure_on_a_four_digit_space_is_exact(four_digit_case, tokenize
     rows = {r["canary"]: r for r in canary_exposure(model, tokenizer, [hot, cold], n_candidates=64,
                                                                   search_budget=10**5)}
     for canary in (hot, cold):
-        rank, gap = truth[canary.id]
-        assert gap > 1e-4  # no other secret within float noise of the canary: the brute-force rank is sharp
+        low, high = truth[canary.id]
         row = rows[canary.id]
-        assert row["exposure_method"] == "exact" and row["rank"] == row["rank_low"] == row["rank_high"] == rank
-        assert row["exposure"] == pytest.approx(exposure_from_rank(rank, 10**4), abs=1e-12)
+        assert row["exposure_method"] == "exact" and row["rank"] == row["rank_low"] == row["rank_high"]
+        assert low <= row["rank"] <= high
+        assert row["exposure"] == pytest.approx(exposure_from_rank(row["rank"], 10**4), abs=1e-12)
         assert row["exposure_low"] == row["exposure_high"] == row["exposure"]
-    assert 1 < truth[hot.id][0] < 200 < truth[cold.id][0]  # memorised, yet not ranked first
+    assert 1 < truth[hot.id][0] <= truth[hot.id][1] < 200 < truth[cold.id][0]  # memorised, yet not ranked first
     assert rows[hot.id]["search_expanded"] < rows[cold.id]["search_expanded"]  # cheap where it matters
 
 
@@ -66,9 +67,15 @@ def test_an_exhausted_budget_gives_bounds_that_hold(four_digit_case, tokenizer):
     for budget in (1, 20, 400):
         bounds = search_rank(model, tokenizer, space, budget=budget)
         assert not bounds.exact and bounds.expanded <= budget
-        assert bounds.low <= truth[cold.id][0] <= bounds.high
-    (row,) = canary_exposure(model, tokenizer, [hot], n_candidates=64, search_budget=400)
+        assert bounds.low <= truth[cold.id][1] and truth[cold.id][0] <= bounds.high
+    full = search_rank(model, tokenizer, SecretTokenSpace.build(tokenizer, hot, candidate_secrets(hot, 64)),
+                       budget=10**5)
+    assert full.exact and full.expanded > 2
+    # One prefix fewer than the full search needs: it cannot finish (how many that is
+    # depends on the tokenizer's merges, so the budget is derived, not fixed).
+    (row,) = canary_exposure(model, tokenizer, [hot], n_candidates=64, search_budget=full.expanded - 1)
     assert row["exposure_method"] == "bounded" and row["rank"] is None
+    assert truth[hot.id][0] == truth[hot.id][1]  # no near tie: the memorised canary's rank is sharp
     assert row["rank_low"] <= truth[hot.id][0] <= row["rank_high"]
     assert row["exposure_low"] <= exposure_from_rank(truth[hot.id][0], 10**4) <= row["exposure_high"]
     assert row["exposure_low"] <= row["exposure"] <= row["exposure_high"]
@@ -79,10 +86,9 @@ def test_an_exhausted_budget_gives_bounds_that_hold(four_digit_case, tokenizer):
 def test_exact_rank_on_every_family(family, tokenizer):
     model = tiny_model(family, seed=2).eval()
     canary = make_canaries(repetitions=(1,), n_reference=0, seed=9, secret_length=3)[0]
-    rank, gap = brute_force_rank(model, tokenizer, canary)
-    assert gap > 1e-4
+    low, high = brute_force_rank(model, tokenizer, canary)
     bounds = search_rank(model, tokenizer, SecretTokenSpace.build(tokenizer, canary, []), budget=10**5)
-    assert bounds.exact and bounds.low == rank
+    assert bounds.exact and low <= bounds.low == bounds.high <= high
 
 
 def test_exact_rank_on_a_letter_format(tokenizer):
@@ -92,18 +98,17 @@ def test_exact_rank_on_a_letter_format(tokenizer):
     model = _overfit(tiny_model("qwen", seed=1), tokenizer, canary.text(), steps=20).eval()
     space = SecretTokenSpace.build(tokenizer, canary, candidate_secrets(canary, 64))
     assert any(len(t) > 1 for step in space.steps for t in step.texts if t.strip() and t != " ")
-    rank, gap = brute_force_rank(model, tokenizer, canary)
-    assert gap > 1e-4
+    low, high = brute_force_rank(model, tokenizer, canary)
     bounds = search_rank(model, tokenizer, space, budget=10**5)
-    assert bounds.exact and bounds.low == rank
+    assert bounds.exact and low <= bounds.low == bounds.high <= high
 
 
 def test_prompt_tuned_model_takes_the_whole_row_path(tokenizer):
     model = shaken("prompt-tuning", "llama")
     canary = Canary("c", "The locker of Ada Byron is ", "42", length=2)
-    rank, _ = brute_force_rank(model, tokenizer, canary)
+    low, high = brute_force_rank(model, tokenizer, canary)
     bounds = search_rank(model, tokenizer, SecretTokenSpace.build(tokenizer, canary, []), budget=10**4)
-    assert bounds.exact and bounds.low == rank
+    assert bounds.exact and low <= bounds.low == bounds.high <= high
 
 
 def test_ties_count_for_the_canary(tokenizer):
