@@ -216,7 +216,8 @@ class DPSettings(_Strict):
     accountant: Literal["prv", "rdp"] = Field("prv", description="prv (tight) or rdp (classic) accountant")
     engine: Literal["privtune", "opacus"] = Field(
         "privtune", description="per-sample clipping engine: privtune (ghost norms, fast) or opacus (hooks)")
-    secure_mode: bool = Field(False, description="draw noise from a cryptographically secure source")
+    secure_mode: bool = Field(False, description="draw the noise and the sampled batches from the OS CSPRNG, "
+                                                 "not from streams of the run's seed")
 
     @model_validator(mode="after")
     def _one_noise_source(self):
