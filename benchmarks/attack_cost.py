@@ -5,7 +5,7 @@ suite costs that pass plus numpy work. This times, on the same records:
 
 - ``forward``: a plain no-grad forward pass (logits only), the floor;
 - ``cache``: ``score_tokens`` (forward + per-token NLL and Min-K%++ statistics);
-- ``attacks``: ``score_attacks`` on the cached scores (5 attacks x 2 levels, bootstrap CIs).
+- ``attacks``: ``score_attacks`` on the cached scores (5 attacks x 2 levels, with their intervals).
 
 Usage: ``python benchmarks/attack_cost.py [--arch smollm2-135m|tiny] [--records 120]``.
 Random-initialised weights: cost does not depend on them.

@@ -262,16 +262,16 @@ def test_the_unit_is_shown_beside_epsilon():
     assert csv_row(person, columns)["dp_unit"] == "individual"
 
 
-def test_record_level_runs_keep_their_identity():
-    """``unit: record`` is what DP runs did before ``dp.unit``: same identity as then, so a
-    database of such runs is still found; ``auto`` may train people, so it is a new run."""
+def test_the_unit_is_part_of_a_runs_identity():
+    """A run per record and a run per person are different runs (and runs stored before
+    ``dp.unit`` drew sampling and noise from one stream: none of them may be reused)."""
     from privtune.config import parse_config
     from privtune.study.plan import plan_study
 
-    def dp_entry(unit):
+    def spec(unit):
         cfg = parse_config({"methods": [{"method": "dp-lora", "dp": {"target_epsilon": 8, "unit": unit}}]})
-        return plan_study(cfg)[1].config["method"]["dp"]
+        return plan_study(cfg)[1]
 
-    assert set(dp_entry("record")) == {"target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant",
-                                       "engine", "secure_mode"}
-    assert dp_entry("auto")["unit"] == "auto" and dp_entry("individual")["unit"] == "individual"
+    assert {u: spec(u).config["method"]["dp"]["unit"] for u in ("record", "auto", "individual")} == {
+        "record": "record", "auto": "auto", "individual": "individual"}
+    assert len({spec(u).run_id for u in ("record", "auto", "individual")}) == 3

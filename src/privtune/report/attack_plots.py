@@ -101,11 +101,24 @@ def auc_ci(entry: dict | None) -> tuple[float, float]:
     return interval((entry or {}).get("auc_ci"))
 
 
+#: Why an entry stored before TPRs were checked for enough non-members shows none.
+LEGACY_TPR = "stored by an older privtune, which reported TPR below 1/FPR non-members: rerun the study"
+
+
+def _legacy(entry: dict | None) -> bool:
+    """An entry from before the n/a rules (it has no record of its group sizes)."""
+    return entry is not None and "n_nonmembers" not in entry
+
+
 def tpr_at(entry: dict | None, fpr: str) -> float:
+    if _legacy(entry):
+        return math.nan
     return number(((entry or {}).get("tpr_at_fpr") or {}).get(fpr))
 
 
 def tpr_ci(entry: dict | None, fpr: str) -> tuple[float, float]:
+    if _legacy(entry):
+        return math.nan, math.nan
     return interval(((entry or {}).get("tpr_at_fpr_ci") or {}).get(fpr))
 
 
@@ -128,6 +141,8 @@ def auc_reason(entry: dict | None) -> str:
 
 def tpr_reason(entry: dict | None, fpr: str) -> str:
     """Why an entry has no TPR at ``fpr``: its stored reason, or "not measured"."""
+    if _legacy(entry):
+        return LEGACY_TPR
     return str(((entry or {}).get("tpr_at_fpr_reason") or {}).get(fpr) or "not measured")
 
 

@@ -54,7 +54,7 @@ LEADING = {
               "utility_gain"),
     "efficiency": ("train_seconds", "seconds_per_epoch", "tokens_per_second", "peak_memory_bytes", "memory_kind",
                    "trainable_params", "total_params", "flops_estimate", "bytes_communicated"),
-    "dp": ("epsilon", "unit", "delta", "noise_multiplier", "max_grad_norm"),
+    "dp": ("epsilon", "unit", "secure_mode", "delta", "noise_multiplier", "max_grad_norm"),
 }
 
 #: The keys of a run's ``scrub`` section the CSV keeps (per-type recall is left to the JSON).

@@ -5,7 +5,8 @@ Each canary's exposure is ``exact``, ``bounded`` (proven to lie in
 it) or ``estimated`` (sampled only, no proof); see :mod:`privtune.measures.exposure`.
 A mean over several canaries inherits the weakest method among them, and the mean of
 their bounds, which bounds the mean. Rows stored before exposures said how they were
-obtained count as estimated.
+obtained hold the skew-normal extrapolation under ``exposure``, which overstates memorised
+canaries: they are shown by their sampled figure (``exposure_empirical``), as estimated.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def _bits(value) -> float:
     return float(value)
 
 
+def _figure(row: dict):
+    """The stored bits to show: ``exposure``, or for a row stored by an older privtune
+    (no ``exposure_method``) its sampled figure, never its skew-normal extrapolation."""
+    return row.get("exposure") if "exposure_method" in row else row.get("exposure_empirical")
+
+
 @dataclass(frozen=True)
 class ExposureFigure:
     """A mean exposure in bits, its proven bounds (NaN when estimated) and its method."""
@@ -36,12 +43,12 @@ class ExposureFigure:
 
 def summarise(rows: list[dict]) -> ExposureFigure | None:
     """The mean exposure of ``rows`` (one per canary), None when none has a number."""
-    rows = [r for r in rows if not math.isnan(_bits(r.get("exposure")))]
+    rows = [r for r in rows if not math.isnan(_bits(_figure(r)))]
     if not rows:
         return None
     methods = [r.get("exposure_method") if r.get("exposure_method") in METHODS else "estimated" for r in rows]
     method = max(methods, key=METHODS.index)
-    value = sum(_bits(r["exposure"]) for r in rows) / len(rows)
+    value = sum(_bits(_figure(r)) for r in rows) / len(rows)
     if method == "estimated":
         return ExposureFigure(value, math.nan, math.nan, method)
     low = sum(_bits(r.get("exposure_low")) for r in rows) / len(rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from privtune.report.plots import is_done, styles
+from privtune.report.plots import is_done, styles, unit_noun
 
 
 def _fed(run: dict) -> dict:
@@ -46,6 +46,15 @@ def _run_note(run: dict) -> str:
             f"{_bytes(fed.get('bytes_up'))} up{privacy}.")
 
 
+def _local_epsilon(client: dict) -> str:
+    """A client's local ε with the unit it covers ("7.9 per person"); clients stored
+    before the unit was recorded ran per record."""
+    eps = _fmt(client.get("epsilon"), ".3g")
+    if client.get("epsilon") is None:
+        return eps
+    return escape(f"{eps} per {unit_noun(client.get('unit'))}")
+
+
 def federated_section(runs: Sequence[dict]) -> str:
     """Per-client leakage of every finished federated run (empty when there is none)."""
     colors = {id(r): s.color for r, s in zip(runs, styles(runs))}
@@ -56,7 +65,7 @@ def federated_section(runs: Sequence[dict]) -> str:
     head = ("<tr><th>run</th><th>client</th><th>records</th><th>individuals</th><th>rounds</th><th>kinds</th>"
             "<th title=\"CE_S of the model on the client's own member records, nats\">CE_S\u00a0↑</th>"
             "<th title=\"CE_S(base) − CE_S(model) on the client's member records, nats\">leakage gain\u00a0↓</th>"
-            + ("<th title=\"ε of the client's local DP-SGD, per person or per record as the run's ε unit says\">"
+            + ("<th title=\"ε of the client's local DP-SGD over its own data, per person or per record\">"
                "local ε\u00a0↓</th>" if with_eps else "")
             + "</tr>")
     rows = []
@@ -71,7 +80,7 @@ def federated_section(runs: Sequence[dict]) -> str:
                 f'<td>{c.get("records")}</td><td>{c.get("individuals")}</td><td>{c.get("rounds")}</td>'
                 f'<td>{escape(", ".join(c.get("kinds") or [])) or "–"}</td><td>{_fmt(c.get("ce_s_train"))}</td>'
                 f'<td{mark}>{_fmt(c.get("leakage_gain"))}</td>'
-                + (f'<td>{_fmt(c.get("epsilon"), ".3g")}</td>' if with_eps else "") + "</tr>")
+                + (f'<td>{_local_epsilon(c)}</td>' if with_eps else "") + "</tr>")
     note = ("Each client holds the records of its own individuals (canary copies stay with one client, poisoned "
             "records with the member they copy). Leakage per client is measured on that client's member records "
             "against the base model; the client that leaks most is shaded. " + " ".join(map(_run_note, federated)))

@@ -65,8 +65,8 @@ def strongest_attack(run: dict, level: str | None = None) -> Headline | None:
         return _not_chosen("the base model is the baseline the attacks are measured against", variants)
     split = [e for e in entries if isinstance(e.get("halves"), dict)]
     if not split:
-        return _not_chosen("stored without the base model's scores (an older privtune): rerun the study's "
-                           "attacks", variants)
+        return _not_chosen("no base-model scores to compare with (the base run failed, was measured on other "
+                           "data, or the run was stored by an older privtune): rerun the study", variants)
     clear = [e for e in split if e.get("confounded") is False]
     if not clear:
         confounded = [e for e in split if e.get("confounded")]

@@ -43,7 +43,8 @@ from privtune.report.attack_plots import (
 from privtune.report.differences import Difference, run_difference
 from privtune.report.export import write_text_atomic
 from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
-from privtune.report.plots import duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure
+from privtune.report.plots import (duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure,
+                                   unit_noun)
 from privtune.report.unlearning import unlearning_section
 
 #: Pixels per figure inch on the page, and the resolution the PNG is rendered at.
@@ -92,17 +93,13 @@ def epsilon(run: dict) -> float:
     return number((run.get("dp") or {}).get("epsilon"))
 
 
-#: What ε protects, by the ``unit`` a run's ``dp`` section stores.
-_UNIT_NOUNS = {"individual": "person", "record": "record", "client": "client"}
-
-
 def epsilon_unit(run: dict) -> str:
     """The unit ε covers as a noun: "person", "record", "client", "person, largest over clients".
 
     Runs stored before ``dp.unit`` existed have no unit; their DP-SGD clipped records.
     """
     head, _, rest = str((run.get("dp") or {}).get("unit") or "record").partition(", ")
-    return ", ".join([_UNIT_NOUNS.get(head, head)] + ([rest] if rest else []))
+    return ", ".join([unit_noun(head)] + ([rest] if rest else []))
 
 
 def fmt_epsilon(run: dict) -> str:
@@ -258,8 +255,10 @@ def verdict(runs: Sequence[dict]) -> str:
                 f"{_difference_note(leak)})")
     else:
         head = f"{low.get('label')} leaks less than {best.get('label')} ({gains}; {_difference_note(leak)})"
-    if cost is None or not cost.measurable:
-        tail = "and no measurable difference in utility" + (f" ({_difference_note(cost)})" if cost else "")
+    if cost is None:
+        tail = "and whether their utility differs is unknown (no per-record statistics for it)"
+    elif not cost.measurable:
+        tail = f"and no measurable difference in utility ({_difference_note(cost)})"
     else:
         tail = (f"for {cost.value:.3f} nats more utility CE (perplexity {fmt(measure(low, 'utility_ppl'), '.2f')} "
                 f"vs {fmt(measure(best, 'utility_ppl'), '.2f')}; {_difference_note(cost)})")
@@ -350,8 +349,9 @@ def _escaped(show: Callable[[dict], str]) -> Callable[[dict], str]:
 
 RUN_COLUMNS: tuple[Column, ...] = (
     Column("method", 0, None, lambda r: escape(str(r.get("method")))),
-    Column("ε", -1, epsilon, _escaped(fmt_epsilon),
-           "DP budget per unit (a person, a record or a client); lower is more private (– = no DP)"),
+    # Not ranked: ε per person, per record and per client are not one scale.
+    Column("ε", 0, None, _escaped(fmt_epsilon),
+           "DP budget per unit (a person, a record or a client); for one unit, lower is more private (– = no DP)"),
     Column("leakage gain", -1, *_final("leakage_gain"), "CE_S(base; train) − CE_S(model; train), nats"),
     Column("memorisation gap (net)", -1, *_final("memorisation_gap_net"),
            "CE_S(model; test) − CE_S(model; train), minus the base model's own gap, nats"),
@@ -456,7 +456,7 @@ def side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tuple[Colu
             Column("utility CE", -1, None, _epoch_change("utility_ce"), "epoch 0 → last epoch"),
         )),
         "exposure": ([r for r in done if plots.exposure_by_repetition(r)], (
-            Column("ε", -1, epsilon, _escaped(fmt_epsilon)),
+            Column("ε", 0, None, _escaped(fmt_epsilon)),
             Column("inserted once", -1, None, _exposure_at("first"), "mean exposure, bits"),
             Column("most repeated", -1, lambda r: top_exposure(r)[1], _exposure_at("last"), "mean exposure, bits"),
         )),

@@ -64,6 +64,16 @@ def measure(run: dict, key: str, section: str = "final") -> float:
     return number((run.get(section) or {}).get(key))
 
 
+#: What ε protects, by the ``unit`` a run's ``dp`` section (or a federated client) stores.
+UNIT_NOUNS = {"individual": "person", "record": "record", "client": "client"}
+
+
+def unit_noun(unit: str | None) -> str:
+    """The noun for a stored DP unit; none stored means record (DP-SGD before ``dp.unit``)."""
+    unit = unit or "record"
+    return UNIT_NOUNS.get(unit, unit)
+
+
 def is_done(run: dict) -> bool:
     return run.get("status") == "done"
 

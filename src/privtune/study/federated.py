@@ -93,7 +93,7 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
     for row, leak, rounds in zip(summary, leakage, progress.participation):
         row.update(leak, rounds=rounds)
     for row, privacy in zip(summary, progress.record_privacy or []):
-        row["epsilon"] = privacy["epsilon"]
+        row.update(epsilon=privacy["epsilon"], unit=privacy.get("unit"))
     as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
                           steps=progress.steps, tokens=progress.tokens)
     efficiency = efficiency_record(as_loop, memory, trainable, total, runtime, data_parallel=False)

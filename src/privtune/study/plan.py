@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privtune.config import SETTINGS_FIELDS, DPSettings, MethodSpec, StudyConfig, config_hash
+from privtune.config import SETTINGS_FIELDS, MethodSpec, StudyConfig, config_hash
 from privtune.train.loop import TrainPlan
 
 
@@ -59,17 +59,6 @@ def shared_config(cfg: StudyConfig) -> dict:
     }
 
 
-def _dp_config(dp: DPSettings) -> dict:
-    """A DP entry's part of a run's identity. ``unit: record`` is what every DP run did
-    before ``dp.unit`` existed, so it leaves the key out and those runs keep their
-    identity; ``auto`` and ``individual`` change it (``auto`` is resolved from the data,
-    which the identity holds too, and the result stores the resolved unit)."""
-    out = dp.model_dump()
-    if out["unit"] == "record":
-        del out["unit"]
-    return out
-
-
 def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
     return {
         "method": m.method, "label": m.label,
@@ -78,7 +67,7 @@ def _method_config(cfg: StudyConfig, m: MethodSpec) -> dict:
         "batch_size": cfg.train.batch_size,
         "weight_decay": cfg.train.weight_decay,
         "lora": m.lora.model_dump() if m.lora else None,
-        "dp": _dp_config(m.dp) if m.dp else None,
+        "dp": m.dp.model_dump() if m.dp else None,
         # The other sections only when set, so runs planned before they existed keep
         # their identity (and are found in the database).
         **{name: getattr(m, name).model_dump() for name in SETTINGS_FIELDS

@@ -32,10 +32,11 @@ stay one code path. Three things are privtune's, and why:
   (:mod:`privtune.train.streams`), or, under ``client_dp.secure_mode``, both from the OS
   CSPRNG: a seed is stored in the run's config, and whoever replays it recovers the
   clients of every round and subtracts the noise.
-- *Record-level DP inside a client* (the ``dp-`` methods): each client runs DP-SGD
-  locally with the loop's own accountant; its noise multiplier is derived once for
-  all ``rounds x local_epochs`` of its records, and its epsilon is accounted over the
-  rounds it actually took part in. That epsilon is per client and per record.
+- *DP-SGD inside a client* (the ``dp-`` methods): each client runs DP-SGD locally with
+  the loop's own accountant; its noise multiplier is derived once for all
+  ``rounds x local_epochs`` of its data, and its epsilon is accounted over the rounds it
+  actually took part in. That epsilon covers the client's own data, per person or per
+  record as ``dp.unit`` says (resolved once, on the whole training set).
 
 Clients are chosen by privtune's seeded stream, not Flower's ``random.sample``, and
 by client rather than by Flower's node ids (random per run), so a seed repeats a run:
@@ -116,9 +117,12 @@ def local_plans(plan: TrainPlan, clients: list[EncodedDataset], rounds: int) -> 
     """Each client's local plan; under DP-SGD its noise is fixed for all its rounds of training."""
     if plan.dp is None:
         return [plan] * len(clients)
+    # ``auto`` is resolved once, on the whole training set, so every client protects the same unit.
+    unit = dp.resolve_unit(plan.dp.unit, [r.individual for data in clients for r in data.records]
+                           if plan.dp.unit == "auto" else None)
     plans = []
     for data in clients:
-        setup = plan_privacy(plan.dp, privacy_units(data, plan.dp.unit), plan.batch_size, rounds * plan.epochs)
+        setup = plan_privacy(plan.dp, privacy_units(data, unit), plan.batch_size, rounds * plan.epochs)
         settings = plan.dp.model_copy(update={"noise_multiplier": setup.noise_multiplier, "target_epsilon": None,
                                               "delta": setup.delta, "unit": setup.unit})
         plans.append(replace(plan, dp=settings))

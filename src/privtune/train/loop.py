@@ -54,6 +54,9 @@ class PrivacySetup:
     accountant: str
     unit: str  # what epsilon protects: "individual" or "record"
     n_units: int  # people (or records) in the training set
+    # False: noise and batches from streams of the run's seed, so ε holds only against
+    # whoever does not know the seed; True: from the OS CSPRNG (``dp.secure_mode``).
+    secure_mode: bool = False
     epsilon: float = math.nan
 
     def as_dict(self) -> dict:
@@ -104,7 +107,7 @@ def plan_privacy(settings: DPSettings, units: dp.PrivacyUnits, batch_size: int, 
         sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, steps,
                                             accountant=settings.accountant)
     return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant,
-                        unit=units.kind, n_units=n_units)
+                        unit=units.kind, n_units=n_units, secure_mode=settings.secure_mode)
 
 
 @contextmanager
