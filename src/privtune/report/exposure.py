@@ -28,7 +28,9 @@ def _bits(value) -> float:
 def _figure(row: dict):
     """The stored bits to show: ``exposure``, or for a row stored by an older privtune
     (no ``exposure_method``) its sampled figure, never its skew-normal extrapolation."""
-    return row.get("exposure") if "exposure_method" in row else row.get("exposure_empirical")
+    if "exposure_method" in row or "exposure_empirical" not in row:
+        return row.get("exposure")
+    return row["exposure_empirical"]
 
 
 @dataclass(frozen=True)

@@ -88,23 +88,15 @@ def finished(runs: Sequence[dict]) -> list[dict]:
 
 
 def exposure_by_repetition(run: dict) -> dict[int, float]:
-    """Mean exposure over the canaries inserted r times, for every r of the run."""
-    groups: dict[int, list[float]] = defaultdict(list)
-    for row in run.get("exposure") or []:
-        value = number(row.get("exposure"))
-        reps = row.get("repetitions")
-        if isinstance(reps, int) and not math.isnan(value):
-            groups[reps].append(value)
-    return {r: sum(v) / len(v) for r, v in sorted(groups.items())}
+    """Mean exposure over the canaries inserted r times, for every r of the run (the
+    figures of :mod:`privtune.report.exposure`, without how they were obtained)."""
+    return {r: figure.value for r, figure in exposure.by_repetition(run).items()}
 
 
 def top_exposure(run: dict) -> tuple[int | None, float]:
     """(r, mean exposure) of the most repeated canaries, the worst case of the run."""
-    by_rep = exposure_by_repetition(run)
-    if not by_rep:
-        return None, math.nan
-    r = max(by_rep)
-    return r, by_rep[r]
+    r, figure = exposure.top(run)
+    return r, figure.value if figure is not None else math.nan
 
 
 def max_exposures(runs: Sequence[dict]) -> list[float]:
