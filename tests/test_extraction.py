@@ -183,9 +183,14 @@ def test_only_values_wholly_inside_the_trained_window_are_targets(tok, max_lengt
                              seed=0, tag=tag)
         everything = select_targets(records, tok, max_spans_per_type=1000, max_prefix_chars=200,
                                     max_length=10 ** 6, seed=0, tag=tag)
-        want = {(t.record, t.span) for t in everything
-                if _inside_trained_window(records[t.record], t.span, tok, max_length)}
-        assert {(t.record, t.span) for t in got} == want
+        # Every target lies inside the window; and a value is a target exactly when one of
+        # its person's occurrences does (another record of theirs may carry it instead).
+        assert all(_inside_trained_window(records[t.record], t.span, tok, max_length) for t in got)
+        want = {(records[t.record].individual, t.value) for t in everything
+                if any(_inside_trained_window(r, s, tok, max_length) for r in records
+                       if r.individual == records[t.record].individual
+                       for s in r.spans if r.text[s.start:s.end] == t.value)}
+        assert {(records[t.record].individual, t.value) for t in got} == want
         assert len(want) < len(everything)  # the window does cut some values off
     straddling = Record("r", "p", "My number is 0909 879 0660 thanks", [Span(13, 26, "PHONE")])
     (whole,) = select_targets([straddling], tok, max_spans_per_type=5, max_prefix_chars=200, max_length=64, seed=0,

@@ -100,9 +100,13 @@ def test_zlib_scores_exactly_the_trained_window_by_hand():
                 text = " ".join(filter(None, (_scored_characters(record.text, kept, s) for s in record.spans)))
             mean_nll = nll[i][positions[i]].mean()
             assert got[i] == pytest.approx(-mean_nll / len(zlib.compress(text.encode("utf-8")))), (level, i)
-    # the long record was truncated inside the phone number; the short one is whole
-    assert windows[0].text == "Call Jane Doe at 555-01" and windows[1] == records[1]
-    assert [long_text[s.start:s.end] for s in windows[0].spans] == ["Jane Doe", "555-01"]
+    # the long record was truncated inside the phone number (where depends on the
+    # tokenizer's merges); the short one is whole
+    cut = tok(long_text, return_offsets_mapping=True)["offset_mapping"][max_length - 1][1]
+    phone = spans[1]
+    assert phone.start < cut < phone.end
+    assert windows[0].text == long_text[:cut] and windows[1] == records[1]
+    assert [long_text[s.start:s.end] for s in windows[0].spans] == ["Jane Doe", long_text[phone.start:cut]]
     # and the window is what training saw: it tokenises to the same ids
     assert tok(windows[0].text)["input_ids"] == data.input_ids[0, :max_length].tolist()
 
@@ -175,7 +179,8 @@ def test_overfit_model_is_caught_and_untrained_model_is_at_chance():
         assert entry["base_auc"] == pytest.approx(_auc(untrained, attack)["auc"] if attack != "reference" else 0.5)
         assert entry["advantage"] == pytest.approx(entry["auc"] - entry["base_auc"])
         assert entry["advantage_ci"][0] > 0, attack
-    # Only 6 records per side keep a sensitive token within 64 tokens: too few for an AUC.
+    # Few records keep a sensitive token within 64 tokens: too few for an AUC.
     sensitive = _auc(trained, "loss", "sensitive")
-    assert sensitive["auc"] is None and sensitive["advantage"] is None
-    assert sensitive["auc_reason"] == "needs ≥ 10 members and 10 non-members, has 6 and 6"
+    kept = [int(s.sensitive.any(axis=1).sum()) for s in (base_m, base_n)]
+    assert max(kept) < 10 and sensitive["auc"] is None and sensitive["advantage"] is None
+    assert sensitive["auc_reason"] == f"needs ≥ 10 members and 10 non-members, has {kept[0]} and {kept[1]}"
