@@ -33,6 +33,20 @@ def test_a_mean_takes_the_weakest_method_and_the_mean_bounds():
     assert exposure.top(run)[0] == 16 and exposure.top({}) == (None, None)
 
 
+def test_an_estimate_at_the_samples_ceiling_is_a_floor_not_a_value():
+    """A canary that beats all m sampled secrets shows log2(m + 1) bits whatever its rank:
+    the figure says "at least", and one that lost to some does not."""
+    ceiling = {"repetitions": 4, "exposure": math.log2(33), "exposure_method": "estimated", "n_candidates": 32}
+    below = {**ceiling, "exposure": 3.2}
+    old = {"repetitions": 4, "exposure": 19.93, "exposure_empirical": math.log2(33), "n_candidates": 32}
+    assert exposure.text(exposure.summarise([ceiling]), compact=True) == "≥ 5.0 est."
+    assert exposure.text(exposure.summarise([ceiling])) == "≥ 5.0 (estimated)"
+    assert "beat every sampled secret" in exposure.how(exposure.summarise([ceiling]))
+    assert exposure.text(exposure.summarise([below]), compact=True) == "≈ 3.2 est."
+    # A row stored by an older privtune shows its sampled figure, never its skew-normal 19.93.
+    assert exposure.text(exposure.summarise([old]), compact=True) == "≥ 5.0 est."
+
+
 def test_texts_name_the_method():
     exact, bounded, estimated = (exposure.summarise([row]) for row in (EXACT, BOUNDED, ESTIMATED))
     assert exposure.text(exact) == exposure.text(exact, compact=True) == "12.9 (exact)"

@@ -33,14 +33,23 @@ def _figure(row: dict):
     return row["exposure_empirical"]
 
 
+def _saturated(row: dict) -> bool:
+    """The canary beat every sampled candidate: its sampled figure is the most that
+    ``m`` candidates can show, log2(m + 1), so the exposure may be anything above it."""
+    m = row.get("n_candidates")
+    return isinstance(m, int) and m > 0 and _bits(_figure(row)) >= math.log2(m + 1) - 1e-9
+
+
 @dataclass(frozen=True)
 class ExposureFigure:
-    """A mean exposure in bits, its proven bounds (NaN when estimated) and its method."""
+    """A mean exposure in bits, its proven bounds (NaN when estimated) and its method;
+    ``at_least``: an estimate at the sample's ceiling, a floor rather than a value."""
 
     value: float
     low: float
     high: float
     method: str
+    at_least: bool = False
 
 
 def summarise(rows: list[dict]) -> ExposureFigure | None:
@@ -52,7 +61,8 @@ def summarise(rows: list[dict]) -> ExposureFigure | None:
     method = max(methods, key=METHODS.index)
     value = sum(_bits(_figure(r)) for r in rows) / len(rows)
     if method == "estimated":
-        return ExposureFigure(value, math.nan, math.nan, method)
+        estimated = [r for r in rows if r.get("exposure_method") not in ("exact", "bounded")]
+        return ExposureFigure(value, math.nan, math.nan, method, at_least=any(map(_saturated, estimated)))
     low = sum(_bits(r.get("exposure_low")) for r in rows) / len(rows)
     high = sum(_bits(r.get("exposure_high")) for r in rows) / len(rows)
     return ExposureFigure(value, low, high, method)
@@ -79,14 +89,17 @@ def top(run: dict) -> tuple[int | None, ExposureFigure | None]:
 
 def how(figure: ExposureFigure) -> str:
     """How the figure was obtained, in words: ``exact``, ``bounded to 7.0–19.9``, ``estimated``."""
-    return f"bounded to {figure.low:.1f}–{figure.high:.1f}" if figure.method == "bounded" else figure.method
+    if figure.method == "bounded":
+        return f"bounded to {figure.low:.1f}–{figure.high:.1f}"
+    return "estimated, at least: the canary beat every sampled secret" if figure.at_least else figure.method
 
 
 def text(figure: ExposureFigure | None, compact: bool = False) -> str:
-    """``12.9 (exact)``, ``8.1 [7.0–19.9] bounded`` or ``≈ 7.0 (estimated)``, in bits.
+    """``12.9 (exact)``, ``8.1 [7.0–19.9] bounded``, ``≈ 2.6 (estimated)``, or for an
+    estimate at the sample's ceiling ``≥ 7.0 (estimated)``, in bits.
 
     ``compact`` (the CLI's summary) shows a bounded figure by what is proven, ``≥ 7.0``,
-    and an estimated one as ``≈ 7.0 est.``.
+    and an estimated one as ``≈ 2.6 est.`` (``≥ 7.0 est.`` at the ceiling).
     """
     if figure is None:
         return "–"
@@ -94,4 +107,5 @@ def text(figure: ExposureFigure | None, compact: bool = False) -> str:
         return f"{figure.value:.1f} (exact)"
     if figure.method == "bounded":
         return f"≥ {figure.low:.1f}" if compact else f"{figure.value:.1f} [{figure.low:.1f}–{figure.high:.1f}] bounded"
-    return f"≈ {figure.value:.1f}" + (" est." if compact else " (estimated)")
+    sign = "≥" if figure.at_least else "≈"
+    return f"{sign} {figure.value:.1f}" + (" est." if compact else " (estimated)")
