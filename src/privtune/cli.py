@@ -301,7 +301,7 @@ def strongest_lines(runs: list[dict]) -> list[str]:
 def _print_summary(output_dir: str, study: str) -> None:
     from privtune.report.exposure import text as exposure_text
     from privtune.report.exposure import top as top_exposure
-    from privtune.report.html import epsilon_unit, fmt_count
+    from privtune.report.html import fmt_count, fmt_epsilon
 
     table = Table(title=f"study {study}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
@@ -314,9 +314,7 @@ def _print_summary(output_dir: str, study: str) -> None:
             continue
         final, eff = r.get("final", {}), r.get("efficiency", {})
         peak = eff.get("peak_memory_bytes")
-        eps = _fmt((r.get("dp") or {}).get("epsilon"), ".2f")
-        eps = f"{eps} per {epsilon_unit(r)}" if r.get("dp") else eps
-        table.add_row(r["label"], eps, _fmt(final.get("leakage_gain")),
+        table.add_row(r["label"], fmt_epsilon(r, ".2f"), _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), exposure_text(top_exposure(r)[1], compact=True),
                       _strongest_cell(r),

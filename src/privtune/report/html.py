@@ -102,14 +102,14 @@ def epsilon_unit(run: dict) -> str:
     return ", ".join([unit_noun(head)] + ([rest] if rest else []))
 
 
-def fmt_epsilon(run: dict) -> str:
+def fmt_epsilon(run: dict, spec: str = ".3g") -> str:
     """ε with its unit, as shown in the tables and headline ("8 per person"), "–" for runs without DP."""
     eps = epsilon(run)
     if math.isnan(eps):
         if (run.get("dp") or {}).get("epsilon") != math.inf:
             return "–"
         return f"∞ per {epsilon_unit(run)}"
-    return f"{eps:.3g} per {epsilon_unit(run)}"
+    return f"{eps:{spec}} per {epsilon_unit(run)}"
 
 
 # --- the headline -------------------------------------------------------------------
