@@ -130,6 +130,20 @@ def test_bad_method_combinations_are_rejected_on_one_line(raw, needle):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("raw, needle", [
+    ({"methods": [{"method": "dp-lora", "dp": {"unit": "household"}}]},
+     "dp.unit: Input should be 'auto', 'individual' or 'record'"),
+    ({"methods": [{"method": "fft"}], "canaries": {"search_budget": -1}},
+     "canaries.search_budget: Input should be greater than or equal to 0"),
+    ({"methods": [{"method": "lora", "federated": {"clients": 2, "client_dp": {"secure_mode": "maybe"}}}]},
+     "client_dp.secure_mode: Input should be a valid boolean"),
+])
+def test_bad_new_privacy_settings_are_rejected_on_one_line(raw, needle):
+    with pytest.raises(PrivtuneError, match=needle) as e:
+        parse_config(raw)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_studies_are_valid(path):
     assert plan_study(load_config(path))
