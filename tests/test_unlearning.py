@@ -285,7 +285,7 @@ def test_tiny_study_with_fft_source(tmp_path):
     assert retrain["data"]["train_tokens"] < fft["data"]["train_tokens"]  # ... minus the forgotten records
     for run in (retrain, ga, npo):
         section = run["unlearning"]
-        assert {"forget_ce_s", "forget_leakage_gain", "retain_ce_n", "utility_ce", "forget_mia_auc",
+        assert {"forget_ce_s", "forget_leakage_gain", "retain_ce_n", "utility_ce", "forget_mia_loss_auc", "mia",
                 "forget_extraction"} <= set(section)
         assert run["attacks"]["mia"] and run["record_stats"]
     # Epoch 0 of an unlearning run is its source model; ascent raises the forget loss.
@@ -315,7 +315,7 @@ def test_lora_source_unlearns_its_adapter_only_and_a_lost_source_is_retrained(tm
     runs = _runs(cfg)
     lora, kl = runs["lora"], runs["lora+unlearn-ga-kl"]
     assert kl["efficiency"]["trainable_params"] == lora["efficiency"]["trainable_params"]
-    assert "forget_mia_auc" not in kl["unlearning"]  # attacks off: losses only
+    assert "mia" not in kl["unlearning"]  # attacks off: losses only
     ctx = StudyContext.build(cfg)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(ctx.loaded.model), kl["artifact"])
     assert ctx.evaluate(reloaded).measures["ce_s_train"] == pytest.approx(kl["final"]["ce_s_train"], abs=1e-5)

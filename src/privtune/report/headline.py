@@ -9,6 +9,8 @@ reported, AUC and advantage with their intervals, on the *report* half, which pl
 no part in the choice. Attacks flagged ``confounded`` (the base model already separates
 the records) are never chosen, and nothing is quoted when the report half has too few
 records; each such case is a :class:`Headline` with a ``reason`` instead of numbers.
+The forget set of an unlearned model is ranked the same way, two-sided
+(:func:`strongest_of`), since unlearning can push its records far below the baseline.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Headline:
     select_advantage: float = math.nan
     variants: int = 0
     reason: str | None = None
+    #: +1: members score higher than under the base model; -1: lower (chosen two-sided only).
+    direction: int = 1
 
     @property
     def name(self) -> str:
@@ -60,9 +64,28 @@ def strongest_attack(run: dict, level: str | None = None) -> Headline | None:
     entries = [e for e in mia_entries(run) if level in (None, e["level"])]
     if not entries:
         return None
-    variants = len(entries)
     if is_base(run):
-        return _not_chosen("the base model is the baseline the attacks are measured against", variants)
+        return _not_chosen("the base model is the baseline the attacks are measured against", len(entries))
+    return strongest_of(entries)
+
+
+def _selection_advantage(entry: dict) -> float:
+    return number((entry["halves"].get("select") or {}).get("advantage"))
+
+
+def strongest_of(entries: Sequence[dict], *, two_sided: bool = False) -> Headline:
+    """The strongest of a model's attack ``entries`` (``attacks.mia`` schema, with halves),
+    chosen on the selection half and quoted on the report half.
+
+    By default the attack whose AUC exceeds the base model's most is chosen: a fine-tuned
+    model that scores its members *less* likely than the base model does leaks nothing
+    new. ``two_sided`` ranks by the distance from the base model's AUC in either
+    direction, for a model that was pushed away from its members on purpose (an
+    unlearned model): an AUC far below the blind baseline gives the records away as
+    surely as one far above it, read the other way round. The headline's ``direction``
+    says which way the chosen attack reads.
+    """
+    variants = len(entries)
     split = [e for e in entries if isinstance(e.get("halves"), dict)]
     if not split:
         return _not_chosen("no base-model scores to compare with (the base run failed, was measured on other "
@@ -75,14 +98,15 @@ def strongest_attack(run: dict, level: str | None = None) -> Headline | None:
             return _not_chosen(f"every attack is confounded, e.g. {attack_name(worst['attack'])} "
                                f"({worst['level']}): {worst.get('confounded_reason')}", variants)
         return _not_chosen(str(split[0].get("auc_reason") or "no attack has an AUC"), variants)
-    choosable = [e for e in clear if not math.isnan(number((e["halves"].get("select") or {}).get("advantage")))]
+    choosable = [e for e in clear if not math.isnan(_selection_advantage(e))]
     if not choosable:
         half = clear[0]["halves"].get("select") or {}
         return _not_chosen(f"the selection half {half.get('auc_reason') or 'has no advantage'}", variants)
-    best = max(choosable, key=lambda e: number(e["halves"]["select"]["advantage"]))
+    rank = (lambda e: abs(_selection_advantage(e))) if two_sided else _selection_advantage
+    best = max(choosable, key=rank)
     report = best["halves"].get("report") or {}
     chosen = dict(attack=best["attack"], level=best["level"], variants=variants,
-                  select_advantage=number(best["halves"]["select"]["advantage"]))
+                  select_advantage=_selection_advantage(best), direction=-1 if _selection_advantage(best) < 0 else 1)
     if math.isnan(number(report.get("advantage"))):
         return Headline(**chosen, figures=report,
                         reason=f"the report half {report.get('auc_reason') or 'has no advantage'}")

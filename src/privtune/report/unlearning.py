@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from html import escape
 
 from privtune.report.attack_plots import pct
+from privtune.report.headline import Headline, strongest_of
 from privtune.report.plots import is_done, number, styles
 
 #: (header, key of the ``unlearning`` section, format, which way is better, what it is).
@@ -114,20 +115,51 @@ def unlearning_section(runs: Sequence[dict]) -> str:
             f'</div></section>')
 
 
+def forget_strongest(section: dict) -> Headline | None:
+    """The strongest attack on a model's forget set (None when no attack ran), chosen as
+    the main headline chooses (:func:`privtune.report.headline.strongest_of`: on one half
+    of the people, quoted on the other, confounded attacks never) but two-sided: an
+    unlearned model that scores its forget records far *below* the base model's AUC on
+    them gives them away as surely as one far above. The largest AUC would pick an attack
+    that reads the records rather than the model (zlib at 0.64 where the base model, too,
+    scores 0.64) over one the unlearning pushed to 0.2."""
+    entries = [e for e in section.get("mia") or [] if isinstance(e, dict) and isinstance(e.get("attack"), str)]
+    return strongest_of(entries, two_sided=True) if entries else None
+
+
+def _strongest_cells(section: dict) -> dict:
+    head = forget_strongest(section)
+    if head is None:
+        return dict.fromkeys(("mia_auc", "mia_attack", "mia_advantage", "mia_direction", "mia_na"))
+    return {"mia_auc": head.figures.get("auc"), "mia_attack": f"{head.attack}/{head.level}" if head.attack else None,
+            "mia_advantage": head.figures.get("advantage"),
+            "mia_direction": ("higher" if head.direction > 0 else "lower") if head.attack else None,
+            "mia_na": head.reason}
+
+
 #: The CSV columns of the unlearning section (``unlearn_`` + key), for runs that have one.
+#: ``forget_mia_*``: the strongest attack on the forget set (:func:`forget_strongest`), its
+#: AUC and advantage over the base model on the report half, which way it reads
+#: (``lower``: forget records score below the base model's AUC), and why it is n/a.
 CSV_KEYS = ("source_label", "source_run", "retrain_run", "objective", "individuals", "forget_records",
             "retain_records", "forget_ce_s", "forget_ce_n", "forget_leakage_gain", "retain_ce_s", "retain_ce_n",
-            "retain_leakage_gain", "forget_mia_auc", "forget_mia_attack", "forget_mia_loss_auc", "forget_extraction")
+            "retain_leakage_gain", "forget_mia_auc", "forget_mia_attack", "forget_mia_advantage",
+            "forget_mia_direction", "forget_mia_na", "forget_mia_loss_auc", "forget_extraction")
 
 #: The source model's figures the CSV repeats beside them (``unlearn_source_`` + key).
-SOURCE_CSV_KEYS = ("forget_ce_s", "forget_leakage_gain", "forget_mia_auc", "forget_extraction", "retain_ce_n")
+SOURCE_CSV_KEYS = ("forget_ce_s", "forget_leakage_gain", "forget_mia_auc", "forget_mia_attack", "forget_extraction",
+                   "retain_ce_n")
+
+
+def _figures(section: dict) -> dict:
+    return {**section, **{f"forget_{k}": v for k, v in _strongest_cells(section).items()}}
 
 
 def csv_cells(run: dict) -> dict:
     """A run's unlearning numbers under their CSV names (the source model's as ``unlearn_source_*``)."""
     section = run.get("unlearning") or {}
-    source = section.get("source") or {}
-    cells: dict[str, object] = {f"unlearn_{k}": section.get(k) for k in CSV_KEYS}
+    figures, source = _figures(section), _figures(section.get("source") or {})
+    cells: dict[str, object] = {f"unlearn_{k}": figures.get(k) for k in CSV_KEYS}
     cells.update({f"unlearn_source_{k}": source.get(k) for k in SOURCE_CSV_KEYS})
     return cells
 
@@ -137,4 +169,3 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     if not any(r.get("unlearning") for r in runs):
         return []
     return [f"unlearn_{k}" for k in CSV_KEYS] + [f"unlearn_source_{k}" for k in SOURCE_CSV_KEYS]
-

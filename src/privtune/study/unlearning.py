@@ -15,9 +15,12 @@ holds (only extraction decodes anew):
 - the same on the retain members (the members not forgotten), and utility (CE_N on
   non-members);
 - membership inference of forget records against non-members, every score-based attack
-  of the study (:mod:`privtune.attacks.mia`); the retrained model never saw either set,
-  so its AUC is what "forgotten" looks like: near 0.5, and an unlearned model far *below*
-  it gives the forget set away just as surely (its records now look unusually unlikely);
+  of the study (:mod:`privtune.attacks.mia`), each with the base model's AUC on the same
+  records; the retrained model never saw the forget set, so its AUC is what "forgotten"
+  looks like (not 0.5: the records themselves differ), and an unlearned model far *below*
+  it gives the forget set away just as surely (its records now look unusually unlikely).
+  The strongest of them is chosen by the report, two-sided
+  (:func:`privtune.report.unlearning.forget_strongest`);
 - prefix extraction of the forget set's sensitive values (forget records as "members").
 
 An unlearning run's section also holds the same report for its source model, measured
@@ -65,11 +68,6 @@ def _method(ctx: StudyContext, label: str):
 
 
 
-def _strongest(entries: list[dict]) -> dict | None:
-    """The highest AUC; none where the forget set is too small for an AUC (it is then null)."""
-    return max((e for e in entries if e["auc"] is not None), key=lambda e: e["auc"], default=None)
-
-
 def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluation, forget: ForgetSet) -> dict:
     """What ``model`` still knows of the forget set, and what it kept of the rest."""
     members = ctx.data.members.records
@@ -78,6 +76,7 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
     base_f, base_r = ctx.base.members.rows(f_rows), ctx.base.members.rows(r_rows)
     out = {
         "individuals": len(forget.individuals), "forget_records": len(f_rows), "retain_records": len(r_rows),
+        "forget_rows": list(f_rows),  # member rows, for intervals from the runs' record_stats
         "forget_ce_s": mean_loss(own_f, True), "forget_ce_n": mean_loss(own_f, False),
         "forget_leakage_gain": mean_loss(base_f, True) - mean_loss(own_f, True),
         "retain_ce_s": mean_loss(own_r, True), "retain_ce_n": mean_loss(own_r, False),
@@ -93,11 +92,8 @@ def forget_report(ctx: StudyContext, model: torch.nn.Module, evaluation: Evaluat
                         scored_records(ctx, forget_records), scored_records(ctx, nonmembers),
                         levels=tuple(cfg.mia.levels), attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
                         base=(base_f, ctx.base.nonmembers), seed=ctx.cfg.data.seed)
-    strongest = _strongest(mia)
     loss = next((e for e in mia if e["attack"] == "loss" and e["level"] == "record"), None)
-    out.update(mia=mia, forget_mia_auc=strongest["auc"] if strongest else None,
-               forget_mia_attack=f"{strongest['attack']}/{strongest['level']}" if strongest else None,
-               forget_mia_loss_auc=loss["auc"] if loss else None)
+    out.update(mia=mia, forget_mia_loss_auc=loss["auc"] if loss else None)
     if cfg.extraction.enabled and any(r.spans for r in forget_records):
         ex = cfg.extraction
         extraction = prefix_extraction(model, ctx.loaded.tokenizer, forget_records, nonmembers,
