@@ -61,21 +61,12 @@ def _losses(run: dict, level: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def run_difference(a: dict, b: dict, measure: str, confidence: float = 0.95) -> Difference | None:
-    """``measure(a) − measure(b)`` paired over the records both were scored on, or None."""
-    level, group, sign = MEASURES[measure]
-    found = [_losses(r, level) for r in (a, b)]
-    stats_a, stats_b = a.get("record_stats") or {}, b.get("record_stats") or {}
-    if None in found or stats_a.get("person") is None or stats_a.get("person") != stats_b.get("person") \
-            or stats_a.get("n_members") != stats_b.get("n_members"):
-        return None
-    (nll_a, tokens), (nll_b, tokens_b) = found
-    if tokens.shape != tokens_b.shape or not np.array_equal(tokens, tokens_b):
-        return None  # not the same records
-    n_members = int(stats_a["n_members"])
-    rows = slice(0, n_members) if group == "members" else slice(n_members, None)
-    diff, tokens = sign * (nll_a - nll_b)[rows], tokens[rows]
-    people = np.asarray(stats_a["person"])[rows]
+def paired_difference(diff: np.ndarray, tokens: np.ndarray, people: np.ndarray,
+                      confidence: float = 0.95) -> Difference | None:
+    """The difference of two token means, ``Σ_i D_i / Σ_i T_i`` from each record's summed
+    loss difference ``D_i`` and token count ``T_i``, with its delta-method interval
+    clustered by ``people`` (one id per record); None when it has no tokens, a NaN, or
+    fewer than two people."""
     if tokens.sum() == 0 or np.isnan(diff).any():
         return None
     value = float(diff.sum() / tokens.sum())
@@ -87,3 +78,43 @@ def run_difference(a: dict, b: dict, measure: str, confidence: float = 0.95) -> 
     se = math.sqrt(c / (c - 1) * np.sum(by_person ** 2)) / tokens.sum()
     z = norm.ppf(0.5 + confidence / 2)
     return Difference(value, value - z * se, value + z * se, int(tokens.size), c)
+
+
+def _paired_losses(a: dict, b: dict, level: str):
+    """(a's summed NLL, b's, token counts, person per record) over the population, or
+    None when either run lacks per-record statistics or they were scored on other records."""
+    found = [_losses(r, level) for r in (a, b)]
+    stats_a, stats_b = a.get("record_stats") or {}, b.get("record_stats") or {}
+    if None in found or stats_a.get("person") is None or stats_a.get("person") != stats_b.get("person") \
+            or stats_a.get("n_members") != stats_b.get("n_members"):
+        return None
+    (nll_a, tokens), (nll_b, tokens_b) = found
+    if tokens.shape != tokens_b.shape or not np.array_equal(tokens, tokens_b):
+        return None  # not the same records
+    return nll_a, nll_b, tokens, np.asarray(stats_a["person"])
+
+
+def run_difference(a: dict, b: dict, measure: str, confidence: float = 0.95) -> Difference | None:
+    """``measure(a) − measure(b)`` paired over the records both were scored on, or None."""
+    level, group, sign = MEASURES[measure]
+    paired = _paired_losses(a, b, level)
+    if paired is None:
+        return None
+    nll_a, nll_b, tokens, people = paired
+    n_members = int(a["record_stats"]["n_members"])
+    rows = slice(0, n_members) if group == "members" else slice(n_members, None)
+    return paired_difference(sign * (nll_a - nll_b)[rows], tokens[rows], people[rows], confidence)
+
+
+def rows_difference(a: dict, b: dict, level: str, rows, confidence: float = 0.95) -> Difference | None:
+    """Run a's mean token loss at ``level`` (``sensitive``, ``non-sensitive``, ``record``)
+    minus run b's, over the population ``rows`` (indices: members first, then non-members)
+    both were scored on, or None."""
+    paired = _paired_losses(a, b, level)
+    if paired is None:
+        return None
+    nll_a, nll_b, tokens, people = paired
+    rows = np.asarray(rows, dtype=int)
+    if rows.size == 0 or rows.max() >= tokens.size:
+        return None
+    return paired_difference((nll_a - nll_b)[rows], tokens[rows], people[rows], confidence)
