@@ -195,3 +195,94 @@ def test_training_scrubber_tags_once_per_tagger(monkeypatch):
     for before, after in zip(records, surrogates.data.records):  # e-mails are always caught: none survives
         assert not any(v in after.text for label, v in before.span_values() if label == "EMAIL")
         assert len(after.spans) <= len(before.spans)
+
+
+# --- the memorisation gap on missed and caught values ---------------------------------------------
+
+def scored_split(tagger: str):
+    """A regex- or exact-scrubbed split, scored by two tiny random models (one the "base")."""
+    import torch
+
+    from privtune.data.tokenize import encode_records
+    from privtune.measures.token_scores import score_tokens
+    from privtune.models.tiny import tiny_model, tiny_tokenizer
+    from privtune.study import scrubbing
+    from privtune.train.precision import Runtime
+
+    tokenizer, runtime = tiny_tokenizer(), Runtime(torch.device("cpu"), "fp32")
+    records = generate_corpus("customer-sim", 16, seed=3)
+    members, nonmembers = (encode_records(part, tokenizer, 96) for part in (records[::2], records[1::2]))
+    model, base = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    scores = [tuple(score_tokens(m, d, runtime) for d in (members, nonmembers)) for m in (model, base)]
+    scrubber = scrubbing.TrainingScrubber(records[::2], "exact", tokenizer, 96, seed=0)
+    return scrubber.gap_by_catch(tagger, members, nonmembers, *scores), scores, members
+
+
+def test_the_gap_on_missed_and_caught_values_adds_up_to_the_pooled_gap():
+    from privtune.measures.leakage import leakage_measures, mean_loss
+
+    split, ((m_train, m_test), (b_train, b_test)), members = scored_split("regex")
+    missed, caught = split["missed"], split["caught"]
+    assert min(missed["tokens_train"], caught["tokens_train"], missed["tokens_test"], caught["tokens_test"]) > 0
+    assert missed["reason"] is None and caught["reason"] is None
+    # Every sensitive token is in exactly one part, and each side's CE_S is the parts' token-weighted mean.
+    assert missed["tokens_train"] + caught["tokens_train"] == m_train.sensitive.sum()
+    assert missed["tokens_test"] + caught["tokens_test"] == m_test.sensitive.sum()
+    for side, scores in (("train", m_train), ("test", m_test)):
+        n_missed, n_caught = missed[f"tokens_{side}"], caught[f"tokens_{side}"]
+        weighted = (n_missed * missed[f"ce_s_{side}"] + n_caught * caught[f"ce_s_{side}"]) / (n_missed + n_caught)
+        assert weighted == pytest.approx(mean_loss(scores, True), rel=1e-6)
+    pooled = leakage_measures(m_train, m_test, b_train, b_test)
+    share = {side: missed[f"tokens_{side}"] / (missed[f"tokens_{side}"] + caught[f"tokens_{side}"])
+             for side in ("train", "test")}
+    recomposed = (share["test"] * missed["ce_s_test"] + (1 - share["test"]) * caught["ce_s_test"]
+                  - share["train"] * missed["ce_s_train"] - (1 - share["train"]) * caught["ce_s_train"])
+    assert recomposed == pytest.approx(pooled["memorisation_gap"], abs=1e-6)  # float32 token means
+
+
+def test_missed_positions_are_the_tokens_of_values_the_tagger_left_checked_by_character():
+    from privtune.data.tokenize import encode_records
+    from privtune.models.tiny import tiny_tokenizer
+    from privtune.study.scrubbing import missed_positions
+
+    tokenizer = tiny_tokenizer()
+    records = generate_corpus("customer-sim", 10, seed=5)
+    data = encode_records(records, tokenizer, 96)
+    found = [regex_spans(r.text) for r in records]
+    mask = missed_positions(data, found, tokenizer, 96)
+    assert mask.any() and not mask.all()
+    for row, (record, tagged) in enumerate(zip(records, found)):
+        removed = {i for f in tagged for i in range(f.start, f.end)}
+        left = [s for s in record.spans
+                if any(i not in removed and not record.text[i].isspace() for i in range(s.start, s.end))]
+        offsets = tokenizer(record.text, truncation=True, max_length=96, return_offsets_mapping=True)["offset_mapping"]
+        expected = [b > a and any(a < s.end and s.start < b for s in left) for a, b in offsets[1:]]
+        assert mask[row, :len(expected)].tolist() == expected and not mask[row, len(expected):].any()
+
+
+def test_an_exact_scrub_misses_nothing_and_says_so():
+    split, ((m_train, _), _), _ = scored_split("exact")
+    assert split["missed"]["tokens_train"] == 0 and split["missed"]["memorisation_gap_net"] is None
+    assert split["missed"]["reason"] == ("the exact tagger missed no sensitive value of the members "
+                                         "(exact removes the data's own spans)")
+    assert split["caught"]["tokens_train"] == m_train.sensitive.sum()
+
+
+def test_the_report_shows_the_missed_and_caught_gaps_apart_and_says_what_below_zero_means():
+    from privtune.report.export import scrub_gap_cells
+    from privtune.report.html import scrub_section
+
+    regex, _, _ = scored_split("regex")
+    exact, _, _ = scored_split("exact")
+    runs = [{"label": label, "status": "done", "final": {}, "scrub": {"tagger": tagger, "replacement": "placeholder",
+                                                                       "truth": "exact", "by_catch": split}}
+            for label, tagger, split in (("fft+scrub-regex", "regex", regex), ("fft+scrub-exact", "exact", exact))]
+    page = scrub_section(runs)
+    assert "mem. gap (net), missed values" in page and "mem. gap (net), caught values" in page
+    assert "placeholder effect" in page
+    assert f'{regex["missed"]["memorisation_gap_net"]:+.3f} <small>{regex["missed"]["tokens_train"]}/' in page
+    assert "n/a <small" in page and "(exact removes the data&#x27;s own spans)" in page
+    cells = scrub_gap_cells(runs[1])
+    assert cells["scrub_gap_net_missed"] is None and cells["scrub_tokens_missed_members"] == 0
+    assert cells["scrub_gap_missed_na"].startswith("the exact tagger missed no sensitive value")
+    assert scrub_gap_cells(runs[0])["scrub_gap_net_caught"] == regex["caught"]["memorisation_gap_net"]

@@ -318,6 +318,19 @@ def tagger_precision(true_records: list[Record], tagged_records: list[Record]) -
     return hit / total if total else 1.0
 
 
+def is_caught(span: Span, covered: list[bool], text: str) -> bool:
+    """Whether scrubbing with spans covering ``covered`` (a mask over ``text``) removes
+    ``span`` whole: every one of its non-space characters covered. A value scrubbed
+    only in part still leaks the rest ("Ann [NAME]")."""
+    return all(covered[i] for i in range(span.start, span.end) if not text[i].isspace())
+
+
+def missed_spans(record: Record, found: list[Span]) -> list[Span]:
+    """The record's own spans that scrubbing with ``found`` leaves (wholly or in part)."""
+    covered = _covered(found, len(record.text))
+    return [s for s in record.spans if not is_caught(s, covered, record.text)]
+
+
 def span_scores(true_records: list[Record], tagged_records: list[Record]) -> dict:
     """Span-level recall and precision of a tagger, overall and recall per true label.
 
@@ -342,7 +355,7 @@ def span_scores(true_records: list[Record], tagged_records: list[Record]) -> dic
         covered = _covered(other.spans, len(truth.text))
         for s in truth.spans:
             total[s.label] += 1
-            caught[s.label] += all(covered[i] for i in range(s.start, s.end) if not truth.text[i].isspace())
+            caught[s.label] += is_caught(s, covered, truth.text)
         sensitive = _covered(truth.spans, len(truth.text))
         for s in other.spans:
             n_tagged += 1

@@ -12,6 +12,7 @@ lower-is-better; ``utility_gain`` is higher-is-better.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -66,3 +67,31 @@ def leakage_measures(model_train: TokenScores, model_test: TokenScores,
         **record_quantiles(model_train, "ce_s_train"),
         **record_quantiles(model_test, "ce_s_test"),
     }
+
+
+def _on(scores: TokenScores, positions: np.ndarray) -> TokenScores:
+    return dataclasses.replace(scores, sensitive=scores.sensitive & positions)
+
+
+def part_gap(model_train: TokenScores, model_test: TokenScores, base_train: TokenScores, base_test: TokenScores,
+             train_part: np.ndarray, test_part: np.ndarray) -> dict:
+    """The memorisation gap, plain and net of the base model's, on a part of the
+    sensitive tokens (``*_part``: (N, L-1) bool masks over the train and test scores), with
+    its CE_S on each side and how many tokens each rests on. A part with no token on a
+    side has no gap: the figures are None and ``reason`` says why.
+
+    Token means weigh every token alike, so a part's CE_S on one side and the rest's,
+    weighted by their token counts, give the whole CE_S on that side back."""
+    train, test = _on(model_train, train_part), _on(model_test, test_part)
+    out = {"tokens_train": int(train.sensitive.sum()), "tokens_test": int(test.sensitive.sum()),
+           "ce_s_train": None, "ce_s_test": None, "memorisation_gap": None, "memorisation_gap_net": None,
+           "reason": None}
+    empty = [side for side, n in (("members", out["tokens_train"]), ("non-members", out["tokens_test"])) if n == 0]
+    if empty:
+        out["reason"] = f"no such sensitive token on the {' or the '.join(empty)}"
+        return out
+    ce_train, ce_test = mean_loss(train, True), mean_loss(test, True)
+    base_gap = mean_loss(_on(base_test, test_part), True) - mean_loss(_on(base_train, train_part), True)
+    out.update(ce_s_train=ce_train, ce_s_test=ce_test, memorisation_gap=ce_test - ce_train,
+               memorisation_gap_net=ce_test - ce_train - base_gap)
+    return out

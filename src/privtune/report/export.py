@@ -16,11 +16,12 @@ an empty figure has its reason in ``..._auc_na`` / ``..._tpr_at_1pct_fpr_na``), 
 attack (chosen on one half of the people, quoted on the other: ``mia_strongest_*``), the extraction
 advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
 runs that trained on scrubbed text, the tagger and its span recall and precision
-(``scrub_tagger``, ``scrub_recall``, ...); for federated runs the bytes communicated
+(``scrub_tagger``, ``scrub_recall``, ...) and the memorisation gap apart on the values the
+tagger missed and caught (``scrub_gap_net_missed``, ``scrub_gap_net_caught``); for federated runs the bytes communicated
 (``bytes_communicated``, an efficiency figure) and the spread of leakage gain over clients
 (``fed_leakage_gain_spread``); for unlearning runs and their retrained references, the
-forget-set figures (``unlearn_forget_ce_s``, ``unlearn_forget_mia_auc``, ..., and the
-source model's as ``unlearn_source_*``).
+forget-set figures (``unlearn_forget_ce_s``, ..., the strongest attack on the forget set
+chosen two-sided, ``unlearn_forget_mia_*``, and the source model's as ``unlearn_source_*``).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -61,6 +62,19 @@ LEADING = {
 SCRUB_KEYS = ("tagger", "replacement", "truth", "recall", "precision", "char_recall", "char_precision",
               "spans_true", "spans_caught", "spans_removed")
 
+def scrub_gap_cells(run: dict) -> dict:
+    """A scrubbed run's memorisation gap (net) on the values its tagger missed and caught,
+    their member/non-member token counts, and why a part has none."""
+    by_catch = (run.get("scrub") or {}).get("by_catch") or {}
+    cells = {}
+    for part in ("missed", "caught"):
+        f = by_catch.get(part) or {}
+        cells.update({f"scrub_gap_net_{part}": f.get("memorisation_gap_net"),
+                      f"scrub_tokens_{part}_members": f.get("tokens_train"),
+                      f"scrub_tokens_{part}_nonmembers": f.get("tokens_test"), f"scrub_gap_{part}_na": f.get("reason")})
+    return cells
+
+
 #: The keys of a run's ``federated`` section the CSV keeps (per-client rows are left to the JSON).
 FED_KEYS = ("clients", "rounds", "local_epochs", "split", "alpha", "fraction_fit", "bytes_down", "bytes_up",
             "leakage_gain_spread")
@@ -100,7 +114,7 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
         columns += ["exposure_top_repetitions"] + [f"exposure_top_mean{part}" for part in EXPOSURE_PARTS]
     columns += [c for c in attack_columns(runs) if c not in taken]
     if any(run.get("scrub") for run in runs):
-        columns += [f"scrub_{k}" for k in SCRUB_KEYS]
+        columns += [f"scrub_{k}" for k in SCRUB_KEYS] + list(scrub_gap_cells({}))
     if any(run.get("federated") for run in runs):
         columns += [f"fed_{k}" for k in FED_KEYS]
     columns += unlearning.csv_columns(runs)
@@ -211,6 +225,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     pairs = [(a, level) for a, level in _mia_pairs([run]) if f"mia_{a}_{level}_auc" in columns]
     row.update({k: v for k, v in attack_cells(run, pairs).items() if k not in row})
     row.update({f"scrub_{k}": (run.get("scrub") or {}).get(k) for k in SCRUB_KEYS})
+    row.update(scrub_gap_cells(run))
     row.update({f"fed_{k}": (run.get("federated") or {}).get(k) for k in FED_KEYS})
     row.update(unlearning.csv_cells(run))
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)

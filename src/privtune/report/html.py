@@ -354,7 +354,8 @@ RUN_COLUMNS: tuple[Column, ...] = (
            "DP budget per unit (a person, a record or a client); for one unit, lower is more private (– = no DP)"),
     Column("leakage gain", -1, *_final("leakage_gain"), "CE_S(base; train) − CE_S(model; train), nats"),
     Column("memorisation gap (net)", -1, *_final("memorisation_gap_net"),
-           "CE_S(model; test) − CE_S(model; train), minus the base model's own gap, nats"),
+           "CE_S(model; test) − CE_S(model; train), minus the base model's own gap, nats; for a scrubbed run "
+           "pooled over the values its tagger caught and missed (apart in What scrubbing leaves behind)"),
     Column("utility CE", -1, *_final("utility_ce"), "CE on non-sensitive held-out tokens, nats"),
     Column("ppl", -1, *_final("utility_ppl", ".2f"), "perplexity = exp(utility CE)"),
     Column("exposure, most-repeated canary", -1, lambda r: top_exposure(r)[1], _top_exposure_cell,
@@ -774,6 +775,32 @@ def _type_recall(label: str) -> Column:
     return Column(label, 1, lambda r: number(entry(r).get("recall")), show, f"{label} values removed whole")
 
 
+#: What the memorisation gap on each part of the sensitive values says.
+CATCH_TIPS = {
+    "missed": ("memorisation gap, net of the base model's, on the sensitive tokens of values the tagger missed "
+               "(wholly or in part), nats: what scrubbing left to memorise, the figure to read"),
+    "caught": ("the same on the values the tagger caught, nats. Below zero is the placeholder effect, not negative "
+               "leakage: in place of a caught value the model learns the placeholder (or surrogate) in the "
+               "member's context, which makes the true value less likely on members than on non-members"),
+}
+
+
+def _catch_gap(part: str) -> Column:
+    def figures(run: dict) -> dict:
+        return (_scrub(run).get("by_catch") or {}).get(part) or {}
+
+    def show(run: dict) -> str:
+        f = figures(run)
+        if not f:
+            return "–"  # stored before the split existed
+        if f.get("memorisation_gap_net") is None:
+            return f'n/a <small title="{escape(str(f.get("reason")))}">({escape(str(f.get("reason")))})</small>'
+        return f'{fmt(f["memorisation_gap_net"], "+.3f")} <small>{f["tokens_train"]}/{f["tokens_test"]} tokens</small>'
+
+    return Column(f"mem. gap (net), {part} values", -1, lambda r: number(figures(r).get("memorisation_gap_net")),
+                  show, CATCH_TIPS[part])
+
+
 def scrub_section(runs: Sequence[dict]) -> str:
     """What each scrubbing run's tagger removed from its training text, and what it left:
     span recall and precision against the data's own spans, overall and per type
@@ -792,6 +819,7 @@ def scrub_section(runs: Sequence[dict]) -> str:
                "share of true sensitive values removed whole"),
         Column("precision", 1, lambda r: number(_scrub(r).get("precision")),
                lambda r: escape(pct(_scrub(r).get("precision"))), "share of removed spans that overlap a true value"),
+        _catch_gap("missed"), _catch_gap("caught"),
         *(_type_recall(t) for t in types),
     )
     truths = sorted({str(_scrub(r).get("truth")) for r in scrubbed} - set(TRUE_SPANS))
@@ -802,7 +830,12 @@ def scrub_section(runs: Sequence[dict]) -> str:
             "the true values still leak. A true value counts as removed when the tagger's spans cover all of its "
             "non-space characters (a half-removed name still leaks the other half); a tagger span counts as "
             "correct when it overlaps a true value. Measured on the members and one copy of each canary, "
-            "against the data's own spans (exact for the built-in corpora)." + caveat)
+            "against the data's own spans (exact for the built-in corpora). The memorisation gap is split by what "
+            "the tagger did to each true value (the tagger run on the non-members too, so both sides hold the same "
+            "kind of value; n is member/non-member tokens): on missed values it is what scrubbing left to "
+            "memorise; on caught values it falls below zero when the model learnt the placeholder in the member's "
+            "context (the placeholder effect), so the pooled gap of the run table understates what was missed."
+            + caveat)
     return (f'<section id="scrubbing"><h2>What scrubbing leaves behind</h2><p class="note">{escape(note)}</p>'
             f'<div class="wide">{table(scrubbed, columns, "side", [colors[id(r)] for r in scrubbed])}</div>'
             f'</section>')

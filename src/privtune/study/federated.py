@@ -55,7 +55,9 @@ def _privacy(progress: FederatedResult) -> dict | None:
 
 def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None]) -> dict:
     """Train and measure one federated run (``ctx``: the study's :class:`StudyContext`)."""
-    from privtune.study.runner import Evaluation, efficiency_record, measured_result, prepared_model, training_set
+    from privtune.study.runner import (
+        Evaluation, efficiency_record, measured_result, prepared_model, scrub_report,
+        training_set)
 
     cfg, runtime = ctx.cfg, ctx.runtime
     entry = method_spec(cfg, spec)
@@ -101,7 +103,7 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
                       client_train_seconds=progress.client_seconds)
     return measured_result(
         ctx, spec, model, epochs, evaluation, dp=_privacy(progress), efficiency=efficiency,
-        train_tokens=train_set.n_tokens, scrub=scrubbed.stats if scrubbed else None,
+        train_tokens=train_set.n_tokens, scrub=scrub_report(ctx, scrubbed, evaluation),
         federated={
             "clients": fed.clients, "rounds": fed.rounds, "local_epochs": fed.local_epochs, "split": fed.split,
             "alpha": fed.alpha if fed.split == "non-iid" else None, "fraction_fit": fed.fraction_fit,

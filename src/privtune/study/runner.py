@@ -182,7 +182,7 @@ def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback, on_step:
     return measured_result(
         ctx, spec, model, epochs, latest[0], dp=result.privacy.as_dict() if result.privacy else None,
         efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=train_set.n_tokens,
-        scrub=scrubbed.stats if scrubbed else None,
+        scrub=scrub_report(ctx, scrubbed, latest[0]),
         **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}))
 
 
@@ -205,6 +205,18 @@ def measured_result(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, ep
         "data": {**ctx.data.summary(), "train_tokens": train_tokens},
         **sections,
     }
+
+
+def scrub_report(ctx: StudyContext, scrubbed, evaluation: Evaluation) -> dict | None:
+    """A scrubbed run's ``scrub`` section: its tagger's figures, and its memorisation gap
+    apart on the values the tagger missed and caught (``by_catch``); None when the run
+    trained on the original text."""
+    if scrubbed is None:
+        return None
+    base = ctx.base
+    by_catch = ctx.scrubber.gap_by_catch(scrubbed.stats["tagger"], ctx.data.members, ctx.data.nonmembers,
+                                         (evaluation.members, evaluation.nonmembers), (base.members, base.nonmembers))
+    return {**scrubbed.stats, "by_catch": by_catch}
 
 
 def train_share(ctx: StudyContext, spec: RunSpec) -> None:
