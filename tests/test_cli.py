@@ -99,6 +99,11 @@ def test_summary_names_what_scrubbing_missed():
             {"label": "fft+scrub-exact", "status": "failed", "scrub": None}]
     assert cli.scrub_lines(runs) == ["fft+scrub-regex: regex scrubbing removed 69% of the true values whole "
                                      "(precision 100%); lowest recall: ADDRESS 0%, NAME 32%"]
+    scrub["by_catch"] = {"missed": {"memorisation_gap_net": 0.78}, "caught": {"memorisation_gap_net": -0.15}}
+    assert cli.scrub_lines(runs)[0].endswith("NAME 32%; memorisation gap (net) on missed values +0.78 nats, on "
+                                             "caught values -0.15 nats (below 0: the placeholder effect)")
+    scrub["by_catch"]["missed"] = {"memorisation_gap_net": None, "reason": "the exact tagger missed no value"}
+    assert "on missed values n/a (the exact tagger missed no value)" in cli.scrub_lines(runs)[0]
 
 
 def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):

@@ -338,8 +338,23 @@ def scrub_lines(runs: list[dict]) -> list[str]:
         worst = sorted((v["recall"], t) for t, v in scrub.get("per_type", {}).items() if v["recall"] < 1)[:3]
         missed = ", ".join(f"{t} {100 * rec:.0f}%" for rec, t in worst) or "none"
         lines.append(f"{r['label']}: {scrub['tagger']} scrubbing removed {100 * scrub['recall']:.0f}% of the true "
-                     f"values whole (precision {100 * scrub['precision']:.0f}%); lowest recall: {missed}")
+                     f"values whole (precision {100 * scrub['precision']:.0f}%); lowest recall: {missed}"
+                     + _catch_gaps(scrub.get("by_catch") or {}))
     return lines
+
+
+def _catch_gaps(by_catch: dict) -> str:
+    """The memorisation gap on missed and caught values, for a scrubbed run's line."""
+    if not by_catch:
+        return ""  # stored before the split existed
+    missed, caught = by_catch.get("missed") or {}, by_catch.get("caught") or {}
+
+    def gap(part: dict) -> str:
+        value = part.get("memorisation_gap_net")
+        return "n/a" if value is None else f"{value:+.2f} nats"
+    return (f"; memorisation gap (net) on missed values {gap(missed)}"
+            + (f" ({missed.get('reason')})" if missed.get("memorisation_gap_net") is None else "")
+            + f", on caught values {gap(caught)} (below 0: the placeholder effect)")
 
 
 def _quiet_hugging_face_bars() -> None:
