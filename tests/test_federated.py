@@ -196,6 +196,17 @@ def test_dp_fedavg_clips_each_update_and_noises_the_sum():
     assert np.std(arrays.to_numpy_ndarrays()[0]) == pytest.approx(2.0 * 0.5 / (0.5 * 4), rel=0.03)
 
 
+def test_a_client_update_of_exactly_zero_clips_to_itself():
+    settings = ClientDPSettings(noise_multiplier=0.0, clip_norm=0.5)
+    privacy = ClientPrivacy(noise_multiplier=0.0, clip_norm=0.5, sample_rate=1.0, rounds=3, delta=0.05, accountant="prv")
+    strategy = _strategy(FederatedSettings(clients=2, client_dp=settings), 2, privacy, 0, FederatedResult())
+    strategy.current = _record([1.0, 2.0])
+    # One client sends the parameters back unchanged (e.g. its local step size rounded to nothing).
+    arrays, norms = strategy._noisy_mean([_Reply(_record([1.0, 2.0])), _Reply(_record([4.0, 6.0]))])
+    assert norms == pytest.approx([0.0, 5.0])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [1.0 + 0.3 / 2, 2.0 + 0.4 / 2], atol=1e-6)
+
+
 def test_a_client_s_user_error_reaches_the_study_as_one_line():
     class Failed:
         error = type("E", (), {"reason": "ClientAppException: PrivtuneError: out of memory; lower it.\ntraceback"})

@@ -225,13 +225,25 @@ def _client_app(kit_id: str, kit_ref, seed: int):
     return app
 
 
+def clip_update(update: list[np.ndarray], clip_norm: float) -> float:
+    """Scale ``update`` in place to an L2 norm of at most ``clip_norm`` (FlatClip of
+    DP-FedAvg) and return its norm before clipping. A zero update clips to itself:
+    Flower's ``clip_inputs_inplace`` divides by the norm and fails on it."""
+    from flwr.supercore.differential_privacy import get_norm
+
+    norm = get_norm(update)
+    if norm > clip_norm:
+        for array in update:
+            array *= clip_norm / norm
+    return norm
+
+
 def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | None, seed: int,
               out: FederatedResult):
     """Flower's FedAvg, counting what it sends; Poisson sampling, clipping and noise under client DP."""
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
     from flwr.serverapp.strategy import FedAvg
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
-    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
     class PrivtuneFedAvg(FedAvg):
         def __init__(self):
@@ -304,8 +316,7 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
             norms = []
             for m in replies:
                 update = [np.subtract(x, y) for x, y in zip(m.content["arrays"].to_numpy_ndarrays(), current)]
-                norms.append(get_norm(update))
-                clip_inputs_inplace(update, privacy.clip_norm)
+                norms.append(clip_update(update, privacy.clip_norm))
                 for t, u in zip(total, update):
                     t += u
             scale = privacy.sample_rate * n_clients
