@@ -691,8 +691,9 @@ FIGURE_NOTES = {
                 "training data. At the dashed line the model ranks the true secret first. Filled markers are "
                 "exact ranks; hollow ones are not (bounded: the bar is the proven interval; estimated: sampled "
                 "only).",
-    "efficiency": "What each method costs to train. Memory is the peak resident set on CPU, allocated "
-                  "memory on GPU.",
+    "efficiency": "What each method costs to train. Memory is what the training added above what the process "
+                  "held when the run began (the model is loaded by then): the peak resident set on CPU, "
+                  "allocated memory on GPU; for a federated run, the largest client's training, in its worker.",
     "loss_quantiles": "The spread over records of the loss on sensitive tokens: 10th, 50th and 90th "
                       "percentile. Means hide the few records a model learnt by heart.",
     "mia_record": "Can an attacker tell a training record from a held-out one? One panel per attack, one "

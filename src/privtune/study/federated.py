@@ -44,6 +44,18 @@ def client_leakage(model_members: TokenScores, base_members: TokenScores, model_
     return out
 
 
+def client_memory(server: PeakMemory, client_peaks: list[float]) -> dict:
+    """Peak memory of a federated run: the clients train in Ray worker processes, so the
+    driver's probe sees only the server (aggregation, the per-round evaluation). The
+    headline is the most any one client's local training added (what a client device
+    needs, as a centralised run's figure is what its training needs); the server's is
+    kept beside it, and each client's is in ``per_client``. Each worker starts from its
+    own size, so no one "memory at start" goes with the headline."""
+    took_part = [p for p in client_peaks if not math.isnan(p)]
+    return {"peak_memory_bytes": max(took_part) if took_part else math.nan, "memory_at_start_bytes": math.nan,
+            "server_peak_memory_bytes": server.peak_bytes}
+
+
 def _privacy(progress: FederatedResult) -> dict | None:
     if progress.client_privacy is not None:
         return {**progress.client_privacy.as_dict(), "unit": "client"}
@@ -94,12 +106,15 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
     leakage = client_leakage(evaluation.members, ctx.base.members, evaluation.nonmembers, member_rows)
     for row, leak, rounds in zip(summary, leakage, progress.participation):
         row.update(leak, rounds=rounds)
+    for row, peak in zip(summary, progress.client_peak_memory):
+        row["peak_memory_bytes"] = peak
     for row, privacy in zip(summary, progress.record_privacy or []):
         row.update(epsilon=privacy["epsilon"], unit=privacy.get("unit"))
     as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
                           steps=progress.steps, tokens=progress.tokens)
     efficiency = efficiency_record(as_loop, memory, trainable, total, runtime, data_parallel=False)
-    efficiency.update(bytes_communicated=progress.bytes_down + progress.bytes_up,
+    efficiency.update(**client_memory(memory, progress.client_peak_memory),
+                      bytes_communicated=progress.bytes_down + progress.bytes_up,
                       client_train_seconds=progress.client_seconds)
     return measured_result(
         ctx, spec, model, epochs, evaluation, dp=_privacy(progress), efficiency=efficiency,

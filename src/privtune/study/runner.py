@@ -274,6 +274,7 @@ def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, t
         "tokens_per_second": result.tokens / result.seconds if result.seconds > 0 else math.nan,
         "steps": result.steps, "tokens": result.tokens,
         "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
+        "memory_at_start_bytes": memory.start_bytes,
         "trainable_params": trainable, "total_params": total,
         "flops_estimate": training_flops(total, trainable, result.tokens),
         "device": str(runtime.device), "precision": runtime.precision,

@@ -143,9 +143,6 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     epochs = [{"epoch": 0, **source_eval.measures, **forget_curve(source_eval, forget, members), "epsilon": None}]
     on_epoch(0, {k: v for k, v in epochs[0].items() if k != "epoch"})
     latest = [source_eval]
-    reference = None
-    if objective.retain == "kl" and settings["unlearn"]["retain_weight"] > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def after_epoch(epoch: int, progress) -> None:
         evaluation = ctx.evaluate(model)
@@ -158,7 +155,10 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
                        physical_batch_size=cfg.train.physical_batch_size, lr=settings["lr"],
                        weight_decay=settings["weight_decay"], seed=spec.seed, beta=settings["unlearn"]["beta"],
                        retain_weight=settings["unlearn"]["retain_weight"])
-    with PeakMemory(runtime.device) as memory:
+    with PeakMemory(runtime.device) as memory:  # the KL reference is this objective's memory: copied inside
+        reference = None
+        if objective.retain == "kl" and settings["unlearn"]["retain_weight"] > 0:
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
         result = unlearn(model, forget_data, retain_data, plan, runtime, reference=reference,
                          on_epoch_end=after_epoch, on_step=on_step)
     del reference

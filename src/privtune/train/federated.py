@@ -67,6 +67,7 @@ import torch
 from privtune.config import ClientDPSettings, FederatedSettings
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
+from privtune.measures.efficiency import PeakMemory
 from privtune.train import dp, streams
 from privtune.train.loop import TrainPlan, plan_privacy, privacy_units, train
 from privtune.train.precision import Runtime
@@ -144,6 +145,9 @@ class FederatedResult:
     client_privacy: ClientPrivacy | None = None
     #: per client, DP-SGD inside it (``dp-`` methods): noise, sample rate, steps, unit, epsilon
     record_privacy: list[dict] | None = None
+    #: per client, the most memory its local training added in its worker process (over
+    #: the rounds it took part in; NaN if it never did), as :class:`PeakMemory` measures it
+    client_peak_memory: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -214,15 +218,29 @@ def _client_app(kit_id: str, kit_ref, seed: int):
         plan = kit.plans[client]
         plan = replace(plan, seed=client_seed(seed, server_round, client, plan.dp is not None))
         try:
-            result = train(kit.model, kit.data[client], plan, kit.runtime)
+            with PeakMemory(kit.runtime.device) as memory:  # in this worker: the driver cannot see it
+                result = train(kit.model, kit.data[client], plan, kit.runtime)
         except PrivtuneError as e:  # Flower keeps only the text: mark it as the user's to fix
             raise RuntimeError(f"PrivtuneError: {e.one_line()}") from None
         metrics = {"num-examples": len(kit.data[client]), "client": client, "steps": result.steps,
-                   "tokens": result.tokens, "seconds": result.seconds}
+                   "tokens": result.tokens, "seconds": result.seconds, "peak-memory-bytes": memory.peak_bytes}
         return Message(RecordDict({"arrays": to_arrays(kit.model, kit.names), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
     return app
+
+
+def clip_update(update: list[np.ndarray], clip_norm: float) -> float:
+    """Scale ``update`` in place to an L2 norm of at most ``clip_norm`` (FlatClip of
+    DP-FedAvg) and return its norm before clipping. A zero update clips to itself:
+    Flower's ``clip_inputs_inplace`` divides by the norm and fails on it."""
+    from flwr.supercore.differential_privacy import get_norm
+
+    norm = get_norm(update)
+    if norm > clip_norm:
+        for array in update:
+            array *= clip_norm / norm
+    return norm
 
 
 def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | None, seed: int,
@@ -231,7 +249,6 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
     from flwr.serverapp.strategy import FedAvg
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
-    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
     class PrivtuneFedAvg(FedAvg):
         def __init__(self):
@@ -285,7 +302,10 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
             out.bytes_up += up
             for m in replies:
                 metrics = m.content["metrics"]
-                out.participation[int(metrics["client"])] += 1
+                client = int(metrics["client"])
+                out.participation[client] += 1
+                out.client_peak_memory[client] = float(np.fmax(out.client_peak_memory[client],
+                                                               metrics["peak-memory-bytes"]))
                 out.steps += int(metrics["steps"])
                 out.tokens += int(metrics["tokens"])
                 out.client_seconds += float(metrics["seconds"])
@@ -304,8 +324,7 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
             norms = []
             for m in replies:
                 update = [np.subtract(x, y) for x, y in zip(m.content["arrays"].to_numpy_ndarrays(), current)]
-                norms.append(get_norm(update))
-                clip_inputs_inplace(update, privacy.clip_norm)
+                norms.append(clip_update(update, privacy.clip_norm))
                 for t, u in zip(total, update):
                     t += u
             scale = privacy.sample_rate * n_clients
@@ -370,7 +389,7 @@ def federated_train(model: torch.nn.Module, clients: list[EncodedDataset], plan:
     if any(len(c) == 0 for c in clients):
         raise PrivtuneError("a federated client holds no records", "use fewer federated.clients")
     n = len(clients)
-    out = FederatedResult(participation=[0] * n)
+    out = FederatedResult(participation=[0] * n, client_peak_memory=[math.nan] * n)
     if fed.client_dp is not None:
         out.client_privacy = plan_client_privacy(fed.client_dp, n, fed.fraction_fit, fed.rounds)
     plans = local_plans(plan, clients, fed.rounds)
