@@ -203,3 +203,34 @@ def test_saved_artifacts_are_private(tmp_path, usual_umask):
     (run_dir,) = artifacts.iterdir()
     assert mode(artifacts) == mode(run_dir) == 0o700
     assert json.loads((run_dir / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_values_a_model_gives_up_are_counted_never_written(tmp_path, monkeypatch, capsys):
+    """A model that recovers every attacked value: the database, report, CSV and JSON hold
+    the extraction rates and none of the values."""
+    from privtune.attacks import extraction
+    from privtune.config import parse_config
+    from privtune.study.dataset import build_study_records
+    from privtune.study.driver import run_study
+
+    def recites(model, tokenizer, prompts, *, greedy=True, n_samples=1, targets, **_):
+        return [[target] * (1 if greedy else n_samples) for target in targets]
+
+    monkeypatch.setattr(extraction, "generate_continuations", recites)
+    path = write_study(tmp_path, attacks={"mia": {"attacks": ["loss"]},
+                                          "extraction": {"n_samples": 1, "pii_inference": False}})
+    cfg = parse_config(yaml.safe_load(path.read_text()))
+    assert run_study(cfg, show_progress=False).failed == {}
+    code, _, err = run_cli(monkeypatch, capsys, "report", "-o", cfg.output_dir)
+    assert code == 0, err
+
+    runs = json.loads((tmp_path / "out" / "reports" / "default" / "runs.json").read_text())
+    assert {r["attacks"]["extraction"]["greedy"]["ALL"]["member_rate"] for r in runs} == {1.0}
+    members = build_study_records(cfg).members
+    values = {r.text[s.start:s.end] for r in members for s in r.spans}
+    values = {v for v in values if sum(c.isalnum() for c in v) >= 6}  # long enough not to occur by chance
+    assert values
+    for written in (tmp_path / "out").rglob("*"):
+        if written.is_file():
+            content = written.read_bytes().decode("utf-8", errors="replace")
+            assert not [v for v in values if v in content], written
