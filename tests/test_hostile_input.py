@@ -144,14 +144,21 @@ def test_an_unknown_device_fails_when_the_config_loads(tmp_path, monkeypatch, ca
 
 # --- finding 5 and 15: Rich markup in what users wrote ---------------------------------------
 
-def test_markup_in_a_label_or_a_path_is_printed_as_written(tmp_path, monkeypatch, capsys):
+def test_markup_in_a_path_is_printed_as_written(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "d[/]x[bold].jsonl"
-    path = write_study(tmp_path, data={"source": str(missing)},
-                       methods=[{"method": "lora", "label": "mk[/]x[/bold]", "lora": {"r": 2}}])
+    path = write_study(tmp_path, data={"source": str(missing)})
     code, out, err = run_cli(monkeypatch, capsys, "run", str(path))
-    assert "mk[/]x[/bold]" in out  # the banner
+    assert str(missing) in out  # the banner
     assert code == 2
     assert_one_line_error(code, err, f"data file {missing} not found")
+
+
+def test_a_study_whose_label_is_markup_runs_and_shows_it_as_written(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, attacks={"enabled": False},
+                       methods=[{"method": "lora", "label": "mk[/]x[/bold]", "lora": {"r": 2}}])
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--no-report", str(path))
+    assert code == 0, err
+    assert out.count("mk[/]x[/bold]") >= 3  # the banner, the progress bar, the summary
 
 
 def test_missing_ray_extra_is_one_line_with_its_brackets_before_anything_happens(tmp_path, monkeypatch, capsys):

@@ -251,9 +251,8 @@ def _load_runs(output_dir: str, study: str) -> list[dict]:
 
 def _write_report(output_dir: str, study: str) -> Path:
     from privtune import __version__
-    from privtune.report import write_csv, write_json, write_report
-
     from privtune.files import inside, private_dir, slug, writable_dir_problem
+    from privtune.report import write_csv, write_json, write_report
 
     runs = _load_runs(output_dir, study)
     problem = writable_dir_problem(Path(output_dir) / "reports")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privtune.errors import PrivtuneError
@@ -75,10 +76,11 @@ class LocalExecutor(Executor):
         from privtune.study.runner import execute_run
 
         steps = _total_steps(self._context, spec) or 1
-        task = progress.add_task(spec.label, total=steps)
+        label = escape(spec.label)  # the bar's description is Rich markup; a label is the user's text
+        task = progress.add_task(label, total=steps)
         for attempt in range(1, self.retries + 2):
             hooks.started(spec)
-            progress.reset(task, total=steps, description=spec.label if attempt == 1 else f"{spec.label} (retry)")
+            progress.reset(task, total=steps, description=label if attempt == 1 else f"{label} (retry)")
             try:
                 result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
                                      on_step=lambda: progress.advance(task))
