@@ -125,6 +125,14 @@ def test_output_dir_that_is_a_file_or_under_one_fails_before_any_model_loads(tmp
         assert_one_line_error(code, err, "--output-dir", "is a file, not a folder")
 
 
+def test_data_export_into_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").write_text("a file")
+    code, _, err = run_cli(monkeypatch, capsys, "data", "export", str(write_study(tmp_path)),
+                           "--out", str(tmp_path / "taken"))
+    assert code == 2
+    assert_one_line_error(code, err, "--out", "is a file, not a folder")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
 def test_output_dir_in_a_read_only_folder(tmp_path, monkeypatch, capsys):
     locked = tmp_path / "locked"
@@ -241,3 +249,15 @@ def test_values_a_model_gives_up_are_counted_never_written(tmp_path, monkeypatch
         if written.is_file():
             content = written.read_bytes().decode("utf-8", errors="replace")
             assert not [v for v in values if v in content], written
+
+
+def test_a_crash_log_is_private(tmp_path, usual_umask):
+    from privtune.study.executor import _crash_report
+    from privtune.study.plan import plan_study
+    from privtune.config import parse_config
+
+    spec = plan_study(parse_config(yaml.safe_load(write_study(tmp_path).read_text())))[1]
+    line = _crash_report(spec, RuntimeError("out of memory near 'Jane Doe'"), 1, tmp_path / "out" / "logs")
+    (log,) = (tmp_path / "out" / "logs").iterdir()
+    assert str(log) in line and "Jane Doe" in log.read_text()
+    assert mode(log.parent) == 0o700 and mode(log) == 0o600

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from privtune.errors import PrivtuneError
+from privtune.files import inside, private_dir, slug, writable_dir_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune language models on sensitive data and measure what each method leaks.")
@@ -160,6 +161,9 @@ def data_export(config: Path = typer.Argument(None, help="study YAML; default: t
     from privtune.study.external import export_study_data
 
     cfg = load_config(config)
+    problem = writable_dir_problem(out)
+    if problem:
+        raise PrivtuneError(f"--out {out}: {problem}", "give a folder you can write to")
     recs = build_study_records(cfg)
     counts = export_study_data(cfg, out, recs)
     for name, n in counts.items():
@@ -251,7 +255,6 @@ def _load_runs(output_dir: str, study: str) -> list[dict]:
 
 def _write_report(output_dir: str, study: str) -> Path:
     from privtune import __version__
-    from privtune.files import inside, private_dir, slug, writable_dir_problem
     from privtune.report import write_csv, write_json, write_report
 
     runs = _load_runs(output_dir, study)

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privtune.errors import PrivtuneError
+from privtune.files import private_dir, private_file
 from privtune.study.plan import RunSpec
 
 
@@ -104,9 +105,8 @@ def _crash_report(spec: RunSpec, error: Exception, attempt: int, log_dir: Path |
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"{spec.run_id}-attempt{attempt}.txt"
-        path.write_text("".join(traceback.format_exception(error)))
+        path = private_dir(log_dir) / f"{spec.run_id}-attempt{attempt}.txt"
+        private_file(path).write_text("".join(traceback.format_exception(error)))  # it may quote the data
         line += f" (traceback: {path})"
     return line
 
