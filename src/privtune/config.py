@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privtune.errors import PrivtuneError
+from privtune.files import slug_problem, writable_dir_problem
 from privtune.train.methods import METHODS, NO_DP_VARIANT
 from privtune.train.unlearn_objectives import DEFAULT_BETA, OBJECTIVES
 
@@ -316,6 +318,9 @@ class UnlearnSettings(_Strict):
                                 "unlearn-npo (> 0: NPO plus retain NLL); unlearn-ga has none")
 
 
+#: The devices torch names the way privtune accepts them.
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
 #: The method-specific settings sections a ``methods`` entry may hold.
 SETTINGS_FIELDS = ("lora", "prefix", "prompt", "ia3")
 
@@ -413,7 +418,8 @@ _SETTINGS_MODELS = {"lora": LoraSettings, "prefix": PrefixSettings, "prompt": Pr
 
 
 class StudyConfig(_Strict):
-    name: str = Field("default", description="study name; runs and reports are grouped by it")
+    name: str = Field("default", description="study name; runs and reports are grouped by it (letters, digits, "
+                                             "-, _ and ., not starting with .: the report's folder is named after it)")
     model: str = Field("smollm2-135m", description="registered name or a Hugging Face checkpoint directory")
     data: DataConfig = Field(default_factory=DataConfig)
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
@@ -422,7 +428,7 @@ class StudyConfig(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     methods: list[MethodSpec] = Field(min_length=1, description="the fine-tuning runs to compare")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per method and seed")
-    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N, mps")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast where the hardware has it natively, else fp32")
     eval_batch_size: int = Field(16, ge=1, description="records per forward pass when measuring")
@@ -434,6 +440,33 @@ class StudyConfig(_Strict):
     @classmethod
     def _known_model(cls, name: str) -> str:
         return _model_name(name)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        problem = slug_problem(name)
+        if problem:
+            raise ValueError(f"study name {name!r} {problem}")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+        return device
+
+    def writing_to(self, override: str | None = None) -> "StudyConfig":
+        """This study writing into ``override`` (``--output-dir``) or its own
+        ``output_dir``, once that is known to be a folder privtune can create or write
+        into: checked by the commands that write, before any model loads (not by the
+        validation itself, which Ray workers repeat on machines of their own)."""
+        path = override or self.output_dir
+        problem = writable_dir_problem(path)
+        if problem:
+            where = "--output-dir" if override else "output_dir"
+            raise PrivtuneError(f"{where} {path}: {problem}", "give a folder you can write to")
+        return self.model_copy(update={"output_dir": path}) if override else self
 
     @field_validator("methods")
     @classmethod

@@ -58,7 +58,8 @@ def preview_renderable(records: list[Record], limit: int = 5) -> RenderableType:
         legend.append(f" {label} ", style=label_style(label)).append(f" {n}  ")
     if not counts:
         legend.append("none (no sensitive spans)", style="bold red")
-    panels = [Panel(record_text(r), title=r.id, subtitle=f"individual {r.individual}, {_n_spans(r)}",
+    # Text, not str: ids come from the user's file, and a str title would be read as Rich markup.
+    panels = [Panel(record_text(r), title=Text(r.id), subtitle=Text(f"individual {r.individual}, {_n_spans(r)}"),
                     title_align="left", subtitle_align="right") for r in shown]
     parts: list[RenderableType] = [legend, *panels]
     if len(records) > len(shown):

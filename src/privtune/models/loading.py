@@ -92,6 +92,8 @@ def load_tokenizer(name_or_path: str, *, cache_dir: Path | None = None) -> PreTr
 
 def _from_pretrained(where: str, spec: ModelSpec, *, trust_remote_code: bool, local_only: bool = False):
     """Model and tokenizer via ``from_pretrained``, with loading failures made user errors."""
+    if Path(where).is_dir():
+        check_safetensors(where)
     options = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     # transformers 5.23 does not pass local_files_only on to its PEFT adapter lookup.
     adapter = {"local_files_only": True} if local_only else None
@@ -102,6 +104,26 @@ def _from_pretrained(where: str, spec: ModelSpec, *, trust_remote_code: bool, lo
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise _load_error(spec, err) from err
     return model, tokenizer
+
+
+def check_safetensors(directory: str | Path) -> None:
+    """Every ``*.safetensors`` file in ``directory`` has a whole header and as many bytes as
+    it declares: a truncated download or copy would otherwise fail inside the loader
+    with a ``SafetensorError`` traceback.
+
+    Raises:
+        PrivtuneError: naming the first unreadable file and what is wrong with it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            reason = str(err).strip().splitlines()[0].removeprefix("Error while deserializing header: ")
+            raise PrivtuneError(f"{path} is not a readable safetensors file ({reason}): it is truncated or "
+                                "corrupt", "copy or save it again") from None
 
 
 def _from_hub(spec: ModelSpec, *, trust_remote_code: bool):

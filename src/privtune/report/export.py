@@ -38,6 +38,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from privtune.files import private_dir, private_file
 from privtune.report import attack_plots, exposure, unlearning
 from privtune.report.attack_plots import ALL, auc, interval, mia_entry, tpr_at
 from privtune.report.headline import strongest_attack
@@ -81,10 +82,13 @@ FED_KEYS = ("clients", "rounds", "local_epochs", "split", "alpha", "fraction_fit
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder; readable by
+    its owner only, as what a study reports can identify people (``privtune.files``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.unlink(missing_ok=True)  # one a crash left keeps its mode
+    private_file(partial)
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
     return path

@@ -35,6 +35,7 @@ from string import Template
 import matplotlib.pyplot as plt
 
 from privtune.errors import PrivtuneError
+from privtune.files import private_dir, private_file
 from privtune.report import attack_plots, exposure, plots
 from privtune.report.federated import federated_section
 from privtune.report.attack_plots import (
@@ -735,8 +736,7 @@ def figure_section(name: str, title: str, fig, runs: Sequence[dict], figures_dir
     width = fig.get_figwidth() * DISPLAY_PX_PER_INCH
     png = render_png(fig)
     if figures_dir is not None:
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        (figures_dir / f"{name}.png").write_bytes(png)
+        private_file(private_dir(figures_dir) / f"{name}.png").write_bytes(png)
     data = base64.b64encode(png).decode("ascii")
     colors = {id(r): s.color for r, s in zip(runs, styles(runs))}  # as in the figures
     side_runs, columns = {**side_columns(runs), **attack_side_columns(runs)}.get(name, ([], ()))

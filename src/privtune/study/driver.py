@@ -14,7 +14,7 @@ from pathlib import Path
 
 from privtune.config import StudyConfig
 from privtune.data.digest import short
-from privtune.models.loading import load_tokenizer
+from privtune.models.loading import check_safetensors, load_tokenizer
 from privtune.study.dataset import build_study_records, study_digests
 from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
@@ -128,6 +128,8 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
     from privtune.study.runner import StudyContext, execute_run
 
     label = audit_label(cfg, model_ref, label)
+    if Path(model_ref).is_dir():  # a corrupt file fails now, not after the base run
+        check_safetensors(model_ref)
     run_id, run_cfg = audit_config(cfg, model_ref, label)
     ctx = StudyContext.build(cfg)
     store = open_store(cfg)

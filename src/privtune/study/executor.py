@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privtune.errors import PrivtuneError
+from privtune.files import private_dir, private_file
 from privtune.study.plan import RunSpec
 
 
@@ -75,10 +77,11 @@ class LocalExecutor(Executor):
         from privtune.study.runner import execute_run
 
         steps = _total_steps(self._context, spec) or 1
-        task = progress.add_task(spec.label, total=steps)
+        label = escape(spec.label)  # the bar's description is Rich markup; a label is the user's text
+        task = progress.add_task(label, total=steps)
         for attempt in range(1, self.retries + 2):
             hooks.started(spec)
-            progress.reset(task, total=steps, description=spec.label if attempt == 1 else f"{spec.label} (retry)")
+            progress.reset(task, total=steps, description=label if attempt == 1 else f"{label} (retry)")
             try:
                 result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
                                      on_step=lambda: progress.advance(task))
@@ -102,9 +105,8 @@ def _crash_report(spec: RunSpec, error: Exception, attempt: int, log_dir: Path |
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"{spec.run_id}-attempt{attempt}.txt"
-        path.write_text("".join(traceback.format_exception(error)))
+        path = private_dir(log_dir) / f"{spec.run_id}-attempt{attempt}.txt"
+        private_file(path).write_text("".join(traceback.format_exception(error)))  # it may quote the data
         line += f" (traceback: {path})"
     return line
 

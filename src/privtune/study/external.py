@@ -22,8 +22,9 @@ from transformers import AutoTokenizer
 from privtune.config import StudyConfig, config_hash
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
+from privtune.files import private_dir, private_file
 from privtune.measures.efficiency import count_parameters
-from privtune.models.loading import load_model
+from privtune.models.loading import check_safetensors, load_model
 from privtune.study import attacking
 from privtune.study.dataset import StudyRecords, build_study_records
 from privtune.study.plan import plan_study, shared_config
@@ -35,13 +36,15 @@ AUDIT_METHOD = "audit"
 def export_study_data(cfg: StudyConfig, out_dir: str | Path, recs: StudyRecords | None = None) -> dict[str, int]:
     """Write ``train.jsonl`` (members, canary copies, poison), ``members.jsonl`` and
     ``nonmembers.jsonl`` of ``recs`` (default: the study's) in the format ``data.source``
-    reads; returns records per file."""
+    reads, readable by their owner only (they hold the whole training text); returns
+    records per file."""
     recs = recs if recs is not None else build_study_records(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(out_dir)
     files = {"train.jsonl": recs.train, "members.jsonl": recs.members, "nonmembers.jsonl": recs.nonmembers}
     for name, records in files.items():
-        with open(out_dir / name, "w", encoding="utf-8") as f:
+        path = out_dir / name
+        path.unlink(missing_ok=True)  # a file left by an earlier export may be readable by others
+        with open(private_file(path), "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(_row(record), ensure_ascii=False) + "\n")
     return {name: len(records) for name, records in files.items()}
@@ -68,6 +71,8 @@ def load_audited_model(ctx, model_ref: str) -> torch.nn.Module:
     path = Path(model_ref)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
+
+        check_safetensors(path)  # also checked before the audit starts; the files may change meanwhile
 
         if (path / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(path)

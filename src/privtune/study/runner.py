@@ -22,6 +22,7 @@ import torch
 
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
+from privtune.files import private_dir
 from privtune.measures.efficiency import PeakMemory, count_parameters, training_flops
 from privtune.measures.exposure import canary_exposure
 from privtune.measures.leakage import leakage_measures
@@ -332,6 +333,7 @@ def save_artifact(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module) -> P
     final = ctx.artifacts_dir / spec.run_id
     partial = ctx.artifacts_dir / f".{spec.run_id}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
+    private_dir(partial)  # mode 700: the weights can be prompted for what they memorised
     model.save_pretrained(partial, safe_serialization=True)
     ctx.loaded.tokenizer.save_pretrained(partial)
     shutil.rmtree(final, ignore_errors=True)
