@@ -173,3 +173,27 @@ def test_stages_are_timed_exclusively_and_add_up_to_the_wall_time():
     with stage("outside any run") as counter:  # no timer: the block runs, nothing is recorded
         counter.advance()
     assert "outside any run" not in {s["stage"] for s in timer.record("this process")["stages"]}
+
+
+def timed_run(label, load_mean, stages, method="lora"):
+    return {"label": label, "method": method, "status": "done",
+            "timing": {"wall_seconds": sum(stages.values()), "cpu_seconds": 1.0, "cpus": 2,
+                       "load_mean": load_mean, "cpu_covers": "this process, all its threads",
+                       "stages": [{"stage": k, "seconds": v, "cpu_seconds": v, "count": 1} for k, v in stages.items()]}}
+
+
+def test_report_flags_runs_under_a_different_load_and_shows_every_stage():
+    from privtune.report.timing import LOAD_SPREAD, timing_section, uneven_load
+
+    runs = [timed_run("base", 2.0, {"base model scores": 3.0, "other": 0.1}, method="base"),
+            timed_run("fft", 2.2, {"training": 60.0, "measures": 5.0, "other": 0.2}, method="fft"),
+            timed_run("lora", 2.1, {"training": 40.0, "extraction": 12.0, "other": 0.2}),
+            timed_run("dp-lora", 2.0 + 2 * (2 * LOAD_SPREAD + 0.01), {"training": 90.0, "other": 0.1})]
+    median, flagged = uneven_load(runs)
+    assert median == pytest.approx(1.075) and [r["label"] for r in flagged] == ["dp-lora"]  # per CPU: 1.0-1.1, 1.51
+    html = timing_section(runs)
+    heads = html.split("<thead>")[1].split("</thead>")[0]
+    assert heads.index("training") < heads.index("measures") < heads.index("extraction") \
+        < heads.index("base model scores") < heads.index("other")
+    assert html.count("⚠") == 2 and "dp-lora: load per CPU more than 0.25" in html
+    assert timing_section([{**runs[1], "timing": None}]) == ""  # runs stored before timing: no section
