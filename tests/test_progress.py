@@ -197,3 +197,17 @@ def test_report_flags_runs_under_a_different_load_and_shows_every_stage():
         < heads.index("base model scores") < heads.index("other")
     assert html.count("⚠") == 2 and "dp-lora: load per CPU more than 0.25" in html
     assert timing_section([{**runs[1], "timing": None}]) == ""  # runs stored before timing: no section
+
+
+def test_background_load_keeps_k_processes_busy_and_stops_them():
+    import psutil
+
+    from privtune.measures.load import BackgroundLoad
+
+    with BackgroundLoad(2) as load:
+        processes = [psutil.Process(p.pid) for p in load.processes]
+        deadline = time.monotonic() + 20  # on a busy machine they get their share late
+        while time.monotonic() < deadline and not all(p.cpu_times().user > 0.05 for p in processes):
+            time.sleep(0.1)
+        assert len(processes) == 2 and all(p.cpu_times().user > 0.05 for p in processes)  # spinning, not waiting
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)

@@ -20,8 +20,9 @@ quiet and a loaded machine from one command.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -75,36 +76,28 @@ class LoadSampler:
                 "load_max": max(finite) if finite else math.nan, "cpus": usable_cpus()}
 
 
-def _spin() -> None:
-    while True:
-        pass
-
-
 class BackgroundLoad:
     """Context manager: ``k`` processes spinning on the CPU while it is open, stopped at exit.
 
-    Processes rather than threads, so that Python's GIL does not serialise them and each
-    one keeps a CPU busy, as another user's job would.
+    Separate Python interpreters running a busy loop, as another user's jobs would: no
+    GIL shared with this process, and nothing of its state (threads, torch) copied.
     """
+
+    SPIN = "while True: pass"
 
     def __init__(self, k: int):
         if k < 0:
             raise ValueError(f"background load must be 0 or more processes, got {k}")
         self.k = k
-        self._processes: list[multiprocessing.Process] = []
+        self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> "BackgroundLoad":
-        context = multiprocessing.get_context("spawn")  # no copy of the parent's torch state
-        for _ in range(self.k):
-            process = context.Process(target=_spin, daemon=True)
-            process.start()
-            self._processes.append(process)
+        self.processes = [subprocess.Popen([sys.executable, "-c", self.SPIN]) for _ in range(self.k)]
         return self
 
     def __exit__(self, *exc) -> None:
-        for process in self._processes:
+        for process in self.processes:
             process.terminate()
-        for process in self._processes:
-            process.join()
-        self._processes.clear()
-
+        for process in self.processes:
+            process.wait()
+        self.processes = []
