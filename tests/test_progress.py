@@ -211,3 +211,25 @@ def test_background_load_keeps_k_processes_busy_and_stops_them():
             time.sleep(0.1)
         assert len(processes) == 2 and all(p.cpu_times().user > 0.05 for p in processes)  # spinning, not waiting
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
+
+
+def test_rich_bars_show_each_run_at_its_innermost_stage():
+    from rich.console import Console
+
+    from privtune.study.progress import RichProgress
+
+    out = io.StringIO()
+    sink = RichProgress(Console(file=out, force_terminal=True, width=120))
+    sink.study_started(1)
+    sink.run_started("fft")
+    sink.stage_started("fft", "training", 4)
+    sink.stage_advanced("fft", "training", 2, 4)
+    sink.stage_started("fft", "measures", None)
+    assert sink._progress.tasks[-1].description == "fft · measures"
+    sink.stage_finished("fft", "measures", 0.1)
+    task = sink._progress.tasks[-1]
+    assert (task.description, task.completed, task.total) == ("fft · training", 2, 4)  # back to the enclosing stage
+    sink.stage_finished("fft", "training", 1.0)
+    sink.run_finished("fft", "done", 1.5)
+    sink.study_finished()
+    assert "fft · done in 1.5s" in out.getvalue()

@@ -86,7 +86,7 @@ class LocalExecutor(Executor):
                 error = _crash_report(spec, e, attempt, self.log_dir)
                 _release_memory()
                 last = attempt > self.retries
-                progress.run_finished(spec.label, "failed" if last else "crashed, retrying",
+                progress.run_finished(spec.label, "failed" if last else "retrying",
                                       time.perf_counter() - started, error)
                 if last:
                     hooks.failed(spec, error)

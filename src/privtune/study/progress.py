@@ -42,7 +42,8 @@ class ProgressSink:
         """``seconds``: wall time from the stage's start, stages nested in it included."""
 
     def run_finished(self, run: str, status: str, seconds: float, error: str | None = None) -> None:
-        """``status``: ``done`` or ``failed`` (then ``error`` says why)."""
+        """``status``: ``done``, ``failed`` or ``retrying`` (a crashed attempt that runs
+        again, under the same label); ``error`` says why for the last two."""
 
     def study_finished(self) -> None:
         """The last event: close what the display holds open."""
