@@ -49,14 +49,13 @@ class ProgressSink:
         """The last event: close what the display holds open."""
 
 
-def default_sink(quiet: bool = False, json_progress: bool = False, stream: TextIO | None = None) -> ProgressSink:
+def default_sink(quiet: bool = False, json_progress: bool = False) -> ProgressSink:
     """The sink for the user's options and where stdout goes."""
     if quiet:
         return ProgressSink()
     if json_progress:
         return JsonProgress()
-    stream = stream or sys.stdout
-    return RichProgress() if stream.isatty() else PlainProgress(stream)
+    return RichProgress() if sys.stdout.isatty() else PlainProgress(sys.stdout)
 
 
 def duration(seconds: float) -> str:
