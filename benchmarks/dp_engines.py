@@ -15,6 +15,7 @@ Usage:
     python benchmarks/dp_engines.py --arch tiny --batch 4 --seq 32   # seconds, a smoke test
     python benchmarks/dp_engines.py --device cuda --arch pythia-1b --batch 16 --seq 256 --steps 8
     python benchmarks/dp_engines.py --engines privtune,privtune-person --per-person 2 --paired 3   # user-level cost
+    python benchmarks/dp_engines.py --background-load 0,2            # quiet, then under 2 busy processes
 
 What is measured, and how:
 
@@ -27,6 +28,12 @@ What is measured, and how:
   rest is reported. RDP accounting (cheap); noise multiplier 1, C = 1.
 * Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, sampled process RSS on CPU
   (``privtune.measures.efficiency.PeakMemory``), over the whole ``train`` call.
+* ``--background-load K`` starts K processes spinning on the CPU before the first row
+  and stops them after the last (``privtune.measures.load.BackgroundLoad``), as another
+  user's jobs would; a list such as ``0,2`` measures every level in turn and prints one
+  table per level, so the ratios quiet and loaded come from one command. Each table
+  says the 1-minute load average at its start and end (and the mean of samples every
+  5 s) and the usable CPUs; each row also stores its own (``load``) in its JSON line.
 * The trainable set is the same in private and non-private rows. ``full`` trains every
   parameter except the norms and the input embedding (as in issue 4's Opacus table; a
   tied output head is the same tensor, so it is frozen with it); ``--full-trainable
@@ -50,6 +57,7 @@ from privtune.config import DPSettings, LoraSettings
 from privtune.data.records import Record
 from privtune.data.tokenize import EncodedDataset
 from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.measures.load import BackgroundLoad, LoadSampler
 from privtune.models.tiny import tiny_config
 from privtune.train.loop import TrainPlan, train
 from privtune.train.methods import get_method
@@ -115,12 +123,12 @@ def run_row(method: str, engine: str, args) -> dict:
     plan = TrainPlan(epochs=args.steps + 1, batch_size=args.batch, physical_batch_size=args.batch,
                      lr=1e-5, weight_decay=0.0, seed=0, dp=dp_settings(engine))
     marks: list[float] = []
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, LoadSampler(5.0) as load:
         train(model, data, plan, Runtime(device, args.precision), on_step=lambda: marks.append(time.perf_counter()))
     steps = [b - a for a, b in zip(marks, marks[1:])]  # drops the warm-up step
     return {"method": method, "engine": engine, "s_per_step": statistics.median(steps),
             "steps": [round(s, 4) for s in steps], "peak_gib": memory.peak_bytes / 2**30,
-            "memory_kind": memory.kind, "trainable": trainable, "total": total}
+            "memory_kind": memory.kind, "trainable": trainable, "total": total, "load": load.record()}
 
 
 def paired_ratio(method: str, engine: str, args) -> dict:
@@ -226,8 +234,18 @@ def parse_args(argv=None):
     parser.add_argument("--paired", type=int, default=0,
                         help="also time each engine's record- and user-level runs N times in turns, in one process, "
                              "and print the median ratio (robust to a machine whose load drifts)")
+    parser.add_argument("--background-load", default="0",
+                        help="K busy processes on the CPU during the measurement; a comma-separated list measures "
+                             "each level in turn (0,2: quiet, then loaded)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one method:engine, print JSON
     args = parser.parse_args(argv)
+    try:
+        args.loads = [int(k) for k in args.background_load.split(",")]
+    except ValueError:
+        args.loads = [-1]
+    if any(k < 0 for k in args.loads):
+        parser.error(f"--background-load {args.background_load}: give whole numbers of processes, 0 or more, "
+                     "separated by commas")
     for name, allowed in (("methods", METHODS), ("engines", ENGINES)):
         bad = [x for x in getattr(args, name).split(",") if x not in allowed]
         if bad:
@@ -245,27 +263,49 @@ def main() -> None:
         method, engine = args.row.split(":")
         print(json.dumps(run_row(method, engine, args)))
         return
-    methods, engines = args.methods.split(","), args.engines.split(",")
-    rows = []
-    for method in methods:
-        for engine in engines:
-            rows.append(run_in_subprocess(method, engine, argv))
-            print(f"  done {method} / {engine}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = torch.device(args.device)
     kind = "CUDA max allocated" if device.type == "cuda" else "sampled RSS"
     tf32 = ", TF32" if device.type == "cuda" and args.tf32 and args.precision == "fp32" else ""
     print(f"\n`python benchmarks/dp_engines.py {' '.join(argv)}`\n")
     print(f"{args.arch}, batch {args.batch} x {args.seq}, {args.device} {args.precision}{tf32}, "
           f"{hardware(device, args.threads)}, torch {torch.__version__}; median of {args.steps} steps after one warm-up; "
-          f"peak memory = {kind}; full = {args.full_trainable}; {args.per_person} records per person\n")
-    print(table(rows, engines))
+          f"peak memory = {kind}; full = {args.full_trainable}; {args.per_person} records per person")
+    engines = args.engines.split(",")
+    for k in args.loads:
+        with BackgroundLoad(k), LoadSampler(5.0) as load:  # the sampler closes first: its last sample is loaded
+            rows, paired = measure(args, argv, k)
+        print(f"\n{load_line(k, load)}\n")
+        print(table(rows, engines))
+        if paired:
+            print(f"\nuser-level / record-level s/step, median of {args.paired} alternating pairs in one process:\n")
+            print("| method | engine | ratio | (record, user-level) s/step per pair |\n|---|---|---|---|")
+            for row in paired:
+                print(f"| {row['method']} | {row['engine']} | {row['ratio']:.2f}x | {row['pairs']} |")
+        sys.stdout.flush()
+
+
+def load_line(k: int, load: LoadSampler) -> str:
+    """What the machine was under while a table was measured."""
+    record = load.record()
+    return (f"background load: {k} busy process{'es' if k != 1 else ''}; 1-minute load average "
+            f"{record['load_start']:.2f} at the start, {record['load_end']:.2f} at the end (mean "
+            f"{record['load_mean']:.2f} over samples every 5 s), on {record['cpus']} usable CPUs")
+
+
+def measure(args, argv: list[str], k: int) -> tuple[list[dict], list[dict]]:
+    """(the rows, the paired ratios), measured while ``k`` busy background processes run."""
+    methods, engines = args.methods.split(","), args.engines.split(",")
+    rows = []
+    for method in methods:
+        for engine in engines:
+            rows.append(run_in_subprocess(method, engine, argv))
+            print(f"  done {method} / {engine} under load {k}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    paired = []
     if args.paired:
-        print(f"\nuser-level / record-level s/step, median of {args.paired} alternating pairs in one process:\n")
-        print("| method | engine | ratio | (record, user-level) s/step per pair |\n|---|---|---|---|")
         for method in methods:
             for engine in (e for e in engines if f"{e}-person" in engines):
-                row = paired_ratio(method, engine, args)
-                print(f"| {method} | {engine} | {row['ratio']:.2f}x | {row['pairs']} |", flush=True)
+                paired.append(paired_ratio(method, engine, args))
+    return rows, paired
 
 
 if __name__ == "__main__":

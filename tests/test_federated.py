@@ -298,6 +298,12 @@ def test_federated_study_end_to_end(tmp_path):
         assert run["efficiency"]["peak_memory_bytes"] == max(c["peak_memory_bytes"] for c in fed["per_client"]) > 0
         # NaN (null) only where a client's records lost every sensitive token to truncation.
         assert any(c["leakage_gain"] is not None for c in fed["per_client"])
+        # its timing: training counted in rounds, the measures after each round (from Flower's
+        # server thread) charged to measures; the clients' CPU time is not this process's
+        stages = {s["stage"]: s for s in run["timing"]["stages"]}
+        assert stages["training"]["count"] == 1 and stages["measures"]["count"] == fed["rounds"]
+        assert run["timing"]["cpu_covers"].startswith("the server process only")
+        assert run["efficiency"]["tokens_per_cpu_second"] is None  # not measured: stored as null
     # The saved model reloads with from_pretrained calls and measures the same.
     lora, fft = by_label["lora+fed2"], by_label["fft+fed3"]
     reloaded = PeftModel.from_pretrained(copy.deepcopy(ctx.loaded.model), lora["artifact"])

@@ -40,7 +40,7 @@ def test_ray_study_gives_the_rows_of_the_local_executor(tmp_path):
     local = fast_study(tmp_path / "local", seeds=[0, 1])
     on_ray = fast_study(tmp_path / "ray", seeds=[0, 1], save_artifacts=True)
     assert run_study(local, show_progress=False).failed == {}
-    outcome = run_study(on_ray, executor=RayExecutor(on_ray, show_progress=False), show_progress=False)
+    outcome = run_study(on_ray, executor=RayExecutor(on_ray), show_progress=False)
     assert outcome.failed == {} and len(outcome.done) == 7  # base + 3 methods x 2 seeds
     expected, got = finals(local), finals(on_ray)
     assert set(got) == set(expected)
@@ -53,7 +53,7 @@ def test_ray_study_gives_the_rows_of_the_local_executor(tmp_path):
     assert len(artifacts) == 6 and all((Path(a) / "config.json").exists() or (Path(a) / "adapter_config.json").exists()
                                        for a in artifacts)
     # Rerun: everything is in the database, Ray is not even asked.
-    assert run_study(on_ray, executor=RayExecutor(on_ray, show_progress=False)).skipped == list(got)
+    assert run_study(on_ray, executor=RayExecutor(on_ray)).skipped == list(got)
 
 
 def kill_worker_once(markers: Path):
@@ -83,7 +83,7 @@ def markers(tmp_path):
 
 def test_killed_worker_is_retried_and_the_study_completes(tmp_path, markers):
     cfg = fast_study(tmp_path)
-    executor = RayExecutor(cfg, retries=1, show_progress=False, task=kill_worker_once(markers))
+    executor = RayExecutor(cfg, retries=1, task=kill_worker_once(markers))
     outcome = run_study(cfg, executor=executor)
     assert outcome.failed == {}
     assert len(list(markers.glob("lora-*"))) == 1  # it did die once
@@ -93,7 +93,7 @@ def test_killed_worker_is_retried_and_the_study_completes(tmp_path, markers):
 def test_user_error_fails_at_once_and_the_rest_finish(tmp_path, markers):
     cfg = fast_study(tmp_path, methods=[{"method": "lora", "lora": {"r": 2}},
                                         {"method": "dp-lora", "dp": {"target_epsilon": 4.0, "delta": 0.5}}])
-    executor = RayExecutor(cfg, retries=2, show_progress=False, task=count_attempts(markers))
+    executor = RayExecutor(cfg, retries=2, task=count_attempts(markers))
     outcome = run_study(cfg, executor=executor)
     assert "delta" in outcome.failed["dp-lora"] and sorted(outcome.done) == ["base", "lora"]
     assert len(list(markers.glob("dp-lora-*"))) == 1  # not retried
@@ -110,15 +110,24 @@ def sleepy_task(config_json, spec, threads):
 def test_progress_counts_runs_queued_running_done_and_failed(tmp_path):
     from privtune.study.executor import RunHooks
     from privtune.study.plan import plan_study
+    from privtune.study.progress import ProgressSink
     from privtune.study.ray_executor import RunCounts
 
     cfg = fast_study(tmp_path)
     runs = plan_study(cfg)  # base, fft, lora, lora-r4: four runs on two CPUs
-    seen, outcomes = [], {}
+    seen, outcomes, events = [], {}, []
+
+    class Recorder(ProgressSink):
+        def run_started(self, run):
+            events.append(("started", run))
+
+        def run_finished(self, run, status, seconds, error=None):
+            events.append((status, run))
+
     hooks = RunHooks(started=lambda s: None, epoch=lambda s, e, m: None,
                      finished=lambda s, r: outcomes.update({s.label: "done"}),
-                     failed=lambda s, e: outcomes.update({s.label: e}))
-    RayExecutor(cfg, show_progress=False, task=sleepy_task, on_counts=seen.append, poll_seconds=0.1).execute(runs, hooks)
+                     failed=lambda s, e: outcomes.update({s.label: e}), progress=Recorder())
+    RayExecutor(cfg, task=sleepy_task, on_counts=seen.append, poll_seconds=0.1).execute(runs, hooks)
     assert outcomes == {"base": "done", "fft": "done", "lora": "boom", "lora-r4": "done"}
     assert seen[0] == RunCounts(queued=4, running=0, done=0, failed=0)  # nothing has started yet
     assert seen[-1] == RunCounts(queued=0, running=0, done=3, failed=1)
@@ -126,4 +135,7 @@ def test_progress_counts_runs_queued_running_done_and_failed(tmp_path):
     assert any(c.running == 2 for c in seen)  # two CPUs: two at a time
     for before, after in zip(seen, seen[1:]):
         assert after.queued <= before.queued and after.done + after.failed >= before.done + before.failed
-    assert RunCounts(1, 2, 3, 4).line() == "ray: 1 queued, 2 running, 3 done, 4 failed"
+    # the progress sink hears each run start, then end, with its outcome
+    for label in ("base", "fft", "lora", "lora-r4"):
+        mine = [what for what, run in events if run == label]
+        assert mine == ["started", "failed" if label == "lora" else "done"]

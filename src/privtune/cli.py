@@ -47,11 +47,21 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
         no_report: bool = typer.Option(False, "--no-report", help="skip writing the HTML report"),
         executor: str = typer.Option("local", help="local (one run after another, in this process) or ray"),
         address: str = typer.Option(None, help="Ray cluster: auto, or ray://host:port; default: a local Ray"),
-        cpus_per_run: int = typer.Option(1, min=1, help="CPUs (and torch threads) each Ray task asks for")) -> None:
-    """Run a study: train every method, measure it, store it, report it."""
+        cpus_per_run: int = typer.Option(1, min=1, help="CPUs (and torch threads) each Ray task asks for"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors and the final summary"),
+        json_progress: bool = typer.Option(False, "--json-progress",
+                                           help="progress as one JSON object per event and line, on stderr")) -> None:
+    """Run a study: train every method, measure it, store it, report it.
+
+    Progress shows as bars on a terminal and as plain lines otherwise (a log file, CI).
+    """
     from privtune.config import load_config
     from privtune.study.driver import run_study
+    from privtune.study.progress import default_sink
 
+    if quiet and json_progress:
+        raise PrivtuneError("--quiet and --json-progress ask for no progress and for every event",
+                            "pass one of them")
     cfg = load_config(config).writing_to(output_dir)
     group = _join_data_parallel(cfg, executor)
     if group is not None and not group.is_main:
@@ -61,12 +71,13 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
             follow_study(cfg, group)  # rank 0 alone writes and prints
         return
     study_executor = _executor(cfg, executor, address, cpus_per_run, group)
-    console.print(f"[bold]privtune[/] study [cyan]{escape(cfg.name)}[/]: model {escape(cfg.model)}, "
-                  f"data {escape(cfg.data.source)}, methods {escape(', '.join(m.label for m in cfg.methods))}"
-                  + (f", data-parallel over {group.world_size} processes" if group else ""))
+    if not quiet:
+        console.print(f"[bold]privtune[/] study [cyan]{escape(cfg.name)}[/]: model {escape(cfg.model)}, "
+                      f"data {escape(cfg.data.source)}, methods {escape(', '.join(m.label for m in cfg.methods))}"
+                      + (f", data-parallel over {group.world_size} processes" if group else ""))
     started = time.perf_counter()
     with _left_at_the_end(group):
-        outcome = run_study(cfg, executor=study_executor)
+        outcome = run_study(cfg, executor=study_executor, progress=default_sink(quiet, json_progress))
         if group is not None:
             study_executor.release_followers()  # after the last phase: the other ranks return
     elapsed = time.perf_counter() - started

@@ -147,20 +147,23 @@ def training_flops(total_params: int, trainable_params: int, tokens: int) -> flo
 
 
 class Stopwatch:
-    """Wall time that waits for queued GPU work before reading the clock."""
+    """Wall time that waits for queued GPU work before reading the clock, and the
+    process's CPU time over the same span (every thread of this process)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def __enter__(self) -> "Stopwatch":
         self._sync()
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds += time.perf_counter() - self._start
+        self.cpu_seconds += time.process_time() - self._cpu_start
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -4,7 +4,9 @@
 The CSV keeps the identity of each run, every final measure under its own name
 (``leakage_gain``, ``utility_ce``, ...), every efficiency figure (``train_seconds``,
 ...), the DP settings prefixed ``dp_`` (``dp_unit`` beside ``dp_epsilon`` says what ε
-protects: individual, record or client) and the canary exposure per repetition count
+protects: individual, record or client), the run's wall and CPU time and load prefixed
+``timing_`` (``timing_wall_seconds``, ``timing_load_mean``, ...; its stages as one JSON
+cell) and the canary exposure per repetition count
 (``exposure_r16``: mean over the canaries inserted 16 times, with ``exposure_r16_method``
 exact / bounded / estimated and its proven bounds ``_low`` / ``_high``, empty when
 estimated), and the attacks' headline
@@ -48,7 +50,7 @@ from privtune.report.plots import exposure_by_repetition
 EXPOSURE_PARTS = ("", "_method", "_low", "_high")
 IDENTITY = ("run_id", "study", "label", "method", "model", "seed", "status", "error")
 #: Nested sections flattened into the CSV, with the prefix their keys get.
-SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"))
+SECTIONS = (("final", ""), ("efficiency", ""), ("dp", "dp_"), ("timing", "timing_"))
 #: Keys that lead their section's columns (the store sorts keys alphabetically, which
 #: would bury the headline measures among the raw losses); the rest follow as found.
 LEADING = {

@@ -13,7 +13,8 @@ FPR under them, extraction, PII inference, backdoor; each shown only when some r
 attacked that way, so an older study renders as before), then what scrubbing left
 behind (when some run trained on scrubbed text), then the federated clients' leakage (when
 some run was federated), then what unlearning runs still know of their forget set
-(:mod:`privtune.report.unlearning`), then a table of every run, failed ones
+(:mod:`privtune.report.unlearning`), then where each run's time went
+(:mod:`privtune.report.timing`), then a table of every run, failed ones
 included with their error. Every column says
 which way is better. All text from runs and metadata is HTML-escaped.
 
@@ -46,6 +47,7 @@ from privtune.report.export import write_text_atomic
 from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import (duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure,
                                    unit_noun)
+from privtune.report.timing import timing_section
 from privtune.report.unlearning import unlearning_section
 
 #: Pixels per figure inch on the page, and the resolution the PNG is rendered at.
@@ -917,6 +919,7 @@ $figures
 $scrub
 $federated
 $unlearn
+$timing
 <section id="runs"><h2>Every run</h2>
 <p class="note">↑ higher is better, ↓ lower is better; the best fine-tuned run of each column is shaded.
 The base model (the untouched model, in italics) is the reference the gains are measured against.</p>
@@ -983,7 +986,7 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
         verdict=escape(verdict(runs)), figures="\n".join(sections), scrub=scrub_section(runs),
-        federated=federated_section(runs), unlearn=unlearning_section(runs),
+        federated=federated_section(runs), unlearn=unlearning_section(runs), timing=timing_section(runs),
         table=table(runs, RUN_COLUMNS),
         glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),
         version=f" {escape(str(version))}" if version else "")

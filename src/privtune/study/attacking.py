@@ -21,6 +21,7 @@ from privtune.data.records import Record
 from privtune.data.tokenize import trained_windows
 from privtune.errors import PrivtuneError
 from privtune.measures.token_scores import TokenScores
+from privtune.study.stages import stage
 
 LEVELS = ("record", "sensitive")
 
@@ -49,24 +50,28 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
     ref_members, ref_nonmembers = ctx.reference_scores()
     members, nonmembers = ctx.data.members.records, ctx.data.nonmembers.records
     base = ctx.base
-    out = {"mia": score_attacks(
-        evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers,
-        scored_records(ctx, members), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels),
-        attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
-        base=None if evaluation is base else (base.members, base.nonmembers), seed=ctx.cfg.data.seed)}
+    with stage("membership attacks"):
+        out = {"mia": score_attacks(
+            evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers,
+            scored_records(ctx, members), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels),
+            attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
+            base=None if evaluation is base else (base.members, base.nonmembers), seed=ctx.cfg.data.seed)}
     common = dict(max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
                   seed=ctx.cfg.data.seed)
     tokenizer = ctx.loaded.tokenizer
     if cfg.extraction.enabled:
         ex = cfg.extraction
-        out["extraction"] = prefix_extraction(model, tokenizer, members, nonmembers,
-                                              max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,
-                                              **common)
+        with stage("extraction"):
+            out["extraction"] = prefix_extraction(model, tokenizer, members, nonmembers,
+                                                  max_spans_per_type=ex.max_spans_per_type, n_samples=ex.n_samples,
+                                                  **common)
         if ex.pii_inference:
-            out["pii_inference"] = pii_inference(model, tokenizer, members, nonmembers, k=ex.pii_candidates,
-                                                 max_spans_per_type=ex.max_spans_per_type, **common)
+            with stage("PII inference"):
+                out["pii_inference"] = pii_inference(model, tokenizer, members, nonmembers, k=ex.pii_candidates,
+                                                     max_spans_per_type=ex.max_spans_per_type, **common)
     if ctx.data.backdoor_triggered:
-        out["backdoor"] = backdoor_success(ctx, model)
+        with stage("backdoor"):
+            out["backdoor"] = backdoor_success(ctx, model)
     return out
 
 
@@ -90,6 +95,11 @@ def record_stats(evaluation, ctx) -> dict:
     intervals clustered by person, and the half of the people the strongest attack is
     chosen on (:func:`privtune.attacks.metrics.selection_half`), for the shadow attacks
     computed later from these statistics."""
+    with stage("record stats"):
+        return _record_stats(evaluation, ctx)
+
+
+def _record_stats(evaluation, ctx) -> dict:
     stats = {}
     for level in LEVELS:
         parts = [(s, positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]

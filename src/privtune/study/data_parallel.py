@@ -35,7 +35,7 @@ class DataParallelExecutor(LocalExecutor):
         unlearning runs calls :meth:`execute` twice)."""
         self.group.broadcast_object(None)
 
-    def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks, progress) -> None:
+    def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks) -> None:
         self.group.broadcast_object(spec)
         errors: list[str] = []
 
@@ -43,16 +43,17 @@ class DataParallelExecutor(LocalExecutor):
             hooks.failed(failed_spec, error)
             errors.append(error)
 
-        super()._execute_with_retries(spec, RunHooks(hooks.started, hooks.epoch, hooks.finished, failed), progress)
+        super()._execute_with_retries(spec, RunHooks(hooks.started, hooks.epoch, hooks.finished, failed,
+                                                     hooks.progress))
         if errors:
             raise PrivtuneError(f"run {spec.label} failed in a data-parallel study: {errors[0]}",
                                 "fix it and run the same command again; finished runs are skipped")
 
 
-def data_parallel_executor(cfg: StudyConfig, group: Group, show_progress: bool = True) -> DataParallelExecutor:
+def data_parallel_executor(cfg: StudyConfig, group: Group) -> DataParallelExecutor:
     from privtune.study.runner import StudyContext
 
-    return DataParallelExecutor(lambda: StudyContext.build(cfg), show_progress=show_progress, retries=0,
+    return DataParallelExecutor(lambda: StudyContext.build(cfg), retries=0,
                                 log_dir=Path(cfg.output_dir) / "logs", group=group)
 
 

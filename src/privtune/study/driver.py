@@ -20,6 +20,8 @@ from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks
 from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
+from privtune.study.progress import ProgressSink, default_sink
+from privtune.study.stages import study_stage
 from privtune.study.store import Store
 from privtune.study.unlearning_plan import execution_phases, missing_sources
 
@@ -41,9 +43,11 @@ def open_store(cfg: StudyConfig) -> Store:
 
 
 def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress: bool = True,
-              say: Callable[[str], None] = print) -> StudyOutcome:
+              say: Callable[[str], None] = print, progress: ProgressSink | None = None) -> StudyOutcome:
     """Execute every run of ``cfg`` that the database does not already hold as done on
     the study's current data; ``say`` gets a line for each finished run that runs again.
+    Progress goes to ``progress``; by default bars on a terminal, plain lines otherwise
+    (:func:`~privtune.study.progress.default_sink`), nothing without ``show_progress``.
 
     Each finished run is committed as soon as it ends, so an interruption loses only the
     run in progress; a failed run is recorded with its error and the others go on.
@@ -64,8 +68,10 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     for line in outcome.rerun.values():
         say(line)
     if executor is None:
-        executor = LocalExecutor(lambda: StudyContext.build(cfg, records), show_progress=show_progress,
-                                 retries=cfg.retries, log_dir=Path(cfg.output_dir) / "logs")
+        executor = LocalExecutor(lambda: StudyContext.build(cfg, records), retries=cfg.retries,
+                                 log_dir=Path(cfg.output_dir) / "logs")
+    if progress is None:
+        progress = default_sink() if show_progress else ProgressSink()
 
     def started(spec: RunSpec) -> None:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
@@ -84,13 +90,16 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         outcome.failed[spec.label] = error
 
     hooks = RunHooks(started=started, epoch=lambda s, e, m: store.add_epoch(s.run_id, e, m),
-                     finished=finished, failed=failed)
+                     finished=finished, failed=failed, progress=progress)
+    progress.study_started(len(pending))
     try:
         for phase in execution_phases(pending):  # unlearning runs after the runs they start from
             executor.execute(phase, hooks)
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
-            add_shadow_attacks(cfg, store, digest)
+            with study_stage(progress, "shadow-model attacks"):
+                add_shadow_attacks(cfg, store, digest)
     finally:
+        progress.study_finished()
         store.close()
     return outcome
 

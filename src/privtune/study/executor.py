@@ -9,6 +9,7 @@ local one without touching the store or the measures.
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -17,22 +18,22 @@ from pathlib import Path
 
 import torch
 
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from privtune.errors import PrivtuneError
 from privtune.files import private_dir, private_file
 from privtune.study.plan import RunSpec
+from privtune.study.progress import ProgressSink
+from privtune.study.stages import study_stage
 
 
 @dataclass
 class RunHooks:
-    """Callbacks from an executor back to the driver."""
+    """Callbacks from an executor back to the driver, and where progress goes."""
 
     started: Callable[[RunSpec], None]
     epoch: Callable[[RunSpec, int, dict], None]
     finished: Callable[[RunSpec, dict], None]
     failed: Callable[[RunSpec, str], None]
+    progress: ProgressSink = field(default_factory=ProgressSink)
 
 
 class Executor(ABC):
@@ -54,7 +55,6 @@ class LocalExecutor(Executor):
     """
 
     context_factory: Callable[[], object]
-    show_progress: bool = True
     retries: int = 0
     log_dir: Path | None = None
     _context: object | None = field(default=None, init=False)
@@ -62,41 +62,40 @@ class LocalExecutor(Executor):
     def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
         if not runs:
             return
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), disable=not self.show_progress, transient=False) as progress:
-            if self._context is None:
-                setup = progress.add_task("loading model and data", total=1)
+        if self._context is None:
+            with study_stage(hooks.progress, "loading model and data"):
                 self._context = self.context_factory()
-                progress.update(setup, completed=1)
-            overall = progress.add_task("study", total=len(runs))
-            for spec in runs:
-                self._execute_with_retries(spec, hooks, progress)
-                progress.advance(overall)
+        for spec in runs:
+            self._execute_with_retries(spec, hooks)
 
-    def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks, progress: Progress) -> None:
+    def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks) -> None:
         from privtune.study.runner import execute_run
 
-        steps = _total_steps(self._context, spec) or 1
-        label = escape(spec.label)  # the bar's description is Rich markup; a label is the user's text
-        task = progress.add_task(label, total=steps)
+        progress = hooks.progress
         for attempt in range(1, self.retries + 2):
             hooks.started(spec)
-            progress.reset(task, total=steps, description=label if attempt == 1 else f"{label} (retry)")
+            progress.run_started(spec.label)
+            started = time.perf_counter()
             try:
                 result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
-                                     on_step=lambda: progress.advance(task))
+                                     progress=progress)
             except PrivtuneError as e:
+                progress.run_finished(spec.label, "failed", time.perf_counter() - started, e.one_line())
                 hooks.failed(spec, e.one_line())
                 return
             except Exception as e:  # noqa: BLE001 - a crashed run must not end the study
                 error = _crash_report(spec, e, attempt, self.log_dir)
                 _release_memory()
-                if attempt > self.retries:
+                last = attempt > self.retries
+                progress.run_finished(spec.label, "failed" if last else "retrying",
+                                      time.perf_counter() - started, error)
+                if last:
                     hooks.failed(spec, error)
                     return
             else:
+                seconds = time.perf_counter() - started
                 hooks.finished(spec, result)
-                progress.update(task, completed=steps)
+                progress.run_finished(spec.label, "done", seconds)
                 return
 
 
@@ -117,16 +116,3 @@ def _release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _total_steps(ctx, spec: RunSpec) -> int:
-    if spec.is_base:
-        return 0
-    method = spec.config["method"]
-    n = len(ctx.data.train)
-    if spec.is_shadow:  # half of the population
-        n = (len(ctx.data.members) + len(ctx.data.nonmembers)) // 2
-    if "unlearn" in method:  # one pass over the forget set per epoch
-        from privtune.study.unlearning import forget_set
-
-        n = len(forget_set(ctx, method["unlearn"]["forget"]).rows(ctx.data.train.records)[0])
-    return method["epochs"] * -(-n // method["batch_size"])

@@ -24,6 +24,7 @@ from privtune.measures.efficiency import PeakMemory, count_parameters
 from privtune.measures.leakage import mean_loss
 from privtune.measures.token_scores import TokenScores
 from privtune.study.plan import RunSpec, method_spec, train_plan
+from privtune.study.stages import stage
 from privtune.train.federated import FederatedResult, federated_train
 from privtune.train.loop import TrainResult
 from privtune.train.methods import get_method
@@ -74,12 +75,13 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
     cfg, runtime = ctx.cfg, ctx.runtime
     entry = method_spec(cfg, spec)
     fed = entry.federated
-    scrubbed, train_set = training_set(ctx, spec)
-    rows = split_clients(ctx.data.train.records, fed.clients, fed.split, fed.alpha, cfg.data.seed)
-    clients = [train_set.subset(r) for r in rows]
+    with stage("preparation"):
+        scrubbed, train_set = training_set(ctx, spec)
+        rows = split_clients(ctx.data.train.records, fed.clients, fed.split, fed.alpha, cfg.data.seed)
+        clients = [train_set.subset(r) for r in rows]
+        model = prepared_model(ctx, spec)
     n_members = len(ctx.data.members)
     member_rows = [[i for i in r if i < n_members] for r in rows]
-    model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
     private = get_method(spec.method).private or fed.client_dp is not None
     baseline = ctx.base.measures | {"epsilon": 0.0 if private else None}
@@ -95,9 +97,11 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
             measures["epsilon"] = privacy["epsilon"]
         epochs.append({"epoch": server_round, **measures})
         latest[:] = [evaluation]
+        training.advance()
 
     local = replace(train_plan(cfg, spec), epochs=fed.local_epochs)
-    with PeakMemory(runtime.device) as memory:
+    # Counted in rounds; after_round runs in Flower's server thread, which the stage timer allows.
+    with PeakMemory(runtime.device) as memory, stage("training", total=fed.rounds) as training:
         progress = federated_train(model, clients, local, fed, runtime, on_round_end=after_round)
     for row in epochs[1:]:  # here, not in after_round: Flower's server runs that in its own thread
         on_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})

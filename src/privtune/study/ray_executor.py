@@ -7,7 +7,9 @@ everything else is retried ``retries`` times), and that the driver alone writes 
 database, so workers need no access to it. Each worker process keeps the study context
 (model, data, base scores) it built for its first run, for the runs it gets after. The
 progress line counts runs queued, running, done and failed: each task reports its start
-to a small actor the driver polls.
+to a small actor the driver polls. The driver reports each run's start and end to the
+study's progress sink; the stages of a run happen in its worker and are stored with its
+result (``timing``), not shown live.
 
 Ray is an optional extra: ``pip install 'privtune[ray]'``.
 """
@@ -15,16 +17,16 @@ Ray is an optional extra: ``pip install 'privtune[ray]'``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privtune.config import StudyConfig, config_hash, parse_config
 from privtune.errors import PrivtuneError
 from privtune.study.executor import Executor, RunHooks
 from privtune.study.plan import RunSpec
+from privtune.study.stages import study_stage
 
 _CONTEXTS: dict[str, object] = {}  # per worker process: study config hash -> StudyContext
 
@@ -64,9 +66,6 @@ class RunCounts:
     done: int
     failed: int
 
-    def line(self) -> str:
-        return f"ray: {self.queued} queued, {self.running} running, {self.done} done, {self.failed} failed"
-
 
 def execute_remote(config_json: str, spec: RunSpec, threads: int) -> dict:
     """A Ray task: one run, its result or ``{"error": one line}`` for a user error."""
@@ -93,14 +92,13 @@ class RayExecutor(Executor):
     ``address``: ``None`` starts a local Ray instance, ``"auto"`` joins the cluster this
     machine belongs to, ``"ray://host:10001"`` a remote one. ``task`` is the remote
     function (tests wrap it to inject faults); ``on_counts`` is called with the
-    :class:`RunCounts` each time they change (the progress bar shows them, tests watch them).
+    :class:`RunCounts` each time they change (tests watch them).
     """
 
     cfg: StudyConfig
     address: str | None = None
     cpus_per_run: int = 1
     retries: int = 1
-    show_progress: bool = True
     task: Callable[[str, RunSpec, int], dict] = execute_remote
     on_counts: Callable[[RunCounts], None] = lambda counts: None
     poll_seconds: float = 0.5
@@ -130,35 +128,44 @@ class RayExecutor(Executor):
             ray.kill(board)
 
     def _collect(self, ray, pending: dict, board, hooks: RunHooks) -> None:
-        """Hand each result to ``hooks`` as it comes, showing the counts meanwhile."""
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), disable=not self.show_progress) as progress:
-            bar = progress.add_task("ray", total=len(pending))
+        """Hand each result to ``hooks`` as it comes, reporting progress meanwhile: each
+        run's start and end, and the runs finished as the ``ray`` stage of the study."""
+        progress = hooks.progress
+        with study_stage(progress, "ray", total=len(pending)) as finished:
             done = failed = 0
             shown = RunCounts(len(pending), 0, 0, 0)  # submitted, none seen starting yet
-            progress.update(bar, description=shown.line())
             self.on_counts(shown)
+            seen: dict[str, float] = {}  # run id -> when its start was seen
             while True:
                 # The board first, then the results: a run whose successor on the same worker
                 # has reported its start has finished by then, so it is not counted running.
                 started = ray.get(board.started.remote())
+                for spec in pending.values():
+                    if spec.run_id in started and spec.run_id not in seen:
+                        seen[spec.run_id] = time.perf_counter()
+                        progress.run_started(spec.label)
                 for ready in ray.wait(list(pending), num_returns=len(pending), timeout=0)[0] if pending else []:
                     spec = pending.pop(ready)
                     try:
                         outcome = ray.get(ready)
                     except Exception as e:  # noqa: BLE001 - retries exhausted: record it, go on
                         outcome = {"error": _one_line(e)}
+                    if spec.run_id not in seen:  # started and ended between two polls
+                        seen[spec.run_id] = time.perf_counter()
+                        progress.run_started(spec.label)
+                    seconds = time.perf_counter() - seen[spec.run_id]
                     if "error" in outcome:
                         failed += 1
                         hooks.failed(spec, outcome["error"])
+                        progress.run_finished(spec.label, "failed", seconds, outcome["error"])
                     else:
                         done += 1
                         hooks.finished(spec, outcome["result"])
-                    progress.advance(bar)
+                        progress.run_finished(spec.label, "done", seconds)
+                    finished.advance()
                 queued = sum(spec.run_id not in started for spec in pending.values())
                 counts = RunCounts(queued, len(pending) - queued, done, failed)
                 if counts != shown:
-                    progress.update(bar, description=counts.line())
                     self.on_counts(counts)
                     shown = counts
                 if not pending:

@@ -31,7 +31,9 @@ from privtune.models.loading import LoadedModel, load_model
 from privtune.study import attacking
 from privtune.study.dataset import StudyData, StudyRecords, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, method_spec, train_plan
+from privtune.study.progress import ProgressSink
 from privtune.study.scrubbing import TrainingScrubber
+from privtune.study.stages import RunTimer, stage
 from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
 from privtune.train import distributed, streams
 from privtune.train.loop import TrainResult, train
@@ -96,15 +98,19 @@ class StudyContext:
     def base(self) -> Evaluation:
         """The base model's evaluation (computed once)."""
         if self._base is None:
-            members = self.score(self.loaded.model, self.data.members)
-            nonmembers = self.score(self.loaded.model, self.data.nonmembers)
-            self._base = Evaluation(members, nonmembers, leakage_measures(members, nonmembers, members, nonmembers))
+            with stage("base model scores"):  # once per process: charged to the run that needs it first
+                members = self.score(self.loaded.model, self.data.members)
+                nonmembers = self.score(self.loaded.model, self.data.nonmembers)
+                self._base = Evaluation(members, nonmembers,
+                                        leakage_measures(members, nonmembers, members, nonmembers))
         return self._base
 
     def evaluate(self, model: torch.nn.Module) -> Evaluation:
-        members, nonmembers = self.score(model, self.data.members), self.score(model, self.data.nonmembers)
         base = self.base
-        return Evaluation(members, nonmembers, leakage_measures(members, nonmembers, base.members, base.nonmembers))
+        with stage("measures"):
+            members, nonmembers = self.score(model, self.data.members), self.score(model, self.data.nonmembers)
+            return Evaluation(members, nonmembers,
+                              leakage_measures(members, nonmembers, base.members, base.nonmembers))
 
     def reference_scores(self) -> tuple[TokenScores, TokenScores]:
         """Scores of the calibration reference: a named model, else the base model."""
@@ -112,7 +118,9 @@ class StudyContext:
             return self.base.members, self.base.nonmembers
         if self._reference_scores is None:
             model = self.reference.model
-            self._reference_scores = (self.score(model, self.data.members), self.score(model, self.data.nonmembers))
+            with stage("reference model scores"):
+                self._reference_scores = (self.score(model, self.data.members),
+                                          self.score(model, self.data.nonmembers))
         return self._reference_scores
 
     @property
@@ -130,28 +138,41 @@ class StudyContext:
     def exposure(self, model: torch.nn.Module) -> list[dict]:
         if not self.data.canaries:
             return []
-        return canary_exposure(
-            model, self.loaded.tokenizer, self.data.canaries, n_candidates=self.cfg.canaries.n_candidates,
-            search_budget=self.cfg.canaries.search_budget, seed=self.cfg.data.seed,
-            batch_size=max(16, self.cfg.eval_batch_size * 4),
-            device=self.runtime.device, autocast_dtype=self.autocast_dtype)
+        with stage("canary exposure"):
+            return canary_exposure(
+                model, self.loaded.tokenizer, self.data.canaries, n_candidates=self.cfg.canaries.n_candidates,
+                search_budget=self.cfg.canaries.search_budget, seed=self.cfg.data.seed,
+                batch_size=max(16, self.cfg.eval_batch_size * 4),
+                device=self.runtime.device, autocast_dtype=self.autocast_dtype)
 
     def attack(self, model: torch.nn.Module, evaluation: Evaluation) -> dict:
         return attacking.attack_model(self, model, evaluation)
 
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,
-                on_step: Callable[[], None] = lambda: None) -> dict:
-    """Train (unless base) and measure one run; returns its result dict, with the
+                progress: ProgressSink | None = None) -> dict:
+    """Train (unless base) and measure one run, reporting its stages to ``progress``;
+    returns its result dict, with its ``timing`` (:meth:`RunTimer.record`) and the
     context's :attr:`~StudyContext.provenance`."""
-    return {**_execute(ctx, spec, on_epoch, on_step), **ctx.provenance}
+    with RunTimer(spec.label, progress) as timer:
+        result = _execute(ctx, spec, on_epoch)
+    return {**result, "timing": timer.record(_cpu_covers(ctx, spec)), **ctx.provenance}
 
 
-def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback, on_step: Callable[[], None]) -> dict:
+def _cpu_covers(ctx: StudyContext, spec: RunSpec) -> str:
+    """Which processes a run's CPU seconds count."""
+    if not spec.is_base and not spec.is_shadow and method_spec(ctx.cfg, spec).federated:
+        return "the server process only: Flower's simulated clients train in Ray worker processes, not counted"
+    if distributed.current() is not None:
+        return "rank 0's process only (the training seconds in efficiency sum every rank's CPU)"
+    return "this process, all its threads"
+
+
+def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback) -> dict:
     if spec.is_base:
         return _measure_base(ctx, on_epoch)
     if spec.is_shadow:
-        return _train_shadow(ctx, spec, on_step)
+        return _train_shadow(ctx, spec)
     if method_spec(ctx.cfg, spec).federated:
         from privtune.study.federated import execute_federated
 
@@ -159,11 +180,12 @@ def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback, on_step:
     from privtune.study import unlearning  # it builds on this module
 
     if spec.role == UNLEARN_ROLE:
-        return unlearning.run_unlearning(ctx, spec, on_epoch, on_step)
+        return unlearning.run_unlearning(ctx, spec, on_epoch)
     runtime = ctx.runtime
     retrain = spec.role == RETRAIN_ROLE
-    scrubbed, train_set = training_set(ctx, spec)
-    model = prepared_model(ctx, spec)
+    with stage("preparation"):
+        scrubbed, train_set = training_set(ctx, spec)
+        model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
     baseline = ctx.base.measures | {"epsilon": 0.0 if get_method(spec.method).private else None}
     on_epoch(0, baseline)
@@ -179,7 +201,7 @@ def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback, on_step:
         epochs.append({"epoch": epoch, **measures})
         latest[:] = [evaluation]
 
-    result, memory = _measured_training(ctx, spec, model, train_set, on_epoch_end=after_epoch, on_step=on_step)
+    result, memory = _measured_training(ctx, spec, model, train_set, on_epoch_end=after_epoch)
     return measured_result(
         ctx, spec, model, epochs, latest[0], dp=result.privacy.as_dict() if result.privacy else None,
         efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=train_set.n_tokens,
@@ -193,7 +215,10 @@ def measured_result(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, ep
     """The result every trained run stores (a plain, federated or unlearning run alike):
     its per-epoch measures, exposure and attacks on the final model, its cost, and the
     method's own ``sections``; the model is saved first when the study keeps artifacts."""
-    artifact = save_artifact(ctx, spec, model) if ctx.cfg.save_artifacts else None
+    artifact = None
+    if ctx.cfg.save_artifacts:
+        with stage("saving the model"):
+            artifact = save_artifact(ctx, spec, model)
     return {
         "final": {k: v for k, v in epochs[-1].items() if k != "epoch"},
         "epochs": epochs,
@@ -255,12 +280,17 @@ def prepared_model(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
 
 def _measured_training(ctx: StudyContext, spec: RunSpec, model, data: EncodedDataset,
                        **callbacks) -> tuple[TrainResult, PeakMemory]:
-    """Train under the peak-memory probe; in a data-parallel run the peak is the largest rank's."""
-    with PeakMemory(ctx.runtime.device) as memory:
-        result = train(model, data, train_plan(ctx.cfg, spec), ctx.runtime, **callbacks)
+    """Train under the peak-memory probe, as the run's ``training`` stage (counted in
+    steps); in a data-parallel run the peak is the largest rank's, the CPU time the sum
+    over ranks."""
+    plan = train_plan(ctx.cfg, spec)
+    with PeakMemory(ctx.runtime.device) as memory, \
+            stage("training", total=plan.epochs * math.ceil(len(data) / plan.batch_size)) as training:
+        result = train(model, data, plan, ctx.runtime, on_step=training.advance, **callbacks)
     group = distributed.current()
     if group is not None:
         memory.peak_bytes = int(group.max_float(memory.peak_bytes))
+        result.cpu_seconds = group.sum_int(round(result.cpu_seconds * 1e6)) / 1e6
     return result, memory
 
 
@@ -273,6 +303,10 @@ def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, t
         "train_seconds": result.seconds,
         "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),
         "tokens_per_second": result.tokens / result.seconds if result.seconds > 0 else math.nan,
+        # CPU time: unlike wall time, hardly changed by other work on the machine (None:
+        # not measured, as for federated clients in other processes)
+        "train_cpu_seconds": result.cpu_seconds if result.cpu_seconds > 0 else None,
+        "tokens_per_cpu_second": result.tokens / result.cpu_seconds if result.cpu_seconds > 0 else math.nan,
         "steps": result.steps, "tokens": result.tokens,
         "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
         "memory_at_start_bytes": memory.start_bytes,
@@ -294,20 +328,22 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
         "record_stats": attacking.record_stats(base, ctx),
         "dp": None,
         "efficiency": {"train_seconds": 0.0, "seconds_per_epoch": 0.0, "tokens_per_second": math.nan,
-                       "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
+                       "train_cpu_seconds": 0.0, "tokens_per_cpu_second": math.nan, "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
                        "trainable_params": 0, "total_params": total, "flops_estimate": 0.0,
                        "device": str(ctx.runtime.device), "precision": ctx.runtime.precision},
         "artifact": None, "data": ctx.data.summary(), "scrub": None,
     }
 
 
-def _train_shadow(ctx: StudyContext, spec: RunSpec, on_step: Callable[[], None]) -> dict:
+def _train_shadow(ctx: StudyContext, spec: RunSpec) -> dict:
     """Train a shadow model on a random half of the population; keep only its record stats."""
-    inside, half = _shadow_half(ctx, spec)
-    model = prepared_model(ctx, spec)
+    with stage("preparation"):
+        inside, half = _shadow_half(ctx, spec)
+        model = prepared_model(ctx, spec)
     trainable, total = count_parameters(model)
-    result, memory = _measured_training(ctx, spec, model, half, on_step=on_step)
-    evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
+    result, memory = _measured_training(ctx, spec, model, half)
+    with stage("measures"):
+        evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
     return {
         "record_stats": attacking.record_stats(evaluation, ctx),
         "shadow_in": np.asarray(inside, dtype=bool).tolist(),

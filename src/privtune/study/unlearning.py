@@ -35,6 +35,7 @@ reported without one.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,6 +51,7 @@ from privtune.study.external import load_audited_model
 from privtune.study.forget import ForgetSet, resolve_forget_set
 from privtune.study.plan import RunSpec
 from privtune.study.runner import Evaluation, StudyContext, efficiency_record, measured_result, method_training_set
+from privtune.study.stages import stage
 from privtune.study.unlearning_plan import retrain_run_id, source_run_id
 from privtune.train import streams
 from privtune.train.methods import get_method
@@ -126,16 +128,17 @@ def load_source(ctx: StudyContext, spec: RunSpec) -> torch.nn.Module:
     return model
 
 
-def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, dict], None],
-                   on_step: Callable[[], None]) -> dict:
+def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, dict], None]) -> dict:
     """Load the source model, unlearn the forget set, measure the result."""
     cfg, runtime = ctx.cfg, ctx.runtime
     settings = spec.config["method"]
     objective = OBJECTIVES[settings["method"]]
-    forget = forget_set(ctx, settings["unlearn"]["forget"])
-    forget_data, retain_data = forget.split(method_training_set(ctx, _method(ctx, settings["unlearn"]["source"]))[1])
-    streams.seed_global(spec.seed, streams.INIT)  # what loading and preparing draw, if anything
-    model = load_source(ctx, spec)
+    with stage("preparation"):
+        forget = forget_set(ctx, settings["unlearn"]["forget"])
+        forget_data, retain_data = forget.split(
+            method_training_set(ctx, _method(ctx, settings["unlearn"]["source"]))[1])
+        streams.seed_global(spec.seed, streams.INIT)  # what loading and preparing draw, if anything
+        model = load_source(ctx, spec)
     trainable, total = count_parameters(model)
     members = ctx.data.members.records
     source_eval = ctx.evaluate(model)
@@ -155,12 +158,13 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
                        physical_batch_size=cfg.train.physical_batch_size, lr=settings["lr"],
                        weight_decay=settings["weight_decay"], seed=spec.seed, beta=settings["unlearn"]["beta"],
                        retain_weight=settings["unlearn"]["retain_weight"])
-    with PeakMemory(runtime.device) as memory:  # the KL reference is this objective's memory: copied inside
-        reference = None
+    with PeakMemory(runtime.device) as memory, \
+            stage("training", total=plan.epochs * math.ceil(len(forget_data) / plan.batch_size)) as training:
+        reference = None  # the KL reference is this objective's memory: copied inside the probe
         if objective.retain == "kl" and settings["unlearn"]["retain_weight"] > 0:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         result = unlearn(model, forget_data, retain_data, plan, runtime, reference=reference,
-                         on_epoch_end=after_epoch, on_step=on_step)
+                         on_epoch_end=after_epoch, on_step=training.advance)
     del reference
     evaluation = latest[0]
     return measured_result(

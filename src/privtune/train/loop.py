@@ -66,6 +66,7 @@ class PrivacySetup:
 @dataclass
 class TrainResult:
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time over the same span as ``seconds``
     epoch_seconds: list[float] = field(default_factory=list)
     steps: int = 0
     tokens: int = 0
@@ -185,7 +186,7 @@ def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, resul
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
                 on_step()
-        _close_epoch(epoch, clock.seconds, result, on_epoch_end)
+        _close_epoch(epoch, clock, result, on_epoch_end)
 
 
 def _private_steps(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step):
@@ -223,14 +224,15 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
                     result.steps += 1
                     on_step()
             privacy.epsilon = ledger.epsilon(privacy.delta)
-            _close_epoch(epoch, clock.seconds, result, on_epoch_end)
+            _close_epoch(epoch, clock, result, on_epoch_end)
     finally:
         clipper.detach()
 
 
-def _close_epoch(epoch: int, seconds: float, result: TrainResult, on_epoch_end) -> None:
-    result.seconds += seconds
-    result.epoch_seconds.append(seconds)
+def _close_epoch(epoch: int, clock: Stopwatch, result: TrainResult, on_epoch_end) -> None:
+    result.seconds += clock.seconds
+    result.cpu_seconds += clock.cpu_seconds
+    result.epoch_seconds.append(clock.seconds)
     on_epoch_end(epoch, result)
     group = distributed.current()
     if group:  # the other ranks wait while rank 0 evaluates

@@ -127,6 +127,7 @@ def _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_s
                 result.steps += 1
                 on_step()
         result.seconds += clock.seconds
+        result.cpu_seconds += clock.cpu_seconds
         result.epoch_seconds.append(clock.seconds)
         on_epoch_end(epoch, result)
     return result
