@@ -233,3 +233,17 @@ def test_rich_bars_show_each_run_at_its_innermost_stage():
     sink.run_finished("fft", "done", 1.5)
     sink.study_finished()
     assert "fft · done in 1.5s" in out.getvalue()
+
+
+def test_rich_bars_show_a_label_that_looks_like_markup_as_written():
+    from rich.console import Console
+
+    from privtune.study.progress import RichProgress
+
+    out = io.StringIO()
+    sink = RichProgress(Console(file=out, force_terminal=True, width=120))
+    sink.study_started(1)
+    sink.run_started("mk[/]x[/bold]")  # Rich markup would raise MarkupError on the closing tags
+    sink.run_finished("mk[/]x[/bold]", "done", 1.5)
+    sink.study_finished()
+    assert "mk[/]x[/bold] · done in 1.5s" in out.getvalue()

@@ -207,7 +207,9 @@ class RichProgress(ProgressSink):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self._progress = Progress(TextColumn("{task.description}", style="bold", markup=False),  # labels are user text BarColumn(), MofNCompleteColumn(),
+        # A run's label is the user's text, not Rich markup.
+        self._progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                                  MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         self._runs = _Runs()
         self._tasks: dict[str | None, int] = {}
