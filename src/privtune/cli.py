@@ -352,12 +352,18 @@ def _quiet_hugging_face_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def main() -> None:
     _quiet_hugging_face_bars()
     # PEFT calls an API that transformers 5 deprecated; the warning says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         code = app(standalone_mode=False)
+        if code == INTERRUPTED:  # Typer turns a KeyboardInterrupt inside a command into this code
+            raise KeyboardInterrupt
     except click.exceptions.ClickException as e:  # bad option or argument
         e.show()
         sys.exit(e.exit_code)
@@ -367,6 +373,7 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        err_console.print("interrupted: finished runs are saved; rerun the same command to resume.")
-        sys.exit(130)
+        err_console.print("interrupted: finished runs are saved; rerun the same command to resume.", highlight=False)
+        sys.stderr.flush()
+        sys.exit(INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
