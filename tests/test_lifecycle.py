@@ -1,8 +1,11 @@
 """A run's life in the database: who holds it, what a reader sees when its process is gone,
 what a second copy of the study does meanwhile, and what a failure leaves behind."""
 
+import csv
+import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +14,10 @@ import time
 import pytest
 import yaml
 
+from privtune.study import runner
+from privtune.study.driver import open_store
+from privtune.study.plan import plan_study
+from test_cli import run_cli
 from test_faults import fast_study
 
 
@@ -39,12 +46,63 @@ def _start_cli(tmp_path, cfg, *args):
 @pytest.mark.slow
 def test_ctrl_c_with_output_in_files_says_how_to_resume(tmp_path):
     proc = _start_cli(tmp_path, fast_study(tmp_path))
-    db = tmp_path / "out" / "privtune.db"
-    deadline = time.time() + 120
-    while not _running_rows(db) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()  # a run is under way
+    _wait_for_a_running_run(proc, tmp_path / "out" / "privtune.db", tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     stderr = (tmp_path / "stderr.txt").read_text()
     assert stderr.strip() == "interrupted: finished runs are saved; rerun the same command to resume."
+
+
+def _wait_for_a_running_run(proc, db, tmp_path):
+    deadline = time.time() + 120
+    while not _running_rows(db) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()  # a run is under way
+
+
+@pytest.mark.slow
+def test_a_run_whose_driver_was_killed_shows_as_interrupted_everywhere(tmp_path, monkeypatch, capsys):
+    cfg = fast_study(tmp_path)
+    proc = _start_cli(tmp_path, cfg)
+    db = tmp_path / "out" / "privtune.db"
+    _wait_for_a_running_run(proc, db, tmp_path)
+    with sqlite3.connect(db, timeout=30) as conn:
+        (label,) = conn.execute("SELECT label FROM runs WHERE status='running'").fetchone()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    how = (f"{label}: interrupted: interrupted before it finished: its process (pid {proc.pid} on "
+           f"{socket.gethostname()}) has ended; run the study again (the same privtune run command) to resume it")
+
+    code, out, _ = run_cli(monkeypatch, capsys, "status", "-o", str(tmp_path / "out"))
+    assert code == 0 and how in out.splitlines()
+    code, out, _ = run_cli(monkeypatch, capsys, "report", "-o", str(tmp_path / "out"))
+    assert code == 0 and how in out.splitlines()
+    reports = tmp_path / "out" / "reports" / cfg.name
+    rows = {r["label"]: r for r in csv.DictReader(open(reports / "runs.csv"))}
+    assert rows[label]["status"] == "interrupted" and rows[label]["error"] == how.split(": ", 2)[2]
+    runs = {r["label"]: r for r in json.loads((reports / "runs.json").read_text())}
+    assert runs[label]["status"] == "interrupted" and runs[label]["error"] == rows[label]["error"]
+    page = (reports / "report.html").read_text()
+    assert '<span class="status interrupted">interrupted</span>' in page and "to resume it" in page
+    assert '<span class="status running">' not in page
+
+
+def test_a_second_copy_of_a_study_leaves_the_run_the_first_is_training_alone(tmp_path, monkeypatch, capsys):
+    cfg = fast_study(tmp_path)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump()))
+    fft = next(s for s in plan_study(cfg) if s.label == "fft")
+    first = open_store(cfg)  # the first copy, training fft meanwhile
+    assert first.claim(fft.run_id, fft.study, fft.label, fft.method, fft.config, fft.role) is None
+    trained = []
+    real = runner.execute_run
+    monkeypatch.setattr(runner, "execute_run", lambda ctx, spec, *a, **k: trained.append(spec.label) or real(
+        ctx, spec, *a, **k))
+
+    code, out, _ = run_cli(monkeypatch, capsys, "run", str(config), "--no-report")
+    assert code == 0, out
+    assert trained == ["base", "lora", "lora-r4"]  # fft not a second time
+    assert (f"left alone: run fft: another privtune process (pid {os.getpid()} on {socket.gethostname()}) is "
+            "training it; privtune status shows when it is done") in out
+    assert first.status(fft.run_id) == "running"  # still the first copy's
+    first.close()

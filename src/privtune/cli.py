@@ -71,6 +71,9 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     elapsed = time.perf_counter() - started
     if outcome.skipped:
         console.print(f"already in the database, skipped: {', '.join(outcome.skipped)}")
+    for label, why in outcome.busy.items():
+        console.print(f"left alone: run {label}: {why}; privtune status shows when it is done", highlight=False,
+                      markup=False, soft_wrap=True)
     _print_summary(cfg.output_dir, cfg.name)
     if not no_report:
         path = _write_report(cfg.output_dir, cfg.name)
@@ -90,6 +93,13 @@ def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o",
     _print_summary(output_dir, study)
     path = _write_report(output_dir, study)
     console.print(f"report: {path}")
+
+
+@app.command()
+def status(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o", help="where the study's database is"),
+           study: str = typer.Option(None, help="study name; default: the only (or latest) one")) -> None:
+    """Show a study's runs as the database holds them now: done, queued, running, failed or interrupted."""
+    _print_summary(output_dir, study or _only_study(output_dir))
 
 
 @app.command()
@@ -323,8 +333,15 @@ def _print_summary(output_dir: str, study: str) -> None:
     # Wide enough for every column and the longest label, even when stdout is a file.
     longest = max((len(str(r["label"])) for r in runs), default=0)
     Console(width=max(console.width, 146 + longest)).print(table)
-    for line in strongest_lines(runs) + scrub_lines(runs):
-        console.print(line, highlight=False)
+    for line in strongest_lines(runs) + scrub_lines(runs) + unfinished_lines(runs):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def unfinished_lines(runs: list[dict]) -> list[str]:
+    """One line per run that is not done: where it is, and a failed or interrupted run's
+    one-line error (which says how to resume an interrupted one)."""
+    return [f"{r['label']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
+            for r in runs if r.get("status") != "done"]
 
 
 def scrub_lines(runs: list[dict]) -> list[str]:

@@ -8,6 +8,7 @@ tokenizer) is run again, and the driver says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from privtune.study.executor import Executor, LocalExecutor, RunHooks
 from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.store import Store
-from privtune.study.unlearning_plan import execution_phases, missing_sources
+from privtune.study.unlearning_plan import UNLEARN_ROLE, execution_phases, missing_sources, retrain_run_id, \
+    source_run_id
 
 DB_NAME = "privtune.db"
 
@@ -34,6 +36,8 @@ class StudyOutcome:
     db_path: Path
     #: label -> why a run the database held as done ran again (its data changed)
     rerun: dict[str, str] = field(default_factory=dict)
+    #: label -> why this process left a pending run alone (another process holds it)
+    busy: dict[str, str] = field(default_factory=dict)
 
 
 def open_store(cfg: StudyConfig) -> Store:
@@ -46,12 +50,17 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     the study's current data; ``say`` gets a line for each finished run that runs again.
 
     Each finished run is committed as soon as it ends, so an interruption loses only the
-    run in progress; a failed run is recorded with its error and the others go on.
+    run in progress; a failed run is recorded with its error and the others go on. A run
+    is claimed in the database just before it is handed to the executor: one that
+    another process is working on (the same study started twice), or has finished since
+    this one planned, is skipped and listed in ``busy``, and so is an unlearning run
+    whose source or retrained reference another process holds.
     """
     from privtune.study.runner import StudyContext
 
     check_forget_sets(cfg)  # a bad forget set fails the study before any run starts
     store = open_store(cfg)
+    planned_at = time.time()
     plan = plan_study(cfg)
     records = build_study_records(cfg)
     digest = study_digests(records, load_tokenizer(cfg.model)).data
@@ -66,6 +75,19 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     if executor is None:
         executor = LocalExecutor(lambda: StudyContext.build(cfg, records), show_progress=show_progress,
                                  retries=cfg.retries, log_dir=Path(cfg.output_dir) / "logs")
+
+    busy_ids: set[str] = set()
+
+    def claim(spec: RunSpec) -> bool:
+        needs = {source_run_id(spec), retrain_run_id(spec)} if spec.role == UNLEARN_ROLE else set()
+        held = sorted(by_id[i].label for i in needs & busy_ids)
+        why = (f"it needs run {held[0]}, which was left to another privtune process" if held else
+               store.claim(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role,
+                           status="queued", planned_at=planned_at))
+        if why:
+            busy_ids.add(spec.run_id)
+            outcome.busy[spec.label] = why
+        return why is None
 
     def started(spec: RunSpec) -> None:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
@@ -83,8 +105,9 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         store.fail(spec.run_id, error)
         outcome.failed[spec.label] = error
 
+    by_id = {r.run_id: r for r in plan}
     hooks = RunHooks(started=started, epoch=lambda s, e, m: store.add_epoch(s.run_id, e, m),
-                     finished=finished, failed=failed)
+                     finished=finished, failed=failed, claim=claim)
     try:
         for phase in execution_phases(pending):  # unlearning runs after the runs they start from
             executor.execute(phase, hooks)

@@ -25,12 +25,19 @@ from privtune.study.plan import RunSpec
 
 @dataclass
 class RunHooks:
-    """Callbacks from an executor back to the driver."""
+    """Callbacks from an executor back to the driver.
+
+    ``claim`` comes first, once per run, before the run is executed or submitted: when it
+    returns ``False`` (another process holds the run) the executor leaves the run alone.
+    ``started`` comes when an attempt actually begins (a submitted run may wait in a
+    queue first), ``failed`` or ``finished`` when it ends.
+    """
 
     started: Callable[[RunSpec], None]
     epoch: Callable[[RunSpec, int, dict], None]
     finished: Callable[[RunSpec, dict], None]
     failed: Callable[[RunSpec, str], None]
+    claim: Callable[[RunSpec], bool] = lambda spec: True
 
 
 class Executor(ABC):
@@ -68,7 +75,8 @@ class LocalExecutor(Executor):
                 progress.update(setup, completed=1)
             overall = progress.add_task("study", total=len(runs))
             for spec in runs:
-                self._execute_with_retries(spec, hooks, progress)
+                if hooks.claim(spec):
+                    self._execute_with_retries(spec, hooks, progress)
                 progress.advance(overall)
 
     def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks, progress: Progress) -> None:

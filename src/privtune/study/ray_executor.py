@@ -122,8 +122,8 @@ class RayExecutor(Executor):
         config_json = json.dumps(cfg.model_dump())
         pending = {}
         for spec in runs:
-            hooks.started(spec)
-            pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
+            if hooks.claim(spec):  # stored as queued; running once its task reports its start
+                pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
         try:
             self._collect(ray, pending, board, hooks)
         finally:
@@ -135,6 +135,7 @@ class RayExecutor(Executor):
                       TimeElapsedColumn(), disable=not self.show_progress) as progress:
             bar = progress.add_task("ray", total=len(pending))
             done = failed = 0
+            marked: set[str] = set()  # runs stored as running
             shown = RunCounts(len(pending), 0, 0, 0)  # submitted, none seen starting yet
             progress.update(bar, description=shown.line())
             self.on_counts(shown)
@@ -142,6 +143,10 @@ class RayExecutor(Executor):
                 # The board first, then the results: a run whose successor on the same worker
                 # has reported its start has finished by then, so it is not counted running.
                 started = ray.get(board.started.remote())
+                for spec in pending.values():
+                    if spec.run_id in started and spec.run_id not in marked:
+                        hooks.started(spec)
+                        marked.add(spec.run_id)
                 for ready in ray.wait(list(pending), num_returns=len(pending), timeout=0)[0] if pending else []:
                     spec = pending.pop(ready)
                     try:
