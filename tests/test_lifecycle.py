@@ -106,3 +106,4 @@ def test_a_second_copy_of_a_study_leaves_the_run_the_first_is_training_alone(tmp
             "training it; privtune status shows when it is done") in out
     assert first.status(fft.run_id) == "running"  # still the first copy's
     first.close()
+
