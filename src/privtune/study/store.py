@@ -214,11 +214,15 @@ class Store:
             self._db.execute("DELETE FROM epochs WHERE run_id=?", (old,))
         self._db.executemany("DELETE FROM runs WHERE run_id=?", [(old,) for old in stale])
         now = time.time()
+        # A run this store already holds keeps its place in the study's order (the order
+        # it was claimed in), whether a worker starts it later or it is retried.
+        kept = self._db.execute(f"SELECT started_at FROM runs WHERE run_id=? AND owner_id=? AND status IN {HELD}",
+                                (run_id, self.owner_id)).fetchone()
         self._db.execute(
             "INSERT OR REPLACE INTO runs (run_id, study, label, method, role, status, config, started_at,"
             " owner_id, owner_pid, owner_host, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, study, label, method, role, status, _json(config), now, self.owner_id, os.getpid(),
-             socket.gethostname(), now))
+            (run_id, study, label, method, role, status, _json(config), kept[0] if kept else now, self.owner_id,
+             os.getpid(), socket.gethostname(), now))
         if self._heartbeat is None:
             self._heartbeat = _Heartbeat(self.path, self.owner_id, self.heartbeat_seconds)
             self._heartbeat.start()
