@@ -15,10 +15,11 @@ from pathlib import Path
 
 from privtune.config import StudyConfig
 from privtune.data.digest import short
+from privtune.errors import PrivtuneError
 from privtune.models.loading import load_tokenizer
 from privtune.study.dataset import build_study_records, study_digests
 from privtune.study.shadow_attacks import add_shadow_attacks
-from privtune.study.executor import Executor, LocalExecutor, RunHooks
+from privtune.study.executor import Executor, LocalExecutor, RunHooks, failure_line
 from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.store import Store
@@ -144,7 +145,8 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
 
     The study's base run is measured first when the database lacks it, or holds it
     measured on other data (every measure is relative to it). Returns the audit's label.
-    A failed audit is stored as failed, like any run, and re-raised.
+    A failed audit is stored as failed, like any run, its traceback under ``logs/``, and
+    raised as one line naming that file.
     """
     from privtune.study.external import AUDIT_METHOD, AUDIT_ROLE, audit_config, audit_label, audit_model, \
         load_audited_model
@@ -168,8 +170,9 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
             model = load_audited_model(ctx, model_ref)
             _store_result(store, run_id, audit_model(ctx, model, model_ref))
         except Exception as e:
-            store.fail(run_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise
+            line = failure_line(e, run_id, 1, Path(cfg.output_dir) / "logs")
+            store.fail(run_id, line)
+            raise PrivtuneError(line) from e
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
             add_shadow_attacks(cfg, store, digest)
     finally:

@@ -53,9 +53,10 @@ class LocalExecutor(Executor):
 
     ``context_factory`` builds the expensive shared state lazily, so a study whose runs
     are all finished loads nothing. A run that crashes (a bug, out of memory during an
-    attack, a library error) is retried ``retries`` times and then recorded as failed,
-    its traceback written under ``log_dir``; the study goes on either way. A
-    :class:`PrivtuneError` is the user's to fix, so it fails the run at once.
+    attack, a library error) is retried ``retries`` times and then recorded as failed;
+    the study goes on either way. A :class:`PrivtuneError` is the user's to fix, so it
+    fails the run at once. Every failed attempt leaves its whole traceback under
+    ``log_dir``, and its one line names the file.
     """
 
     context_factory: Callable[[], object]
@@ -91,10 +92,10 @@ class LocalExecutor(Executor):
                 result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
                                      on_step=lambda: progress.advance(task))
             except PrivtuneError as e:
-                hooks.failed(spec, e.one_line())
+                hooks.failed(spec, failure_line(e, spec.run_id, attempt, self.log_dir))
                 return
             except Exception as e:  # noqa: BLE001 - a crashed run must not end the study
-                error = _crash_report(spec, e, attempt, self.log_dir)
+                error = failure_line(e, spec.run_id, attempt, self.log_dir)
                 _release_memory()
                 if attempt > self.retries:
                     hooks.failed(spec, error)
@@ -105,16 +106,32 @@ class LocalExecutor(Executor):
                 return
 
 
-def _crash_report(spec: RunSpec, error: Exception, attempt: int, log_dir: Path | None) -> str:
-    """One line for the database, the whole traceback in a file beside it."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"{spec.run_id}-attempt{attempt}.txt"
-        path.write_text("".join(traceback.format_exception(error)))
-        line += f" (traceback: {path})"
-    return line
+def failure_line(error: Exception, run_id: str, attempt: int, log_dir: Path | None) -> str:
+    """The one line a failed attempt of a run is stored and shown with: a user error's
+    own line, or what crashed; with ``log_dir``, naming the file there that holds the
+    whole traceback."""
+    if isinstance(error, PrivtuneError):
+        line = error.one_line()
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
+    if log_dir is None:
+        return line
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{run_id}-attempt{attempt}.txt"
+    path.write_text(_whole_traceback(error))
+    return f"{line.rstrip('.')} (traceback: {path})"
+
+
+def _whole_traceback(error: BaseException) -> str:
+    """The traceback with every error that led to it, even one hidden by ``raise ... from
+    None`` (a user error such as out of memory replaces the allocator's own error, which
+    the log should still show)."""
+    hidden = error.__context__ if error.__suppress_context__ and error.__cause__ is None else None
+    text = "".join(traceback.format_exception(error))
+    if hidden is None:
+        return text
+    return ("".join(traceback.format_exception(hidden)) + "\nThe error above was reported as:\n\n" + text)
 
 
 def _release_memory() -> None:
