@@ -12,10 +12,11 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from privtune.study import runner
-from privtune.study.driver import open_store
+from privtune.study.driver import open_store, run_study
 from privtune.study.plan import plan_study
 from test_cli import run_cli
 from test_faults import fast_study
@@ -107,3 +108,54 @@ def test_a_second_copy_of_a_study_leaves_the_run_the_first_is_training_alone(tmp
     assert first.status(fft.run_id) == "running"  # still the first copy's
     first.close()
 
+
+
+@pytest.mark.parametrize("error, line", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+     "out of memory with a physical batch of 4 records; lower train.physical_batch_size (or data.max_length); the "
+     "logical batch and results stay the same"),
+    (MemoryError("cannot allocate 20 GiB"), "crashed on attempt 1: MemoryError: cannot allocate 20 GiB"),
+], ids=["torch-oom", "memory-error"])
+def test_every_failed_run_leaves_its_whole_traceback_in_the_logs(tmp_path, monkeypatch, error, line):
+    from privtune.train import loop
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "_plain_steps", out_of_memory)
+    cfg = fast_study(tmp_path, methods=[{"method": "fft"}], retries=0)
+    outcome = run_study(cfg, show_progress=False)
+    fft = next(s for s in plan_study(cfg) if s.label == "fft")
+    log = tmp_path / "out" / "logs" / f"{fft.run_id}-attempt1.txt"
+    assert outcome.failed == {"fft": f"{line} (traceback: {log})"}
+    text = log.read_text()
+    assert text.startswith("Traceback") and "in out_of_memory" in text  # where it was raised
+    assert f"{type(error).__name__}: {error}" in text  # the allocator's own error, under a user error too
+
+
+def test_failed_runs_are_shown_with_their_error_and_replaced_when_their_label_runs_again(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from privtune.study.store import Store
+
+    db = tmp_path / "out" / "privtune.db"
+    store = Store(db)
+    store.start("b", "s", "base", "base", {}, role="base")
+    store.finish("b", {})
+    for attempt, model in enumerate(["/models/one", "/models/two"]):  # an audit label tried on two models
+        store.start(f"a{attempt}", "s", "mine", "audit", {"audited_model": model}, role="audit")
+        store.fail(f"a{attempt}", f"adapter {model} does not fit the study's model tiny-llama; audit it with the "
+                                  "study config it was trained in.")
+    store.start("t", "s", "fft", "fft", {})
+    store.fail("t", "crashed on attempt 2: RuntimeError: boom (traceback: out/logs/t-attempt2.txt)")
+
+    code, out, _ = run_cli(monkeypatch, capsys, "status", "-o", str(tmp_path / "out"))
+    assert code == 0
+    assert ("mine: failed: adapter /models/two does not fit the study's model tiny-llama; audit it with the study "
+            "config it was trained in.") in out.splitlines()
+    assert "fft: failed: crashed on attempt 2: RuntimeError: boom (traceback: out/logs/t-attempt2.txt)" in out
+    assert [(r["run_id"], r["status"]) for r in store.runs("s")] == [("b", "done"), ("a1", "failed"),
+                                                                      ("t", "failed")]  # a0: replaced by a1
+    store.start("a2", "s", "mine", "audit", {"audited_model": "/models/three"}, role="audit")
+    store.finish("a2", {})
+    assert [(r["run_id"], r["status"]) for r in store.runs("s")] == [("b", "done"), ("t", "failed"), ("a2", "done")]
+    store.close()
