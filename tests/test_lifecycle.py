@@ -89,7 +89,9 @@ def test_a_run_whose_driver_was_killed_shows_as_interrupted_everywhere(tmp_path,
 
 
 def test_a_second_copy_of_a_study_leaves_the_run_the_first_is_training_alone(tmp_path, monkeypatch, capsys):
-    cfg = fast_study(tmp_path)
+    cfg = fast_study(tmp_path, save_artifacts=True, methods=[
+        {"method": "fft"}, {"method": "lora", "lora": {"r": 2}},
+        {"method": "unlearn-ga", "unlearn": {"source": "fft", "forget": {"fraction": 0.34}}}])
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
     fft = next(s for s in plan_study(cfg) if s.label == "fft")
@@ -102,9 +104,11 @@ def test_a_second_copy_of_a_study_leaves_the_run_the_first_is_training_alone(tmp
 
     code, out, _ = run_cli(monkeypatch, capsys, "run", str(config), "--no-report")
     assert code == 0, out
-    assert trained == ["base", "lora", "lora-r4"]  # fft not a second time
+    assert trained == ["base", "lora", "fft+retrain"]  # neither fft nor what starts from it
     assert (f"left alone: run fft: another privtune process (pid {os.getpid()} on {socket.gethostname()}) is "
             "training it; privtune status shows when it is done") in out
+    assert ("left alone: run fft+unlearn-ga: it needs run fft, which was left to another privtune process; privtune "
+            "status shows when it is done") in out
     assert first.status(fft.run_id) == "running"  # still the first copy's
     first.close()
 

@@ -195,7 +195,7 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute(f"SELECT {_ROW}, finished_at FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is not None:
-                held, owner_id, pid, host, heartbeat, started_at, _, finished_at = row
+                held, owner_id, pid, host, heartbeat, *_, finished_at = row
                 seen, _ = self._seen(*row[:-1])
                 if seen in HELD and owner_id != self.owner_id:
                     doing = "training" if held == "running" else "about to train"
