@@ -112,11 +112,13 @@ def test_audit_of_a_model_with_another_tokenizer_fails_and_keeps_the_database(tm
     capsys.readouterr()  # drop what saving printed
 
     code, _, err = run_cli(monkeypatch, capsys, "audit", str(other), str(path))
-    assert_one_line_error(code, err, "audited model", "different tokenizer")
+    assert_one_line_error(code, err, "audited model", "different tokenizer", "(traceback: ")
     store = open_store(cfg)
-    runs = {r["label"]: r["status"] for r in store.runs("tiny")}
+    runs = {r["label"]: r for r in store.runs("tiny")}
     store.close()
-    assert runs == {"base": "done", "other": "failed"}
+    assert {label: r["status"] for label, r in runs.items()} == {"base": "done", "other": "failed"}
+    log = tmp_path / "out" / "logs" / f"{runs['other']['run_id']}-attempt1.txt"  # the line names it
+    assert f"(traceback: {log})" in runs["other"]["error"] and "check_same_tokenizer" in log.read_text()
 
 
 def test_latest_run_of_each_label_supersedes_older_ones():

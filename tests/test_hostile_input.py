@@ -252,12 +252,9 @@ def test_values_a_model_gives_up_are_counted_never_written(tmp_path, monkeypatch
 
 
 def test_a_crash_log_is_private(tmp_path, usual_umask):
-    from privtune.study.executor import _crash_report
-    from privtune.study.plan import plan_study
-    from privtune.config import parse_config
+    from privtune.study.executor import failure_line
 
-    spec = plan_study(parse_config(yaml.safe_load(write_study(tmp_path).read_text())))[1]
-    line = _crash_report(spec, RuntimeError("out of memory near 'Jane Doe'"), 1, tmp_path / "out" / "logs")
+    line = failure_line(RuntimeError("out of memory near 'Jane Doe'"), "abc123", 1, tmp_path / "out" / "logs")
     (log,) = (tmp_path / "out" / "logs").iterdir()
     assert str(log) in line and "Jane Doe" in log.read_text()
     assert mode(log.parent) == 0o700 and mode(log) == 0o600

@@ -139,3 +139,39 @@ def test_progress_counts_runs_queued_running_done_and_failed(tmp_path):
     for label in ("base", "fft", "lora", "lora-r4"):
         mine = [what for what, run in events if run == label]
         assert mine == ["started", "failed" if label == "lora" else "done"]
+
+
+def half_second_task(config_json, spec, threads):
+    """A Ray task that only takes its time."""
+    import time
+
+    time.sleep(0.5)
+    return {"result": {}}
+
+
+def test_runs_are_stored_as_queued_until_a_worker_starts_them(tmp_path):
+    from privtune.study.executor import RunHooks
+    from privtune.study.plan import plan_study
+    from privtune.study.store import Store
+
+    cfg = fast_study(tmp_path)
+    runs = plan_study(cfg)  # four runs on two CPUs
+    store = Store(tmp_path / "r.db")
+    hooks = RunHooks(started=lambda s: store.start(s.run_id, s.study, s.label, s.method, s.config, s.role),
+                     epoch=lambda s, e, m: None, finished=lambda s, r: store.finish(s.run_id, r),
+                     failed=lambda s, e: store.fail(s.run_id, e),
+                     claim=lambda s: store.claim(s.run_id, s.study, s.label, s.method, s.config, s.role,
+                                                 status="queued") is None)
+    seen = []
+
+    def stored(counts):
+        statuses = [store.status(s.run_id) for s in runs]
+        seen.append((counts, {k: statuses.count(k) for k in ("queued", "running", "done")}))
+
+    RayExecutor(cfg, task=half_second_task, on_counts=stored, poll_seconds=0.1).execute(
+        runs, hooks)
+    store.close()
+    assert seen[0][1] == {"queued": 4, "running": 0, "done": 0}  # submitted, none started
+    for counts, statuses in seen:
+        assert statuses == {"queued": counts.queued, "running": counts.running, "done": counts.done}
+    assert any(counts.running == 2 for counts, _ in seen) and seen[-1][1]["done"] == 4

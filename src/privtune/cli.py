@@ -83,6 +83,9 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     elapsed = time.perf_counter() - started
     if outcome.skipped:
         console.print(f"already in the database, skipped: {escape(', '.join(outcome.skipped))}")
+    for label, why in outcome.busy.items():
+        console.print(f"left alone: run {label}: {why}; privtune status shows when it is done", highlight=False,
+                      markup=False, soft_wrap=True)
     _print_summary(cfg.output_dir, cfg.name)
     if not no_report:
         path = _write_report(cfg.output_dir, cfg.name)
@@ -103,6 +106,13 @@ def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o",
     _print_summary(output_dir, study)
     path = _write_report(output_dir, study)
     console.print(f"report: {escape(str(path))}")
+
+
+@app.command()
+def status(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o", help="where the study's database is"),
+           study: str = typer.Option(None, help="study name; default: the only (or latest) one")) -> None:
+    """Show a study's runs as the database holds them now: done, queued, running, failed or interrupted."""
+    _print_summary(output_dir, study or _only_study(output_dir))
 
 
 @app.command()
@@ -344,8 +354,15 @@ def _print_summary(output_dir: str, study: str) -> None:
     # Wide enough for every column and the longest label, even when stdout is a file.
     longest = max((len(str(r["label"])) for r in runs), default=0)
     Console(width=max(console.width, 146 + longest)).print(table)
-    for line in strongest_lines(runs) + scrub_lines(runs):
-        console.print(line, highlight=False, markup=False)
+    for line in strongest_lines(runs) + scrub_lines(runs) + unfinished_lines(runs):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def unfinished_lines(runs: list[dict]) -> list[str]:
+    """One line per run that is not done: where it is, and a failed or interrupted run's
+    one-line error (which says how to resume an interrupted one)."""
+    return [f"{r['label']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
+            for r in runs if r.get("status") != "done"]
 
 
 def scrub_lines(runs: list[dict]) -> list[str]:
@@ -388,12 +405,18 @@ def _quiet_hugging_face_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def main() -> None:
     _quiet_hugging_face_bars()
     # PEFT calls an API that transformers 5 deprecated; the warning says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         code = app(standalone_mode=False)
+        if code == INTERRUPTED:  # Typer turns a KeyboardInterrupt inside a command into this code
+            raise KeyboardInterrupt
     except click.exceptions.ClickException as e:  # bad option or argument
         e.show()
         sys.exit(e.exit_code)
@@ -403,6 +426,7 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        err_console.print("interrupted: finished runs are saved; rerun the same command to resume.")
-        sys.exit(130)
+        err_console.print("interrupted: finished runs are saved; rerun the same command to resume.", highlight=False)
+        sys.stderr.flush()
+        sys.exit(INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)

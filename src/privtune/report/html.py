@@ -186,11 +186,12 @@ def headline_cards(runs: Sequence[dict]) -> list[Card]:
         figure = exposure.top(run)[1]
         cards.append(Card("Highest canary exposure", str(run.get("label")),
                           f"{value:.1f} bits{of} ({exposure.how(figure)}), canaries inserted {rep}×", "warn"))
-    failed = [r for r in runs if r.get("status") == "failed"]
-    if failed:
-        cards.append(Card(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed",
-                          ", ".join(str(r.get("label")) for r in failed), "see the table below for the error",
-                          "warn"))
+    for status, advice in (("failed", "see the table below for the error"),
+                           ("interrupted", "their process ended before they finished; run the study again to resume")):
+        stopped = [r for r in runs if r.get("status") == status]
+        if stopped:
+            cards.append(Card(f"{len(stopped)} run{'s' if len(stopped) > 1 else ''} {status}",
+                              ", ".join(str(r.get("label")) for r in stopped), advice, "warn"))
     return cards
 
 
@@ -895,7 +896,8 @@ tr.failed td { background:#fff6f6; }
 .swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:7px; }
 .status { font-size:12px; padding:1px 7px; border-radius:9px; background:#eef0f3; }
 .status.done { background:var(--good); } .status.failed { background:#fde2e2; color:#9b1c1c; }
-.status.running { background:#e8effd; }
+.status.running, .status.queued { background:#e8effd; }
+.status.interrupted { background:#fff1d6; color:#8a5300; }
 .error { color:#9b1c1c; font-size:13px; }
 .error::before { content:"error: "; font-weight:600; }
 small { color:var(--muted); }

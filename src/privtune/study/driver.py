@@ -8,22 +8,25 @@ tokenizer) is run again, and the driver says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from privtune.config import StudyConfig
 from privtune.data.digest import short
+from privtune.errors import PrivtuneError
 from privtune.models.loading import check_safetensors, load_tokenizer
 from privtune.study.dataset import build_study_records, study_digests
 from privtune.study.shadow_attacks import add_shadow_attacks
-from privtune.study.executor import Executor, LocalExecutor, RunHooks
+from privtune.study.executor import Executor, LocalExecutor, RunHooks, failure_line
 from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
 from privtune.study.progress import ProgressSink, default_sink
 from privtune.study.stages import study_stage
 from privtune.study.store import Store
-from privtune.study.unlearning_plan import execution_phases, missing_sources
+from privtune.study.unlearning_plan import UNLEARN_ROLE, execution_phases, missing_sources, retrain_run_id, \
+    source_run_id
 
 DB_NAME = "privtune.db"
 
@@ -36,6 +39,8 @@ class StudyOutcome:
     db_path: Path
     #: label -> why a run the database held as done ran again (its data changed)
     rerun: dict[str, str] = field(default_factory=dict)
+    #: label -> why this process left a pending run alone (another process holds it)
+    busy: dict[str, str] = field(default_factory=dict)
 
 
 def open_store(cfg: StudyConfig) -> Store:
@@ -50,12 +55,17 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     (:func:`~privtune.study.progress.default_sink`), nothing without ``show_progress``.
 
     Each finished run is committed as soon as it ends, so an interruption loses only the
-    run in progress; a failed run is recorded with its error and the others go on.
+    run in progress; a failed run is recorded with its error and the others go on. A run
+    is claimed in the database just before it is handed to the executor: one that
+    another process is working on (the same study started twice), or has finished since
+    this one planned, is skipped and listed in ``busy``, and so is an unlearning run
+    whose source or retrained reference another process holds.
     """
     from privtune.study.runner import StudyContext
 
     check_forget_sets(cfg)  # a bad forget set fails the study before any run starts
     store = open_store(cfg)
+    planned_at = time.time()
     plan = plan_study(cfg)
     records = build_study_records(cfg)
     digest = study_digests(records, load_tokenizer(cfg.model)).data
@@ -73,6 +83,19 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     if progress is None:
         progress = default_sink() if show_progress else ProgressSink()
 
+    busy_ids: set[str] = set()
+
+    def claim(spec: RunSpec) -> bool:
+        needs = {source_run_id(spec), retrain_run_id(spec)} if spec.role == UNLEARN_ROLE else set()
+        held = sorted(by_id[i].label for i in needs & busy_ids)
+        why = (f"it needs run {held[0]}, which was left to another privtune process" if held else
+               store.claim(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role,
+                           status="queued", planned_at=planned_at))
+        if why:
+            busy_ids.add(spec.run_id)
+            outcome.busy[spec.label] = why
+        return why is None
+
     def started(spec: RunSpec) -> None:
         store.start(spec.run_id, spec.study, spec.label, spec.method, spec.config, spec.role)
 
@@ -89,8 +112,9 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         store.fail(spec.run_id, error)
         outcome.failed[spec.label] = error
 
+    by_id = {r.run_id: r for r in plan}
     hooks = RunHooks(started=started, epoch=lambda s, e, m: store.add_epoch(s.run_id, e, m),
-                     finished=finished, failed=failed, progress=progress)
+                     finished=finished, failed=failed, progress=progress, claim=claim)
     progress.study_started(len(pending))
     try:
         for phase in execution_phases(pending):  # unlearning runs after the runs they start from
@@ -130,7 +154,8 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
 
     The study's base run is measured first when the database lacks it, or holds it
     measured on other data (every measure is relative to it). Returns the audit's label.
-    A failed audit is stored as failed, like any run, and re-raised.
+    A failed audit is stored as failed, like any run, its traceback under ``logs/``, and
+    raised as one line naming that file.
     """
     from privtune.study.external import AUDIT_METHOD, AUDIT_ROLE, audit_config, audit_label, audit_model, \
         load_audited_model
@@ -156,8 +181,9 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
             model = load_audited_model(ctx, model_ref)
             _store_result(store, run_id, audit_model(ctx, model, model_ref))
         except Exception as e:
-            store.fail(run_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise
+            line = failure_line(e, run_id, 1, Path(cfg.output_dir) / "logs")
+            store.fail(run_id, line)
+            raise PrivtuneError(line) from e
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
             add_shadow_attacks(cfg, store, digest)
     finally:

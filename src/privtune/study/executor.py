@@ -27,13 +27,20 @@ from privtune.study.stages import study_stage
 
 @dataclass
 class RunHooks:
-    """Callbacks from an executor back to the driver, and where progress goes."""
+    """Callbacks from an executor back to the driver, and where progress goes.
+
+    ``claim`` comes first, once per run, before the run is executed or submitted: when it
+    returns ``False`` (another process holds the run) the executor leaves the run alone.
+    ``started`` comes when an attempt actually begins (a submitted run may wait in a
+    queue first), ``failed`` or ``finished`` when it ends.
+    """
 
     started: Callable[[RunSpec], None]
     epoch: Callable[[RunSpec, int, dict], None]
     finished: Callable[[RunSpec, dict], None]
     failed: Callable[[RunSpec, str], None]
     progress: ProgressSink = field(default_factory=ProgressSink)
+    claim: Callable[[RunSpec], bool] = lambda spec: True
 
 
 class Executor(ABC):
@@ -49,9 +56,10 @@ class LocalExecutor(Executor):
 
     ``context_factory`` builds the expensive shared state lazily, so a study whose runs
     are all finished loads nothing. A run that crashes (a bug, out of memory during an
-    attack, a library error) is retried ``retries`` times and then recorded as failed,
-    its traceback written under ``log_dir``; the study goes on either way. A
-    :class:`PrivtuneError` is the user's to fix, so it fails the run at once.
+    attack, a library error) is retried ``retries`` times and then recorded as failed;
+    the study goes on either way. A :class:`PrivtuneError` is the user's to fix, so it
+    fails the run at once. Every failed attempt leaves its whole traceback under
+    ``log_dir``, and its one line names the file.
     """
 
     context_factory: Callable[[], object]
@@ -66,7 +74,8 @@ class LocalExecutor(Executor):
             with study_stage(hooks.progress, "loading model and data"):
                 self._context = self.context_factory()
         for spec in runs:
-            self._execute_with_retries(spec, hooks)
+            if hooks.claim(spec):
+                self._execute_with_retries(spec, hooks)
 
     def _execute_with_retries(self, spec: RunSpec, hooks: RunHooks) -> None:
         from privtune.study.runner import execute_run
@@ -80,11 +89,12 @@ class LocalExecutor(Executor):
                 result = execute_run(self._context, spec, on_epoch=lambda e, m: hooks.epoch(spec, e, m),
                                      progress=progress)
             except PrivtuneError as e:
-                progress.run_finished(spec.label, "failed", time.perf_counter() - started, e.one_line())
-                hooks.failed(spec, e.one_line())
+                line = failure_line(e, spec.run_id, attempt, self.log_dir)
+                progress.run_finished(spec.label, "failed", time.perf_counter() - started, line)
+                hooks.failed(spec, line)
                 return
             except Exception as e:  # noqa: BLE001 - a crashed run must not end the study
-                error = _crash_report(spec, e, attempt, self.log_dir)
+                error = failure_line(e, spec.run_id, attempt, self.log_dir)
                 _release_memory()
                 last = attempt > self.retries
                 progress.run_finished(spec.label, "failed" if last else "retrying",
@@ -99,15 +109,31 @@ class LocalExecutor(Executor):
                 return
 
 
-def _crash_report(spec: RunSpec, error: Exception, attempt: int, log_dir: Path | None) -> str:
-    """One line for the database, the whole traceback in a file beside it."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
-    if log_dir is not None:
-        path = private_dir(log_dir) / f"{spec.run_id}-attempt{attempt}.txt"
-        private_file(path).write_text("".join(traceback.format_exception(error)))  # it may quote the data
-        line += f" (traceback: {path})"
-    return line
+def failure_line(error: Exception, run_id: str, attempt: int, log_dir: Path | None) -> str:
+    """The one line a failed attempt of a run is stored and shown with: a user error's
+    own line, or what crashed; with ``log_dir``, naming the file there that holds the
+    whole traceback."""
+    if isinstance(error, PrivtuneError):
+        line = error.one_line()
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
+    if log_dir is None:
+        return line
+    path = private_dir(log_dir) / f"{run_id}-attempt{attempt}.txt"
+    private_file(path).write_text(_whole_traceback(error))  # it may quote the data
+    return f"{line.rstrip('.')} (traceback: {path})"
+
+
+def _whole_traceback(error: BaseException) -> str:
+    """The traceback with every error that led to it, even one hidden by ``raise ... from
+    None`` (a user error such as out of memory replaces the allocator's own error, which
+    the log should still show)."""
+    hidden = error.__context__ if error.__suppress_context__ and error.__cause__ is None else None
+    text = "".join(traceback.format_exception(error))
+    if hidden is None:
+        return text
+    return ("".join(traceback.format_exception(hidden)) + "\nThe error above was reported as:\n\n" + text)
 
 
 def _release_memory() -> None:

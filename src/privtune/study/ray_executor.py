@@ -120,8 +120,8 @@ class RayExecutor(Executor):
         config_json = json.dumps(cfg.model_dump())
         pending = {}
         for spec in runs:
-            hooks.started(spec)
-            pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
+            if hooks.claim(spec):  # stored as queued; running once its task reports its start
+                pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
         try:
             self._collect(ray, pending, board, hooks)
         finally:
@@ -143,6 +143,7 @@ class RayExecutor(Executor):
                 for spec in pending.values():
                     if spec.run_id in started and spec.run_id not in seen:
                         seen[spec.run_id] = time.perf_counter()
+                        hooks.started(spec)  # stored as running from now
                         progress.run_started(spec.label)
                 for ready in ray.wait(list(pending), num_returns=len(pending), timeout=0)[0] if pending else []:
                     spec = pending.pop(ready)

@@ -4,14 +4,28 @@ SQLite because a study is a file a user can copy, query and keep, with transacti
 that make every finished run durable the moment it is written (WAL mode, so a reader
 such as ``privtune report`` never blocks a running study). A crash or Ctrl-C loses at
 most the run in progress; its partial rows are replaced when it is run again.
+
+A run being worked on is held by one process: its row names the owner (a token per open
+store, the process id and host) and carries a heartbeat the owner refreshes every
+:data:`HEARTBEAT_SECONDS`. That row is a lock: another process that wants the run (the
+same study started twice) leaves it alone while the owner lives. And it tells a reader
+the truth after a crash: a ``queued`` or ``running`` row whose process has ended (same
+host, process id gone) or has not been heard from for :data:`LEASE_SECONDS` reads as
+``interrupted``, with how to resume it. That status is worked out when the row is read,
+never stored, so nothing has to clean up after a process that cannot.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sqlite3
+import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from privtune.files import private_dir, private_file
@@ -23,12 +37,16 @@ CREATE TABLE IF NOT EXISTS runs (
     label       TEXT NOT NULL,
     method      TEXT NOT NULL,
     role        TEXT NOT NULL,          -- base | target | shadow | audit | retrain | unlearn
-    status      TEXT NOT NULL,          -- running | done | failed
+    status      TEXT NOT NULL,          -- queued | running | done | failed
     config      TEXT NOT NULL,          -- resolved run config, JSON
     result      TEXT,                   -- measures, JSON (done runs)
     error       TEXT,                   -- one line (failed runs)
     started_at  REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner_id    TEXT,                   -- the Store that holds (or held) the run
+    owner_pid   INTEGER,                -- its process ...
+    owner_host  TEXT,                   -- ... and host
+    heartbeat   REAL                    -- last sign of life of a queued or running run
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id   TEXT NOT NULL REFERENCES runs(run_id),
@@ -37,6 +55,20 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch)
 );
 """
+
+
+#: Columns added since the first release; an older database gets them when it is opened.
+ADDED_COLUMNS = {"owner_id": "TEXT", "owner_pid": "INTEGER", "owner_host": "TEXT", "heartbeat": "REAL"}
+
+#: How often a process holding runs says it is alive, and how long a run whose holder
+#: has not said so for is taken as interrupted. The lease is long because a process can
+#: stall (a swapping machine, a debugger); a holder that has ended on this host is seen
+#: at once, by its process id.
+HEARTBEAT_SECONDS = 20.0
+LEASE_SECONDS = 300.0
+
+#: Statuses of a run someone is working on: they hold the run's lock while their owner lives.
+HELD = ("queued", "running")
 
 
 def _json(value) -> str:
@@ -52,23 +84,91 @@ def _json(value) -> str:
     return json.dumps(clean(value), sort_keys=True)
 
 
-class Store:
-    """The results database of one output directory."""
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a queued or running run, and whether it is still there."""
 
-    def __init__(self, path: str | Path):
+    pid: int | None
+    host: str | None
+    heartbeat: float | None
+
+    def who(self) -> str:
+        return f"pid {self.pid} on {self.host}" if self.pid is not None else "an older privtune"
+
+    def gone(self, lease_seconds: float, now: float) -> str | None:
+        """Why the holder is taken to be gone (``None``: it may still be working)."""
+        if self.host == socket.gethostname() and self.pid is not None and not _pid_alive(self.pid):
+            return f"its process ({self.who()}) has ended"
+        if self.heartbeat is None or now - self.heartbeat > lease_seconds:
+            return f"its process ({self.who()}) has not been heard from for over {lease_seconds / 60:.0f} min"
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def interrupted_error(status: str, why: str) -> str:
+    """The one line an interrupted run shows in place of an error."""
+    when = "before it started" if status == "queued" else "before it finished"
+    return f"interrupted {when}: {why}; run the study again (the same privtune run command) to resume it"
+
+
+class Store:
+    """The results database of one output directory.
+
+    Each open store is one owner: runs it starts or queues are held in its name until
+    they finish, fail or it closes (a background thread refreshes their heartbeat).
+    """
+
+    def __init__(self, path: str | Path, lease_seconds: float = LEASE_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.path = Path(path)
         private_file(private_dir(self.path.parent) / self.path.name)  # SQLite gives its -wal, -shm files this mode
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.owner_id = uuid.uuid4().hex
+        self._heartbeat: _Heartbeat | None = None
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database written by an older privtune up to the current schema."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")  # two processes opening an old file add each column once
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         self._db.close()
 
     def status(self, run_id: str) -> str | None:
-        row = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return row[0] if row else None
+        """``queued``, ``running``, ``done``, ``failed``, ``interrupted`` (held by a process
+        that is gone), or ``None`` for a run the database does not hold."""
+        row = self._db.execute(f"SELECT {_ROW} FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return self._seen(*row)[0] if row else None
+
+    def _seen(self, status: str, owner_id, pid, host, heartbeat, started_at, error) -> tuple[str, str | None]:
+        """A row's status and error as a reader should see them."""
+        if status in HELD and owner_id != self.owner_id:
+            why = Holder(pid, host, heartbeat if heartbeat is not None else started_at).gone(
+                self.lease_seconds, time.time())
+            if why:
+                return "interrupted", interrupted_error(status, why)
+        return status, error
 
     def data_digest(self, run_id: str) -> str | None:
         """The data digest a run's stored result records (``None``: no result, or one
@@ -78,14 +178,56 @@ class Store:
         return row[0] if row else None
 
     def start(self, run_id: str, study: str, label: str, method: str, config: dict, role: str = "target") -> None:
-        """Mark a run as running, dropping rows a previous attempt left behind."""
+        """Mark a run as running in this store's name, dropping rows a previous attempt left
+        behind (its epochs, and failed attempts of the same label under another config)."""
         with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM epochs WHERE run_id=?", (run_id,))
-            self._db.execute(
-                "INSERT OR REPLACE INTO runs (run_id, study, label, method, role, status, config, started_at)"
-                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
-                (run_id, study, label, method, role, _json(config), time.time()))
+            self._db.execute("BEGIN IMMEDIATE")
+            self._take(run_id, study, label, method, config, role, "running")
+
+    def claim(self, run_id: str, study: str, label: str, method: str, config: dict, role: str = "target", *,
+              status: str = "running", planned_at: float | None = None) -> str | None:
+        """Take a run for this store (``status`` ``queued`` for a run handed to a scheduler),
+        unless another process holds it or has finished it since ``planned_at``.
+
+        Returns ``None`` when the run is now this store's, else why it is not: the
+        caller skips the run. Read and write are one transaction, so of two processes
+        claiming one run exactly one gets it.
+        """
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(f"SELECT {_ROW}, finished_at FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is not None:
+                held, owner_id, pid, host, heartbeat, *_, finished_at = row
+                seen, _ = self._seen(*row[:-1])
+                if seen in HELD and owner_id != self.owner_id:
+                    doing = "training" if held == "running" else "about to train"
+                    return f"another privtune process ({Holder(pid, host, heartbeat).who()}) is {doing} it"
+                if held == "done" and planned_at is not None and (finished_at or 0) >= planned_at:
+                    return "another privtune process finished it meanwhile"
+            self._take(run_id, study, label, method, config, role, status)
+        return None
+
+    def _take(self, run_id: str, study: str, label: str, method: str, config: dict, role: str, status: str) -> None:
+        """Inside a transaction: (re)write the run's row as held by this store."""
+        stale = [r for (r,) in self._db.execute(
+            "SELECT run_id FROM runs WHERE study=? AND label=? AND status='failed' AND run_id<>?",
+            (study, label, run_id))]
+        for old in [run_id, *stale]:
+            self._db.execute("DELETE FROM epochs WHERE run_id=?", (old,))
+        self._db.executemany("DELETE FROM runs WHERE run_id=?", [(old,) for old in stale])
+        now = time.time()
+        # A run this store already holds keeps its place in the study's order (the order
+        # it was claimed in), whether a worker starts it later or it is retried.
+        kept = self._db.execute(f"SELECT started_at FROM runs WHERE run_id=? AND owner_id=? AND status IN {HELD}",
+                                (run_id, self.owner_id)).fetchone()
+        self._db.execute(
+            "INSERT OR REPLACE INTO runs (run_id, study, label, method, role, status, config, started_at,"
+            " owner_id, owner_pid, owner_host, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, study, label, method, role, status, _json(config), kept[0] if kept else now, self.owner_id,
+             os.getpid(), socket.gethostname(), now))
+        if self._heartbeat is None:
+            self._heartbeat = _Heartbeat(self.path, self.owner_id, self.heartbeat_seconds)
+            self._heartbeat.start()
 
     def add_epoch(self, run_id: str, epoch: int, measures: dict) -> None:
         self._db.execute("INSERT OR REPLACE INTO epochs (run_id, epoch, measures) VALUES (?, ?, ?)",
@@ -108,16 +250,18 @@ class Store:
 
     def runs(self, study: str | None = None,
              roles: tuple[str, ...] = ("base", "target", "audit", "retrain", "unlearn")) -> list[dict]:
-        """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs included."""
-        query = (f"SELECT run_id, study, label, method, role, status, config, result, error FROM runs"
+        """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs
+        included; a queued or running run whose process is gone reads as ``interrupted``."""
+        query = (f"SELECT run_id, study, label, method, role, config, result, {_ROW} FROM runs"
                  f" WHERE role IN ({','.join('?' * len(roles))})")
         args: tuple = tuple(roles)
         if study is not None:
             query += " AND study=?"
             args += (study,)
         out = []
-        for run_id, study_name, label, method, role, status, config, result, error in self._db.execute(
+        for run_id, study_name, label, method, role, config, result, *row in self._db.execute(
                 query + " ORDER BY started_at", args):
+            status, error = self._seen(*row)
             run = json.loads(result) if result else {}
             cfg = json.loads(config)
             run.update(run_id=run_id, study=study_name, label=label, method=method, role=role, status=status,
@@ -126,6 +270,36 @@ class Store:
                 "SELECT epoch, measures FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
             out.append(run)
         return out
+
+
+#: The columns :meth:`Store._seen` reads, in its order.
+_ROW = "status, owner_id, owner_pid, owner_host, heartbeat, started_at, error"
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the heartbeat of every queued or running run of one store, on its own
+    connection (a training step can take the main thread for minutes)."""
+
+    def __init__(self, path: Path, owner_id: str, every: float):
+        super().__init__(name="privtune-heartbeat", daemon=True)
+        self._path, self._owner_id, self._every = path, owner_id, every
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        db = sqlite3.connect(self._path, timeout=60, isolation_level=None)
+        try:
+            while not self._stopped.wait(self._every):
+                try:
+                    db.execute(f"UPDATE runs SET heartbeat=? WHERE owner_id=? AND status IN {HELD}",
+                               (time.time(), self._owner_id))
+                except sqlite3.Error:  # busy for a minute: the next beat tries again
+                    continue
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
 
 
 def latest_per_label(runs: list[dict]) -> list[dict]:
