@@ -127,3 +127,69 @@ def test_progress_counts_runs_queued_running_done_and_failed(tmp_path):
     for before, after in zip(seen, seen[1:]):
         assert after.queued <= before.queued and after.done + after.failed >= before.done + before.failed
     assert RunCounts(1, 2, 3, 4).line() == "ray: 1 queued, 2 running, 3 done, 4 failed"
+
+
+def finishes_within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` in a thread; the exception it raised (``None``: none), failing the test
+    if it is still running after ``seconds`` (as a run Ray can never place would be)."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(error=_raised(call)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return box["error"]
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - handed to the test
+        return e
+    return None
+
+
+def recording_hooks(events: dict):
+    from privtune.study.executor import RunHooks
+
+    return RunHooks(started=lambda s: events.setdefault("started", []).append(s.label),
+                    epoch=lambda s, e, m: None,
+                    finished=lambda s, r: events.setdefault("done", []).append(s.label),
+                    failed=lambda s, e: events.setdefault("failed", {}).update({s.label: e}))
+
+
+class DyingBoard:
+    """A start board whose process dies on its third poll, as every actor does when its
+    cluster is stopped (``ray stop``) under a running study."""
+
+    def __init__(self):
+        self.polls = 0
+
+    def start(self, run_id, worker_log=None):
+        pass
+
+    def started(self):
+        self.polls += 1
+        if self.polls == 3:
+            os._exit(1)
+        return {}
+
+
+def test_a_cluster_lost_mid_study_ends_it_on_one_line_with_the_traceback_in_logs(tmp_path, monkeypatch):
+    from privtune.errors import PrivtuneError
+    from privtune.study import ray_executor
+    from privtune.study.plan import plan_study
+
+    monkeypatch.setattr(ray_executor, "StartBoard", DyingBoard)
+    cfg = fast_study(tmp_path)
+    executor = RayExecutor(cfg, show_progress=False, task=sleepy_task, poll_seconds=0.1)
+    error = finishes_within(60, lambda: executor.execute(plan_study(cfg), recording_hooks({})))
+    assert isinstance(error, PrivtuneError), error
+    line = error.one_line()
+    assert line.startswith("lost the Ray cluster during the study (ActorDiedError: ") and "\n" not in line
+    assert "finished runs are saved" in line and "rerun the same command to resume" in line
+    logs = list((Path(cfg.output_dir) / "logs").glob("ray-*.txt"))
+    assert len(logs) == 1 and f"(traceback: {logs[0]})" in line
+    assert "ActorDiedError" in logs[0].read_text() and (logs[0].stat().st_mode & 0o777) == 0o600
+

@@ -9,12 +9,19 @@ database, so workers need no access to it. Each worker process keeps the study c
 progress line counts runs queued, running, done and failed: each task reports its start
 to a small actor the driver polls.
 
+Ray's own failures are turned into one line each, their tracebacks into files under
+``output_dir/logs``: no cluster to join, or a cluster lost mid-study (which ends the
+study with the finished runs saved).
+
 Ray is an optional extra: ``pip install 'privtune[ray]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privtune.config import StudyConfig, config_hash, parse_config
-from privtune.errors import PrivtuneError
+from privtune.errors import PrivtuneError, write_traceback
 from privtune.study.executor import Executor, RunHooks
 from privtune.study.plan import RunSpec
 
@@ -90,10 +97,13 @@ def execute_remote(config_json: str, spec: RunSpec, threads: int) -> dict:
 class RayExecutor(Executor):
     """Submits every pending run at once; Ray runs as many as the cluster's resources allow.
 
-    ``address``: ``None`` starts a local Ray instance, ``"auto"`` joins the cluster this
-    machine belongs to, ``"ray://host:10001"`` a remote one. ``task`` is the remote
-    function (tests wrap it to inject faults); ``on_counts`` is called with the
-    :class:`RunCounts` each time they change (the progress bar shows them, tests watch them).
+    ``address``: ``None`` joins the cluster named by ``RAY_ADDRESS`` or already running on
+    this machine, else starts a local Ray instance (Ray's own rule); ``"auto"`` joins the
+    cluster this machine belongs to and fails without one; ``"host:6379"`` or
+    ``"ray://host:10001"`` a remote one. ``task`` is the remote function (tests wrap it to
+    inject faults); ``on_counts`` is called with the :class:`RunCounts` each time they
+    change (the progress bar shows them, tests watch them); ``say`` gets the line naming
+    the cluster joined.
     """
 
     cfg: StudyConfig
@@ -104,32 +114,41 @@ class RayExecutor(Executor):
     task: Callable[[str, RunSpec, int], dict] = execute_remote
     on_counts: Callable[[RunCounts], None] = lambda counts: None
     poll_seconds: float = 0.5
+    say: Callable[[str], None] = print
 
     def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
         if not runs:
             return
         ray = _import_ray()
+        log_dir = Path(self.cfg.output_dir) / "logs"
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and self.cfg.device != "cpu" else 0
-        remote = ray.remote(execute_tracked).options(num_cpus=self.cpus_per_run, num_gpus=gpus,
-                                                     max_retries=self.retries, retry_exceptions=True)
-        board = ray.remote(num_cpus=0)(StartBoard).remote()
-        ray.get(board.started.remote())  # up before the first task, so the counts are right from the start
-        # Workers run in their own directories: artifacts go to the driver's output_dir.
-        cfg = self.cfg.model_copy(update={"output_dir": str(Path(self.cfg.output_dir).resolve())})
-        config_json = json.dumps(cfg.model_dump())
-        pending = {}
-        for spec in runs:
-            hooks.started(spec)
-            pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
+            self.say(_connect(ray, self.address, log_dir))
         try:
-            self._collect(ray, pending, board, hooks)
-        finally:
-            ray.kill(board)
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and self.cfg.device != "cpu" else 0
+            remote = ray.remote(execute_tracked).options(num_cpus=self.cpus_per_run, num_gpus=gpus,
+                                                         max_retries=self.retries, retry_exceptions=True)
+            board = ray.remote(num_cpus=0)(StartBoard).remote()
+            ray.get(board.started.remote())  # up before the first task, so the counts are right from the start
+            # Workers run in their own directories: artifacts go to the driver's output_dir.
+            cfg = self.cfg.model_copy(update={"output_dir": str(Path(self.cfg.output_dir).resolve())})
+            config_json = json.dumps(cfg.model_dump())
+            pending = {}
+            for spec in runs:
+                hooks.started(spec)
+                pending[remote.remote(board, self.task, config_json, spec, self.cpus_per_run)] = spec
+            try:
+                self._collect(ray, pending, board, hooks, log_dir)
+            finally:
+                with contextlib.suppress(Exception):  # a lost cluster has lost the board too
+                    ray.kill(board)
+        except (ray.exceptions.RayError, ConnectionError) as e:  # from Ray itself, not from a run
+            path = write_traceback(e, log_dir, "ray")
+            raise PrivtuneError(f"lost the Ray cluster during the study ({_first_line(e)}); finished runs are saved "
+                                f"(traceback: {path})",
+                                "check the cluster (ray status), restart it if it stopped, and rerun the same "
+                                "command to resume") from None
 
-    def _collect(self, ray, pending: dict, board, hooks: RunHooks) -> None:
+    def _collect(self, ray, pending: dict, board, hooks: RunHooks, log_dir: Path) -> None:
         """Hand each result to ``hooks`` as it comes, showing the counts meanwhile."""
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), disable=not self.show_progress) as progress:
@@ -171,6 +190,35 @@ def _one_line(error: Exception) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
     return f"crashed after all retries: {type(cause).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _connect(ray, address: str | None, log_dir: Path) -> str:
+    """Join (or start) Ray, failing on one line; return the line naming the cluster joined."""
+    # Ray's rule: RAY_ADDRESS overrides no address and "auto", not a concrete one.
+    named = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS") or address
+    # Ray's advice on a setting privtune does not use; it would be the study's first line.
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as e:  # noqa: BLE001 - whatever Ray raises, the user gets one line
+        path = write_traceback(e, log_dir, "ray-connect")
+        if named == "auto" and isinstance(e, ConnectionError):
+            raise PrivtuneError(f"--address auto found no Ray cluster running on this machine (traceback: {path})",
+                                "start one with `ray start --head`, or drop --address to let privtune start "
+                                "a Ray for this study") from None
+        raise PrivtuneError(f"could not {'join Ray at ' + named if named else 'start Ray'}: {_first_line(e)} "
+                            f"(traceback: {path})",
+                            "check the address (`ray status` on the head node), or drop --address to let "
+                            "privtune start a Ray for this study") from None
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    where = getattr(ray.get_runtime_context(), "gcs_address", None) or named or "this machine"
+    return (f"ray: cluster at {where}: {len(nodes)} node{'s' * (len(nodes) != 1)}, "
+            f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {sum(n.get('GPU', 0) for n in nodes):g} GPUs")
 
 
 def _import_ray():
