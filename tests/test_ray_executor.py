@@ -159,6 +159,24 @@ def recording_hooks(events: dict):
                     failed=lambda s, e: events.setdefault("failed", {}).update({s.label: e}))
 
 
+def test_a_run_no_node_can_hold_fails_at_once_on_one_line(tmp_path):
+    from privtune.errors import PrivtuneError
+    from privtune.study.plan import plan_study
+
+    cfg = fast_study(tmp_path)
+    events = {}
+    executor = RayExecutor(cfg, cpus_per_run=4, show_progress=False, task=sleepy_task)  # the cluster has 2 CPUs
+    error = finishes_within(60, lambda: executor.execute(plan_study(cfg), recording_hooks(events)))
+    assert isinstance(error, PrivtuneError), error
+    assert "asks for 4 CPUs" in str(error) and "has 2" in str(error) and "--cpus-per-run 2 or less" in str(error)
+    assert events == {}  # nothing stored or submitted
+    on_cuda = fast_study(tmp_path, device="cuda")
+    error = finishes_within(60, lambda: RayExecutor(on_cuda, show_progress=False, task=sleepy_task).execute(
+        plan_study(on_cuda), recording_hooks(events)))
+    assert isinstance(error, PrivtuneError) and "needs a GPU, but the Ray cluster has none" in str(error), error
+    assert events == {}
+
+
 class DyingBoard:
     """A start board whose process dies on its third poll, as every actor does when its
     cluster is stopped (``ray stop``) under a running study."""

@@ -10,8 +10,10 @@ progress line counts runs queued, running, done and failed: each task reports it
 to a small actor the driver polls.
 
 Ray's own failures are turned into one line each, their tracebacks into files under
-``output_dir/logs``: no cluster to join, or a cluster lost mid-study (which ends the
-study with the finished runs saved).
+``output_dir/logs``: an address that does not answer fails after
+:data:`CONNECT_TIMEOUT_S` (Ray itself would retry for ever), a run that no node of the
+cluster has the CPUs or GPU for fails before anything is submitted (Ray would queue it
+for ever), and a cluster lost mid-study ends the study with the finished runs saved.
 
 Ray is an optional extra: ``pip install 'privtune[ray]'``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ from privtune.study.executor import Executor, RunHooks
 from privtune.study.plan import RunSpec
 
 _CONTEXTS: dict[str, object] = {}  # per worker process: study config hash -> StudyContext
+
+#: Seconds privtune waits for a Ray address (``--address`` or ``RAY_ADDRESS``) to answer.
+CONNECT_TIMEOUT_S = 10.0
 
 
 def execute_tracked(board, task: Callable[[str, RunSpec, int], dict], config_json: str, spec: RunSpec,
@@ -124,7 +130,8 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             self.say(_connect(ray, self.address, log_dir))
         try:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and self.cfg.device != "cpu" else 0
+            gpus = _gpus_per_run(ray, self.cfg.device)
+            _check_fits(ray, self.cpus_per_run, gpus)  # before any run is stored or submitted
             remote = ray.remote(execute_tracked).options(num_cpus=self.cpus_per_run, num_gpus=gpus,
                                                          max_retries=self.retries, retry_exceptions=True)
             board = ray.remote(num_cpus=0)(StartBoard).remote()
@@ -198,9 +205,14 @@ def _first_line(error: BaseException) -> str:
 
 
 def _connect(ray, address: str | None, log_dir: Path) -> str:
-    """Join (or start) Ray, failing on one line; return the line naming the cluster joined."""
+    """Join (or start) Ray, failing on one line; return the line naming the cluster joined.
+
+    A named address is probed first: Ray retries an address nobody answers at for ever.
+    """
     # Ray's rule: RAY_ADDRESS overrides no address and "auto", not a concrete one.
     named = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS") or address
+    if named and named != "auto":
+        _probe(named, "--address" if named == address else "RAY_ADDRESS")
     # Ray's advice on a setting privtune does not use; it would be the study's first line.
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
     try:
@@ -219,6 +231,53 @@ def _connect(ray, address: str | None, log_dir: Path) -> str:
     where = getattr(ray.get_runtime_context(), "gcs_address", None) or named or "this machine"
     return (f"ray: cluster at {where}: {len(nodes)} node{'s' * (len(nodes) != 1)}, "
             f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {sum(n.get('GPU', 0) for n in nodes):g} GPUs")
+
+
+def _probe(address: str, given_as: str) -> None:
+    """Fail on one line unless something listens at ``address`` (``host:port`` or
+    ``ray://host:port``), waiting at most :data:`CONNECT_TIMEOUT_S`."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    if not sep or not host or not port.isdigit():
+        raise PrivtuneError(f"{given_as} {address!r} is not auto, HOST:PORT or ray://HOST:PORT",
+                            "for example --address auto, --address 10.0.0.5:6379 or --address ray://10.0.0.5:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        if isinstance(e, socket.gaierror):
+            why = f"no host is named {host!r}"
+        elif isinstance(e, TimeoutError):
+            why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+        else:
+            why = e.strerror or str(e)
+        raise PrivtuneError(f"cannot reach the Ray cluster at {address} ({given_as}): {why}",
+                            "check the host and port (`ray status` on the head node prints them: the cluster listens "
+                            "on 6379, Ray Client on ray://HOST:10001), or drop --address to let privtune start a "
+                            "Ray for this study") from None
+
+
+def _gpus_per_run(ray, device: str) -> int:
+    """One GPU per run where the cluster has any and ``device`` allows it, else none."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if device.startswith("cuda") and total < 1:
+        raise PrivtuneError(f"device {device} needs a GPU, but the Ray cluster has none",
+                            "set device: auto (or cpu), or add a node with a GPU to the cluster")
+    return 1 if total >= 1 and device != "cpu" else 0
+
+
+def _check_fits(ray, cpus: int, gpus: int) -> None:
+    """Fail on one line when no node of the cluster has ``cpus`` CPUs (and ``gpus`` GPUs):
+    Ray would keep such runs queued for ever. Nodes an autoscaler may add later do not count."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    largest = max((int(n.get("CPU", 0)) for n in nodes if n.get("GPU", 0) >= gpus), default=0)
+    with_gpu = " with a GPU" if gpus else ""
+    fix = (f"use --cpus-per-run {largest} or less, or add a node with {cpus} CPUs{with_gpu}" if largest
+           else f"add a node with {cpus} CPUs{with_gpu} to the cluster")
+    raise PrivtuneError(f"each run asks for {cpus} CPUs{' and a GPU' if gpus else ''} (--cpus-per-run {cpus}), but "
+                        f"the largest node of the Ray cluster{with_gpu} has {largest}, so the runs would wait for ever",
+                        fix)
 
 
 def _import_ray():
