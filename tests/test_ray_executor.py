@@ -211,3 +211,32 @@ def test_a_cluster_lost_mid_study_ends_it_on_one_line_with_the_traceback_in_logs
     assert len(logs) == 1 and f"(traceback: {logs[0]})" in line
     assert "ActorDiedError" in logs[0].read_text() and (logs[0].stat().st_mode & 0o777) == 0o600
 
+
+def crash_or_die(config_json, spec, threads):
+    """lora raises, lora-r4 kills its own worker, as the OOM killer would."""
+    if spec.label == "lora":
+        raise RuntimeError("simulated bug\nin two lines")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_crashed_run_names_its_traceback_and_its_worker_log(tmp_path):
+    from privtune.study.plan import plan_study
+
+    cfg = fast_study(tmp_path)
+    events = {}
+    runs = [spec for spec in plan_study(cfg) if spec.label in ("lora", "lora-r4")]  # one per CPU
+    RayExecutor(cfg, retries=0, show_progress=False, task=crash_or_die, poll_seconds=0.1).execute(
+        runs, recording_hooks(events))
+    assert sorted(events["failed"]) == ["lora", "lora-r4"]
+    for label, error in events["failed"].items():
+        assert "\n" not in error
+        traceback_path = error.split("(traceback: ")[1].split(";")[0]
+        worker_log = error.split("; worker log: ")[1].rstrip(")")
+        assert Path(traceback_path).parent == Path(cfg.output_dir) / "logs"
+        node, path = worker_log.split(":", 1)
+        assert node == ray.util.get_node_ip_address() and Path(path).name.startswith("worker-")
+        assert Path(path).is_file()
+    raised, killed = events["failed"]["lora"], events["failed"]["lora-r4"]
+    assert raised.startswith("crashed after all retries: RuntimeError: in two lines (traceback: ")
+    assert "simulated bug" in Path(raised.split("(traceback: ")[1].split(";")[0]).read_text()
+    assert killed.startswith("crashed after all retries: ") and "(traceback: " in killed

@@ -13,7 +13,8 @@ Ray's own failures are turned into one line each, their tracebacks into files un
 ``output_dir/logs``: an address that does not answer fails after
 :data:`CONNECT_TIMEOUT_S` (Ray itself would retry for ever), a run that no node of the
 cluster has the CPUs or GPU for fails before anything is submitted (Ray would queue it
-for ever), and a cluster lost mid-study ends the study with the finished runs saved.
+for ever), and a cluster lost mid-study ends the study with the finished runs saved. A
+run that crashed names its traceback and its Ray worker's log.
 
 Ray is an optional extra: ``pip install 'privtune[ray]'``.
 """
@@ -44,27 +45,44 @@ CONNECT_TIMEOUT_S = 10.0
 
 def execute_tracked(board, task: Callable[[str, RunSpec, int], dict], config_json: str, spec: RunSpec,
                     threads: int) -> dict:
-    """The Ray task: tell the driver's :class:`StartBoard` the run has started, then run it."""
-    board.start.remote(spec.run_id)
+    """The Ray task: tell the driver's :class:`StartBoard` the run has started (and where
+    this worker logs), then run it."""
+    import ray
+
+    ray.get(board.start.remote(spec.run_id, _worker_log()))  # delivered even if the run kills its worker at once
     return task(config_json, spec, threads)
 
 
+def _worker_log() -> str | None:
+    """``node-ip:path`` of the file Ray sends this worker's stderr to (a crash's last words),
+    or ``None`` where it cannot be told. Ray has no API for it; on Linux the worker's
+    stderr descriptor names it."""
+    import ray
+
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return f"{ray.util.get_node_ip_address()}:{path}" if os.path.isfile(path) else None
+
+
 class StartBoard:
-    """A small Ray actor (no CPU of its own) that knows which runs have started on a worker.
+    """A small Ray actor (no CPU of its own) that knows which runs have started on a worker,
+    and the log of the worker each one started on last.
 
     Ray's task states would tell the same, but its state API needs the dashboard, which
-    privtune does not start; one fire-and-forget call per task, one poll per half-second
+    privtune does not start; one call per task, one poll per half-second
     by the driver, is all this costs. A run whose worker died and which waits for its
     retry still counts as running.
     """
 
     def __init__(self) -> None:
-        self._started: set[str] = set()
+        self._started: dict[str, str | None] = {}
 
-    def start(self, run_id: str) -> None:
-        self._started.add(run_id)
+    def start(self, run_id: str, worker_log: str | None = None) -> None:
+        self._started[run_id] = worker_log
 
-    def started(self) -> set[str]:
+    def started(self) -> dict[str, str | None]:
         return self._started
 
 
@@ -173,7 +191,8 @@ class RayExecutor(Executor):
                     try:
                         outcome = ray.get(ready)
                     except Exception as e:  # noqa: BLE001 - retries exhausted: record it, go on
-                        outcome = {"error": _one_line(e)}
+                        outcome = {"error": _crash_line(e, write_traceback(e, log_dir, spec.run_id),
+                                                        started.get(spec.run_id))}
                     if "error" in outcome:
                         failed += 1
                         hooks.failed(spec, outcome["error"])
@@ -197,6 +216,13 @@ def _one_line(error: Exception) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
     return f"crashed after all retries: {type(cause).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def _crash_line(error: Exception, traceback_path: Path, worker_log: str | None) -> str:
+    """A crashed run's line, naming where to read more: the traceback the driver got, and
+    the log of the worker it last ran on (the only trace of a worker that was killed)."""
+    where = f"traceback: {traceback_path}" + (f"; worker log: {worker_log}" if worker_log else "")
+    return f"{_one_line(error)} ({where})"
 
 
 def _first_line(error: BaseException) -> str:
