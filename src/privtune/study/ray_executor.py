@@ -27,7 +27,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -139,6 +139,7 @@ class RayExecutor(Executor):
     on_counts: Callable[[RunCounts], None] = lambda counts: None
     poll_seconds: float = 0.5
     say: Callable[[str], None] = print
+    _connected_here: bool = field(default=False, init=False)  # else the caller's Ray, theirs to shut down
 
     def execute(self, runs: list[RunSpec], hooks: RunHooks) -> None:
         if not runs:
@@ -147,6 +148,7 @@ class RayExecutor(Executor):
         log_dir = Path(self.cfg.output_dir) / "logs"
         if not ray.is_initialized():
             self.say(_connect(ray, self.address, log_dir))
+            self._connected_here = True
         try:
             gpus = _gpus_per_run(ray, self.cfg.device)
             _check_fits(ray, self.cpus_per_run, gpus)  # before any run is stored or submitted
@@ -168,6 +170,9 @@ class RayExecutor(Executor):
                     ray.kill(board)
         except (ray.exceptions.RayError, ConnectionError) as e:  # from Ray itself, not from a run
             path = write_traceback(e, log_dir, "ray")
+            if self._connected_here:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()  # now, so Ray's own complaints about the lost tasks come before our line
             raise PrivtuneError(f"lost the Ray cluster during the study ({_first_line(e)}); finished runs are saved "
                                 f"(traceback: {path})",
                                 "check the cluster (ray status), restart it if it stopped, and rerun the same "
