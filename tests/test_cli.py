@@ -140,3 +140,18 @@ def test_a_wrong_name_fails_when_the_config_loads_with_the_valid_names(tmp_path,
     assert code == 2
     assert_one_line_error(code, err, "invalid config", *needles)
     assert not (tmp_path / "out").exists()  # no database, no model: nothing ran
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_logs(tmp_path, monkeypatch, capsys):
+    import privtune.study.driver
+
+    def broken(cfg, **kwargs):
+        raise RuntimeError("the cluster said no\nand a second line")
+
+    monkeypatch.setattr(privtune.study.driver, "run_study", broken)
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)))
+    assert code == 1
+    assert_one_line_error(code, err, "unexpected RuntimeError: the cluster said no (traceback: ", "--debug")
+    logs = list((tmp_path / "out" / "logs").glob("privtune-error-*.txt"))
+    assert len(logs) == 1 and str(logs[0]) in err.replace("\n", "")
+    assert "Traceback" in logs[0].read_text() and "second line" in logs[0].read_text()

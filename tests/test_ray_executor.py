@@ -175,3 +175,116 @@ def test_runs_are_stored_as_queued_until_a_worker_starts_them(tmp_path):
     for counts, statuses in seen:
         assert statuses == {"queued": counts.queued, "running": counts.running, "done": counts.done}
     assert any(counts.running == 2 for counts, _ in seen) and seen[-1][1]["done"] == 4
+
+
+def finishes_within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` in a thread; the exception it raised (``None``: none), failing the test
+    if it is still running after ``seconds`` (as a run Ray can never place would be)."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(error=_raised(call)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return box["error"]
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - handed to the test
+        return e
+    return None
+
+
+def recording_hooks(events: dict):
+    from privtune.study.executor import RunHooks
+
+    return RunHooks(started=lambda s: events.setdefault("started", []).append(s.label),
+                    epoch=lambda s, e, m: None,
+                    finished=lambda s, r: events.setdefault("done", []).append(s.label),
+                    failed=lambda s, e: events.setdefault("failed", {}).update({s.label: e}))
+
+
+def test_a_run_no_node_can_hold_fails_at_once_on_one_line(tmp_path):
+    from privtune.errors import PrivtuneError
+    from privtune.study.plan import plan_study
+
+    cfg = fast_study(tmp_path)
+    events = {}
+    executor = RayExecutor(cfg, cpus_per_run=4, task=sleepy_task)  # the cluster has 2 CPUs
+    error = finishes_within(60, lambda: executor.execute(plan_study(cfg), recording_hooks(events)))
+    assert isinstance(error, PrivtuneError), error
+    assert "asks for 4 CPUs" in str(error) and "has 2" in str(error) and "--cpus-per-run 2 or less" in str(error)
+    assert events == {}  # nothing stored or submitted
+    on_cuda = fast_study(tmp_path, device="cuda")
+    error = finishes_within(60, lambda: RayExecutor(on_cuda, task=sleepy_task).execute(
+        plan_study(on_cuda), recording_hooks(events)))
+    assert isinstance(error, PrivtuneError) and "needs a GPU, but the Ray cluster has none" in str(error), error
+    assert events == {}
+
+
+class DyingBoard:
+    """A start board whose process dies on its third poll, as every actor does when its
+    cluster is stopped (``ray stop``) under a running study."""
+
+    def __init__(self):
+        self.polls = 0
+
+    def start(self, run_id, worker_log=None):
+        pass
+
+    def started(self):
+        self.polls += 1
+        if self.polls == 3:
+            os._exit(1)
+        return {}
+
+
+def test_a_cluster_lost_mid_study_ends_it_on_one_line_with_the_traceback_in_logs(tmp_path, monkeypatch):
+    from privtune.errors import PrivtuneError
+    from privtune.study import ray_executor
+    from privtune.study.plan import plan_study
+
+    monkeypatch.setattr(ray_executor, "StartBoard", DyingBoard)
+    cfg = fast_study(tmp_path)
+    executor = RayExecutor(cfg, task=sleepy_task, poll_seconds=0.1)
+    error = finishes_within(60, lambda: executor.execute(plan_study(cfg), recording_hooks({})))
+    assert isinstance(error, PrivtuneError), error
+    line = error.one_line()
+    assert line.startswith("lost the Ray cluster during the study (ActorDiedError: ") and "\n" not in line
+    assert "finished runs are saved" in line and "rerun the same command to resume" in line
+    logs = list((Path(cfg.output_dir) / "logs").glob("ray-*.txt"))
+    assert len(logs) == 1 and f"(traceback: {logs[0]})" in line
+    assert "ActorDiedError" in logs[0].read_text() and (logs[0].stat().st_mode & 0o777) == 0o600
+
+
+def crash_or_die(config_json, spec, threads):
+    """lora raises, lora-r4 kills its own worker, as the OOM killer would."""
+    if spec.label == "lora":
+        raise RuntimeError("simulated bug\nin two lines")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_crashed_run_names_its_traceback_and_its_worker_log(tmp_path):
+    from privtune.study.plan import plan_study
+
+    cfg = fast_study(tmp_path)
+    events = {}
+    runs = [spec for spec in plan_study(cfg) if spec.label in ("lora", "lora-r4")]  # one per CPU
+    RayExecutor(cfg, retries=0, task=crash_or_die, poll_seconds=0.1).execute(
+        runs, recording_hooks(events))
+    assert sorted(events["failed"]) == ["lora", "lora-r4"]
+    for label, error in events["failed"].items():
+        assert "\n" not in error
+        traceback_path = error.split("(traceback: ")[1].split(";")[0]
+        worker_log = error.split("; worker log: ")[1].rstrip(")")
+        assert Path(traceback_path).parent == Path(cfg.output_dir) / "logs"
+        node, path = worker_log.split(":", 1)
+        assert node == ray.util.get_node_ip_address() and Path(path).name.startswith("worker-")
+        assert Path(path).is_file()
+    raised, killed = events["failed"]["lora"], events["failed"]["lora-r4"]
+    assert raised.startswith("crashed after all retries: RuntimeError: in two lines (traceback: ")
+    assert "simulated bug" in Path(raised.split("(traceback: ")[1].split(";")[0]).read_text()
+    assert killed.startswith("crashed after all retries: ") and "(traceback: " in killed

