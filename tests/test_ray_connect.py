@@ -33,7 +33,7 @@ def closed_port() -> int:
 def test_a_port_nobody_listens_on_fails_at_once(tmp_path):
     port = closed_port()
     cfg = fast_study(tmp_path)
-    executor = RayExecutor(cfg, address=f"127.0.0.1:{port}", show_progress=False, task=sleepy_task)
+    executor = RayExecutor(cfg, address=f"127.0.0.1:{port}", task=sleepy_task)
     events = {}
     error = finishes_within(CONNECT_TIMEOUT_S + 20, lambda: executor.execute(plan_study(cfg), recording_hooks(events)))
     assert isinstance(error, PrivtuneError), error
@@ -47,7 +47,7 @@ def test_auto_without_a_cluster_is_one_line_with_its_traceback_in_logs(tmp_path,
     monkeypatch.setattr(ray._private.services, "find_gcs_addresses", functools.lru_cache(lambda: []))
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: None)
     cfg = fast_study(tmp_path)
-    error = finishes_within(60, lambda: RayExecutor(cfg, address="auto", show_progress=False, task=sleepy_task)
+    error = finishes_within(60, lambda: RayExecutor(cfg, address="auto", task=sleepy_task)
                             .execute(plan_study(cfg), recording_hooks({})))
     assert isinstance(error, PrivtuneError), error
     line = error.one_line()
