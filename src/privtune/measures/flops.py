@@ -23,7 +23,9 @@ data set's longest record), and under prompt tuning the virtual tokens too (S = 
 virtual tokens, through every layer and the head); prefix tuning adds its keys to every
 attention (S_k = length + prefix). Not counted: elementwise work (norms, activations,
 softmax, the loss, the optimiser), biases, the input-embedding lookup and its gradient (a
-gather and a scatter-add: no multiply), DP noise. Which matmul layers run, and which
+gather and a scatter-add: no multiply), DP noise, DoRA's weight norm (once per batch, not
+per position), and under user-level DP the privtune engine's larger Gram matrices of a
+person's records laid end to end (priced here per record). Which matmul layers run, and which
 back-propagate, is read off one forward pass of two tokens (:func:`flop_profile`).
 """
 
