@@ -9,7 +9,7 @@ from privtune.config import LoraSettings
 from privtune.data.records import Record, Span
 from privtune.data.tokenize import encode_records
 from privtune.errors import PrivtuneError
-from privtune.measures.efficiency import count_parameters, training_flops
+from privtune.measures.efficiency import count_parameters
 from privtune.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 from privtune.train.loop import TrainPlan, train
 from privtune.train.losses import per_record_loss
@@ -66,11 +66,6 @@ def test_lora_trains_only_the_adapter():
     train(model, toy_data(), TrainPlan(1, 4, 4, 1e-2, 0.0, 0), CPU)
     after = [p for n, p in model.named_parameters() if "lora_" not in n]
     assert all(torch.equal(x, y) for x, y in zip(base, after))
-
-
-def test_flops_rule():
-    assert training_flops(100, 100, 10) == 6000  # full fine-tuning: 6 N per token
-    assert training_flops(100, 0, 10) == 4000
 
 
 def test_unknown_method():

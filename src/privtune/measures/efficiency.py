@@ -1,4 +1,4 @@
-"""Efficiency figures of a training run: time, throughput, peak memory, parameters, FLOPs.
+"""Efficiency figures of a training run: time, throughput, peak memory, parameters (FLOPs: ``flops.py``).
 
 Peak memory is what a run's training *added*: the most memory it held above what the
 process held when the run began (the model it trains is already built then, as are the
@@ -133,17 +133,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
-
-
-def training_flops(total_params: int, trainable_params: int, tokens: int) -> float:
-    """Estimated training FLOPs (Kaplan et al., 2020, "6N" rule, split by pass).
-
-    Per token: 2N for the forward pass, 2N to back-propagate activations through every
-    layer, and 2 per *trainable* parameter for weight gradients. Full fine-tuning gives
-    the familiar 6N; LoRA roughly 4N. Attention's quadratic term is ignored (short
-    sequences). Per-sample gradient work of DP-SGD is not counted.
-    """
-    return float(tokens) * (4.0 * total_params + 2.0 * trainable_params)
 
 
 class Stopwatch:

@@ -473,7 +473,7 @@ def side_columns(runs: Sequence[dict]) -> dict[str, tuple[list[dict], tuple[Colu
                    lambda r: fmt(100 * measure(r, "trainable_params", "efficiency")
                                  / measure(r, "total_params", "efficiency"), ".2f") + " %",
                    "trainable share of all parameters"),
-            Column("FLOPs", -1, *_eff("flops_estimate", lambda v: fmt(v, ".1e")), "estimated training FLOPs"),
+            Column("FLOPs", -1, *_eff("flops_estimate", lambda v: fmt(v, ".1e")), "estimated matrix-product FLOPs of the training, padded positions included (see the caption)"),
         )),
         "loss_quantiles": ([r for r in done if not math.isnan(measure(r, "ce_s_train_record_p50"))], (
             Column("train p50", 1, *_final("ce_s_train_record_p50"), "median record, members"),
@@ -697,7 +697,14 @@ FIGURE_NOTES = {
                 "only).",
     "efficiency": "What each method costs to train. Memory is what the training added above what the process "
                   "held when the run began (the model is loaded by then): the peak resident set on CPU, "
-                  "allocated memory on GPU; for a federated run, the largest client's training, in its worker.",
+                  "allocated memory on GPU; for a federated run, the largest client's training, in its worker. "
+                  "Tokens/s counts the records' real tokens, padding left out. FLOPs are estimated from the "
+                  "model's shapes and count the matrix products the training computed: forward and backward "
+                  "through the layers the gradient reaches, attention, every padded position, prompt tuning's "
+                  "virtual tokens and prefix tuning's keys, the DP engine's per-record gradients and norms "
+                  "(within 2% of PyTorch's FLOP counter on the test models); not elementwise work (norms, "
+                  "activations, softmax, the optimiser), the input-embedding lookup (no multiply), DP noise, "
+                  "nor the larger norms of user-level DP's grouped records.",
     "loss_quantiles": "The spread over records of the loss on sensitive tokens: 10th, 50th and 90th "
                       "percentile. Means hide the few records a model learnt by heart.",
     "mia_record": "Can an attacker tell a training record from a held-out one? One panel per attack, one "

@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from privtune.data.clients import client_summary, split_clients
-from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.measures.efficiency import PeakMemory
 from privtune.measures.leakage import mean_loss
 from privtune.measures.token_scores import TokenScores
 from privtune.study.plan import RunSpec, method_spec, train_plan
@@ -82,7 +82,6 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
         model = prepared_model(ctx, spec)
     n_members = len(ctx.data.members)
     member_rows = [[i for i in r if i < n_members] for r in rows]
-    trainable, total = count_parameters(model)
     private = get_method(spec.method).private or fed.client_dp is not None
     baseline = ctx.base.measures | {"epsilon": 0.0 if private else None}
     on_epoch(0, baseline)
@@ -115,8 +114,10 @@ def execute_federated(ctx, spec: RunSpec, on_epoch: Callable[[int, dict], None])
     for row, privacy in zip(summary, progress.record_privacy or []):
         row.update(epsilon=privacy["epsilon"], unit=privacy.get("unit"))
     as_loop = TrainResult(seconds=progress.seconds, epoch_seconds=[r.get("seconds", math.nan) for r in progress.rounds],
-                          steps=progress.steps, tokens=progress.tokens)
-    efficiency = efficiency_record(as_loop, memory, trainable, total, runtime, data_parallel=False)
+                          steps=progress.steps, tokens=progress.tokens, records=progress.records,
+                          positions=progress.positions)
+    efficiency = efficiency_record(as_loop, memory, model, runtime, data_parallel=False,
+                                   dp_engine=local.dp.engine if local.dp is not None else None)
     efficiency.update(**client_memory(memory, progress.client_peak_memory),
                       bytes_communicated=progress.bytes_down + progress.bytes_up,
                       client_train_seconds=progress.client_seconds)

@@ -23,7 +23,8 @@ import torch
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.files import private_dir
-from privtune.measures.efficiency import PeakMemory, count_parameters, training_flops
+from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.measures.flops import flop_profile, training_flops
 from privtune.measures.exposure import canary_exposure
 from privtune.measures.leakage import leakage_measures
 from privtune.measures.token_scores import TokenScores, score_tokens
@@ -186,7 +187,6 @@ def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback) -> dict:
     with stage("preparation"):
         scrubbed, train_set = training_set(ctx, spec)
         model = prepared_model(ctx, spec)
-    trainable, total = count_parameters(model)
     baseline = ctx.base.measures | {"epsilon": 0.0 if get_method(spec.method).private else None}
     on_epoch(0, baseline)
     epochs: list[dict] = [{"epoch": 0, **baseline}]
@@ -204,7 +204,7 @@ def _execute(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback) -> dict:
     result, memory = _measured_training(ctx, spec, model, train_set, on_epoch_end=after_epoch)
     return measured_result(
         ctx, spec, model, epochs, latest[0], dp=result.privacy.as_dict() if result.privacy else None,
-        efficiency=efficiency_record(result, memory, trainable, total, runtime), train_tokens=train_set.n_tokens,
+        efficiency=efficiency_record(result, memory, model, runtime), train_tokens=train_set.n_tokens,
         scrub=scrub_report(ctx, scrubbed, latest[0]),
         **({"unlearning": unlearning.retrain_report(ctx, spec, model, latest[0])} if retrain else {}))
 
@@ -294,11 +294,16 @@ def _measured_training(ctx: StudyContext, spec: RunSpec, model, data: EncodedDat
     return result, memory
 
 
-def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, total: int, runtime: Runtime,
-                      data_parallel: bool = True) -> dict:
+def efficiency_record(result: TrainResult, memory: PeakMemory, model: torch.nn.Module, runtime: Runtime,
+                      data_parallel: bool = True, dp_engine: str | None = None) -> dict:
     """A run's cost figures; ``data_parallel=False`` for loops that train on rank 0 alone
-    (federated, unlearning), whose figures are one process's under ``torchrun`` too."""
+    (federated, unlearning), whose figures are one process's under ``torchrun`` too.
+    ``dp_engine``: the clipping engine of a DP run whose ``result`` has no privacy setup
+    (federated clients); otherwise the setup's. Tokens per second counts real tokens, the
+    FLOPs every computed position (``measures/flops.py``)."""
     group = distributed.current() if data_parallel else None
+    trainable, total = count_parameters(model)
+    engine = result.privacy.engine if result.privacy is not None else dp_engine
     return {
         "train_seconds": result.seconds,
         "seconds_per_epoch": result.seconds / max(1, len(result.epoch_seconds)),
@@ -311,7 +316,8 @@ def efficiency_record(result: TrainResult, memory: PeakMemory, trainable: int, t
         "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
         "memory_at_start_bytes": memory.start_bytes,
         "trainable_params": trainable, "total_params": total,
-        "flops_estimate": training_flops(total, trainable, result.tokens),
+        "flops_estimate": training_flops(flop_profile(model), result.records, result.positions, engine,
+                                         result.forward_records, result.forward_positions),
         "device": str(runtime.device), "precision": runtime.precision,
         **({"world_size": group.world_size} if group else {}),  # tokens summed, memory the max, over ranks
     }
@@ -340,7 +346,6 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec) -> dict:
     with stage("preparation"):
         inside, half = _shadow_half(ctx, spec)
         model = prepared_model(ctx, spec)
-    trainable, total = count_parameters(model)
     result, memory = _measured_training(ctx, spec, model, half)
     with stage("measures"):
         evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
@@ -348,7 +353,7 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec) -> dict:
         "record_stats": attacking.record_stats(evaluation, ctx),
         "shadow_in": np.asarray(inside, dtype=bool).tolist(),
         "dp": result.privacy.as_dict() if result.privacy else None,
-        "efficiency": efficiency_record(result, memory, trainable, total, ctx.runtime),
+        "efficiency": efficiency_record(result, memory, model, ctx.runtime),
     }
 
 

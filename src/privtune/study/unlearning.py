@@ -44,7 +44,7 @@ from privtune.attacks.extraction import prefix_extraction
 from privtune.attacks.mia import score_attacks
 from privtune.config import ForgetSettings
 from privtune.errors import PrivtuneError
-from privtune.measures.efficiency import PeakMemory, count_parameters
+from privtune.measures.efficiency import PeakMemory
 from privtune.measures.leakage import mean_loss
 from privtune.study.attacking import scored_records
 from privtune.study.external import load_audited_model
@@ -139,7 +139,6 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
             method_training_set(ctx, _method(ctx, settings["unlearn"]["source"]))[1])
         streams.seed_global(spec.seed, streams.INIT)  # what loading and preparing draw, if anything
         model = load_source(ctx, spec)
-    trainable, total = count_parameters(model)
     members = ctx.data.members.records
     source_eval = ctx.evaluate(model)
     source_report = forget_report(ctx, model, source_eval, forget)
@@ -169,7 +168,7 @@ def run_unlearning(ctx: StudyContext, spec: RunSpec, on_epoch: Callable[[int, di
     evaluation = latest[0]
     return measured_result(
         ctx, spec, model, epochs, evaluation, dp=None,  # the unlearning steps read the records without noise
-        efficiency=efficiency_record(result, memory, trainable, total, runtime, data_parallel=False),
+        efficiency=efficiency_record(result, memory, model, runtime, data_parallel=False),
         train_tokens=forget_data.n_tokens,
         unlearning={**forget_report(ctx, model, evaluation, forget), "source": source_report,
                     "source_run": source_run_id(spec), "retrain_run": retrain_run_id(spec),

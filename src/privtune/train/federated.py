@@ -138,6 +138,8 @@ class FederatedResult:
     client_seconds: float = 0.0
     steps: int = 0
     tokens: int = 0
+    records: int = 0  # records trained on (forward and backward), summed over clients
+    positions: int = 0  # positions computed, padding included (what FLOPs count)
     bytes_down: int = 0
     bytes_up: int = 0
     rounds: list[dict] = field(default_factory=list)
@@ -223,7 +225,8 @@ def _client_app(kit_id: str, kit_ref, seed: int):
         except PrivtuneError as e:  # Flower keeps only the text: mark it as the user's to fix
             raise RuntimeError(f"PrivtuneError: {e.one_line()}") from None
         metrics = {"num-examples": len(kit.data[client]), "client": client, "steps": result.steps,
-                   "tokens": result.tokens, "seconds": result.seconds, "peak-memory-bytes": memory.peak_bytes}
+                   "tokens": result.tokens, "records": result.records, "positions": result.positions,
+                   "seconds": result.seconds, "peak-memory-bytes": memory.peak_bytes}
         return Message(RecordDict({"arrays": to_arrays(kit.model, kit.names), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
@@ -308,6 +311,8 @@ def _strategy(fed: FederatedSettings, n_clients: int, privacy: ClientPrivacy | N
                                                                metrics["peak-memory-bytes"]))
                 out.steps += int(metrics["steps"])
                 out.tokens += int(metrics["tokens"])
+                out.records += int(metrics["records"])
+                out.positions += int(metrics["positions"])
                 out.client_seconds += float(metrics["seconds"])
             row = out.rounds[-1]
             row.update(bytes_up=up, seconds=time.perf_counter() - self.started)

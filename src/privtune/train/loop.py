@@ -54,6 +54,7 @@ class PrivacySetup:
     accountant: str
     unit: str  # what epsilon protects: "individual" or "record"
     n_units: int  # people (or records) in the training set
+    engine: str  # the per-record clipping engine (``dp.engine``)
     # False: noise and batches from streams of the run's seed, so ε holds only against
     # whoever does not know the seed; True: from the OS CSPRNG (``dp.secure_mode``).
     secure_mode: bool = False
@@ -65,12 +66,33 @@ class PrivacySetup:
 
 @dataclass
 class TrainResult:
+    """What a training run did. ``tokens`` counts the records' real tokens (throughput is
+    tokens per second); ``positions`` every position the model computed, padding included
+    (FLOPs are counted on those), over ``records`` forward and backward passes of a record;
+    ``forward_records`` / ``forward_positions`` are forward passes alone (a frozen reference
+    model's, in unlearning)."""
+
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time over the same span as ``seconds``
     epoch_seconds: list[float] = field(default_factory=list)
     steps: int = 0
     tokens: int = 0
+    records: int = 0
+    positions: int = 0
+    forward_records: int = 0
+    forward_positions: int = 0
     privacy: PrivacySetup | None = None
+
+    def count(self, data: EncodedDataset, rows: torch.Tensor) -> None:
+        """Add a physical batch of ``data``'s ``rows``, trained on (forward and backward)."""
+        self.tokens += int(data.attention_mask[rows].sum())
+        self.records += rows.numel()
+        self.positions += rows.numel() * data.input_ids.shape[1]
+
+    def count_forward(self, data: EncodedDataset, rows: torch.Tensor) -> None:
+        """Add a forward pass alone over ``data``'s ``rows``."""
+        self.forward_records += rows.numel()
+        self.forward_positions += rows.numel() * data.input_ids.shape[1]
 
 
 def privacy_units(data: EncodedDataset, unit: str) -> dp.PrivacyUnits:
@@ -108,7 +130,7 @@ def plan_privacy(settings: DPSettings, units: dp.PrivacyUnits, batch_size: int, 
         sigma = dp.noise_for_target_epsilon(settings.target_epsilon, delta, sample_rate, steps,
                                             accountant=settings.accountant)
     return PrivacySetup(sigma, sample_rate, steps, delta, settings.max_grad_norm, settings.accountant,
-                        unit=units.kind, n_units=n_units, secure_mode=settings.secure_mode)
+                        unit=units.kind, n_units=n_units, engine=settings.engine, secure_mode=settings.secure_mode)
 
 
 @contextmanager
@@ -154,7 +176,8 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
             streams.global_stream(plan.seed, streams.DROPOUT, runtime.device):
         step_fn(model, data, labels, plan, runtime, optimizer, generator, result, on_epoch_end, on_step)
     if group is not None:
-        result.tokens = group.sum_int(result.tokens)
+        result.tokens, result.records, result.positions = (
+            group.sum_int(result.tokens), group.sum_int(result.records), group.sum_int(result.positions))
     return result
 
 
@@ -179,7 +202,7 @@ def _plain_steps(model, data, labels, plan, runtime, optimizer, generator, resul
                     # Sum of record losses / logical batch size: accumulation gives the batch mean.
                     loss = _forward_loss(model, data, labels, rows, runtime).sum() / len(batch)
                     loss.backward()
-                    result.tokens += int(data.attention_mask[rows].sum())
+                    result.count(data, rows)
                 if group:  # the ranks' partial sums make the whole batch's gradient
                     group.all_reduce_grads_(params)
                 optimizer.step()
@@ -213,7 +236,7 @@ def _private_steps(model, data, labels, plan, runtime, optimizer, generator, res
                     for rows, owners in units.chunks(mine, plan.physical_batch_size):
                         clipper.accumulate_clipped(_forward_loss(module, data, labels, rows, runtime),
                                                    privacy.max_grad_norm, groups=owners)
-                        result.tokens += int(data.attention_mask[rows].sum())
+                        result.count(data, rows)
                     if group:  # clipped per unit on each rank, summed over ranks, noised once below
                         group.all_reduce_sum_(clipper.clipped_sums())
                     # An empty Poisson batch still gets its noisy step: the accountant assumes it.

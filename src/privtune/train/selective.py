@@ -28,7 +28,7 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks: the ModuleList with one entry per hidden layer."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
@@ -41,7 +41,7 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 def train_head_only(model: nn.Module) -> nn.Module:
     """Unfreeze the last block, whatever sits between the blocks and the head, and the head."""
     _freeze(model)
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     head = model.get_output_embeddings()
     if head is None:
         raise PrivtuneError(f"{type(model).__name__} has no output head", "use lora or fft for this model")

@@ -115,12 +115,14 @@ def _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_s
                         loss = npo_loss(nll_sum, ref_nll[rows].to(runtime.device), plan.beta).sum()
                     else:
                         loss = ga_loss(nll_sum, counts).sum()
-                    result.tokens += int(forget.attention_mask[rows].sum())
+                    result.count(forget, rows)
                     if paired is not None:
                         r_rows = paired.split(plan.physical_batch_size)[k]
                         loss = loss + plan.retain_weight * _retain_term(model, reference, retain, retain_labels,
                                                                         r_rows, objective, runtime).sum()
-                        result.tokens += int(retain.attention_mask[r_rows].sum())
+                        result.count(retain, r_rows)
+                        if objective.retain == "kl":  # and the frozen source model's forward pass
+                            result.count_forward(retain, r_rows)
                     (loss / len(batch)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
