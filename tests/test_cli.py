@@ -53,6 +53,7 @@ def test_jsonl_line_that_is_not_json(tmp_path, monkeypatch, capsys):
     path = write_study(tmp_path, data={"source": str(data)})
     code, _, err = run_cli(monkeypatch, capsys, "run", str(path))
     assert_one_line_error(code, err, "line 2", "tickets.jsonl")
+    assert not (tmp_path / "out" / "privtune.db").exists()  # bad data fails before a database is made
 
 
 def test_span_outside_text(tmp_path, monkeypatch, capsys):

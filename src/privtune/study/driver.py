@@ -64,11 +64,11 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
     from privtune.study.runner import StudyContext
 
     check_forget_sets(cfg)  # a bad forget set fails the study before any run starts
+    records = build_study_records(cfg)  # bad data fails here, before a database is made
+    digest = study_digests(records, load_tokenizer(cfg.model)).data
     store = open_store(cfg)
     planned_at = time.time()
     plan = plan_study(cfg)
-    records = build_study_records(cfg)
-    digest = study_digests(records, load_tokenizer(cfg.model)).data
     stale = {r.run_id: why for r in plan if (why := stale_reason(store, r, digest))}
     pending = [r for r in plan if store.status(r.run_id) != "done" or r.run_id in stale]
     retrain = {r.run_id for r in missing_sources(plan, pending, Path(cfg.output_dir) / "artifacts")}
