@@ -60,6 +60,7 @@ def test_the_page_and_json_keep_their_size_and_the_records_go_beside_them(tmp_pa
             (r["run_id"], r["label"], r["record_stats"]) for r in runs]  # what the export used to hold
         assert json.loads(exported.read_text()) == [{k: v for k, v in r.items() if k != "record_stats"} for r in runs]
         assert 'href="records.json.gz"' in page.read_text()
+        assert (out / "records.json.gz").stat().st_mode & 0o777 == 0o600  # private, as every output
     # 100x the records: the same page and export, give or take the verdict's interval digits
     assert abs(sizes[5000][0] - sizes[50][0]) < 2_000
     assert sizes[5000][1] == sizes[50][1]
