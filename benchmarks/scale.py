@@ -159,13 +159,18 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     records = [r["records"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    colors = iter(plt.cm.tab20.colors)
     for stage in [s for s in STAGES if any(r["stages"].get(s, 0) > 0 for r in rows)]:
-        left.plot(records, [r["stages"].get(stage, math.nan) for r in rows], marker="o", label=stage)
-    left.plot(records, [r["report"]["seconds"] for r in rows], marker="s", linestyle="--", label="report")
+        left.plot(records, [r["stages"].get(stage, math.nan) for r in rows], marker="o", label=stage,
+                  color=next(colors))
+    left.plot(records, [r["report"]["seconds"] for r in rows], marker="s", linestyle="--", label="report",
+              color=next(colors))
+    first = rows[0]["stages"].get("training") or rows[0]["study"]["seconds"]
+    left.plot(records, [first * n / records[0] for n in records], color="grey", linestyle=":", label="∝ records")
     left.set(xscale="log", yscale="log", xlabel="records", ylabel="wall seconds (all runs)",
              title=f"time per stage, {model}")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     for _, name in OUTPUTS:
         values = [r["sizes"][name] for r in rows]
         if all(v is not None for v in values):
@@ -175,7 +180,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     right.plot(records, [r["report"]["peak_rss_bytes"] / 1e6 for r in rows], marker="s", linestyle=":",
                label="peak RSS, report")
     right.set(xscale="log", yscale="log", xlabel="records", ylabel="MB", title="outputs and memory")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
