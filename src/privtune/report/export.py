@@ -28,8 +28,8 @@ Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
 The JSON holds every run's dict but its per-record statistics (``record_stats``), which
-grow with the records (about 160 bytes each per run, against some 60 kB for everything
-else: 3 MB a run at 20k records), and go to ``records.json.gz`` beside it
+grow with the records (about 100 bytes each per run, against some 60 kB for everything
+else: 2 MB a run at 20k records), and go to ``records.json.gz`` beside it
 (:func:`write_records`), written one run at a time; see :data:`RECORDS_FORMAT`.
 
 Every file is written aside and renamed into place, so a reader never sees half a file.
