@@ -132,10 +132,15 @@ def _mb(value) -> str:
     return "–" if value is None else f"{value / 1e6:.2f}"
 
 
+def stage_names(rows: list[dict]) -> list[str]:
+    """The stages some size has, those of :data:`STAGES` first and in its order."""
+    stages = [s for s in STAGES if any(s in r["stages"] for r in rows)]
+    return stages + sorted({s for r in rows for s in r["stages"]} - set(stages))
+
+
 def markdown(rows: list[dict], args) -> str:
     """The table: stage seconds, peak memory and output sizes per N."""
-    stages = [s for s in STAGES if any(s in r["stages"] for r in rows)]
-    stages += sorted({s for r in rows for s in r["stages"]} - set(stages))
+    stages = stage_names(rows)
     header = (["records", "people", "load (mean)", "study s", "report s"] + [f"{s} s" for s in stages]
               + ["peak RSS study MB", "peak RSS report MB"] + [f"{name} MB" for _, name in OUTPUTS])
     lines = [f"Model {args.model}, {rows[0]['runs']} runs per study, {platform.processor() or platform.machine()}, "
@@ -161,7 +166,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     records = [r["records"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
     colors = iter(plt.cm.tab20.colors)
-    for stage in [s for s in STAGES if any(r["stages"].get(s, 0) > 0 for r in rows)]:
+    for stage in [s for s in stage_names(rows) if any(r["stages"].get(s, 0) > 0 for r in rows)]:
         left.plot(records, [r["stages"].get(stage, math.nan) for r in rows], marker="o", label=stage,
                   color=next(colors))
     left.plot(records, [r["report"]["seconds"] for r in rows], marker="s", linestyle="--", label="report",
