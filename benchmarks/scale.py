@@ -141,13 +141,14 @@ def stage_names(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], args) -> str:
     """The table: stage seconds, peak memory and output sizes per N."""
     stages = stage_names(rows)
-    header = (["records", "people", "load (mean)", "study s", "report s"] + [f"{s} s" for s in stages]
+    header = (["records", "people", "load (mean)", "study s", "study CPU s", "report s"] + [f"{s} s" for s in stages]
               + ["peak RSS study MB", "peak RSS report MB"] + [f"{name} MB" for _, name in OUTPUTS])
     lines = [f"Model {args.model}, {rows[0]['runs']} runs per study, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs; seconds are wall seconds summed over the runs.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["records"]), str(r["people"]), f"{r['load_mean']:.1f}", f"{r['study']['seconds']:.0f}",
+                 f"{r['study']['cpu_seconds']:.0f}",
                  f"{r['report']['seconds']:.1f}"]
         cells += [f"{r['stages'][s]:.1f}" if s in r["stages"] else "–" for s in stages]
         cells += [_mb(r["study"]["peak_rss_bytes"]), _mb(r["report"]["peak_rss_bytes"])]
