@@ -276,7 +276,7 @@ def _load_runs(output_dir: str, study: str) -> list[dict]:
 
     store = Store(Path(output_dir) / DB_NAME)
     try:
-        return latest_per_label(store.runs(study))
+        return latest_per_label(store.runs(study, per_record=False))  # read on demand, not all at once
     finally:
         store.close()
 

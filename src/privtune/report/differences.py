@@ -15,6 +15,7 @@ have no interval (None), and the sentence then makes no claim.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ def _losses(run: dict, level: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(summed NLL, token count) per population record at ``level`` (``non-sensitive``:
     the record level minus the sensitive level)."""
     stats = run.get("record_stats")
-    if not isinstance(stats, dict):
+    if not isinstance(stats, Mapping):  # a dict, or one the store reads on demand
         return None
     try:
         def sums(name: str) -> tuple[np.ndarray, np.ndarray]:

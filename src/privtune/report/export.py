@@ -27,17 +27,23 @@ chosen two-sided, ``unlearn_forget_mia_*``, and the source model's as ``unlearn_
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
-Both files are written aside and renamed into place, so a reader never sees half a file.
+The JSON holds every run's dict but its per-record statistics (``record_stats``), which
+grow with the records (about 100 bytes each per run, against some 60 kB for everything
+else: 2 MB a run at 20k records), and go to ``records.json.gz`` beside it
+(:func:`write_records`), written one run at a time; see :data:`RECORDS_FORMAT`.
+
+Every file is written aside and renamed into place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from privtune.files import private_dir, private_file
@@ -87,13 +93,19 @@ def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder; readable by
     its owner only, as what a study reports can identify people (``privtune.files``)."""
     path = Path(path)
+    partial = _partial(path)
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def _partial(path: Path) -> Path:
+    """A private temporary file beside ``path``, to be renamed onto it once written."""
     private_dir(path.parent)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     partial.unlink(missing_ok=True)  # one a crash left keeps its mode
     private_file(partial)
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
+    return partial
 
 
 def _unique(names: Iterable[str]) -> list[str]:
@@ -264,7 +276,50 @@ def _json_safe(value):
     return str(value)
 
 
+#: The run keys whose values grow with the records: kept out of the JSON export, written
+#: to the per-record file instead.
+PER_RECORD = ("record_stats",)
+#: What ``records.json.gz`` holds, written at its head so the file explains itself.
+RECORDS_FORMAT = (
+    "runs: one entry per run of runs.json that has per-record statistics (run_id, label, record_stats). "
+    "record_stats: the population is the members then the non-members (n_members of them members), one value "
+    "per record in that order; for each level (record: every scored token, sensitive: the sensitive tokens) "
+    "loglik is the record's summed token log-likelihood in nats, tokens its scored tokens at that level, and "
+    "stat LiRA's per-record statistic; person: an index per person (never a name); selection_half: true for "
+    "the records of the people the strongest attack is chosen on.")
+
+
 def write_json(runs: Sequence[dict], path: str | Path) -> Path:
-    """Write the full run dicts as a JSON list; returns the path."""
-    text = json.dumps(_json_safe(list(runs)), indent=2, allow_nan=False, ensure_ascii=False)
+    """Write the run dicts, but their per-record statistics (:data:`PER_RECORD`), as a
+    JSON list; returns the path."""
+    lean = [{k: v for k, v in run.items() if k not in PER_RECORD} for run in runs]
+    text = json.dumps(_json_safe(lean), indent=2, allow_nan=False, ensure_ascii=False)
     return write_text_atomic(Path(path), text + "\n")
+
+
+def has_per_record(run: dict) -> bool:
+    return isinstance(run.get("record_stats"), Mapping)
+
+
+def write_records(runs: Sequence[dict], path: str | Path) -> Path | None:
+    """Write the runs' per-record statistics as gzipped JSON (``{"format": ..., "runs":
+    [...]}``, :data:`RECORDS_FORMAT`), one run at a time: statistics the store reads on
+    demand (:class:`~privtune.study.store.StoredRecordStats`) are read, written and
+    dropped, so only one run's are in memory. Returns the path, or None (and no file)
+    when no run has any."""
+    runs = [run for run in runs if has_per_record(run)]
+    if not runs:
+        return None
+    path = Path(path)
+    partial = _partial(path)
+    with open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as out:
+        out.write('{"format": ' + json.dumps(RECORDS_FORMAT) + ', "runs": [')
+        for i, run in enumerate(runs):
+            stats = run["record_stats"]
+            stats = stats.read() if hasattr(stats, "read") else stats
+            entry = {"run_id": run.get("run_id"), "label": run.get("label"), "record_stats": stats}
+            out.write((",\n" if i else "\n") + json.dumps(_json_safe(entry), allow_nan=False, ensure_ascii=False))
+        out.write("\n]}\n")
+    partial.replace(path)
+    return path

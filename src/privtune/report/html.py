@@ -4,7 +4,9 @@ Figures are embedded as base64 PNG (rendered at 2x for sharp text on high-densit
 screens; inline SVG would be crisper still, but matplotlib's SVG ids clash when several
 figures share one page), CSS is inline and nothing is fetched from the network, so the
 file opens the same anywhere, offline, years later. The figures are also saved beside
-it under ``figures/`` for slides and papers.
+it under ``figures/`` for slides and papers. The runs' per-record statistics, which grow
+with the records, go to ``records.json.gz`` beside it, linked and never embedded: the
+page is the same size at 100 records as at 100,000.
 
 Order follows what a reader asks: the headline (which method leaks least, which keeps
 the most utility, which trades best, which attack hurts most), then each figure with
@@ -43,7 +45,7 @@ from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
 )
 from privtune.report.differences import Difference, run_difference
-from privtune.report.export import write_text_atomic
+from privtune.report.export import write_records, write_text_atomic
 from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import (duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure,
                                    unit_noun)
@@ -932,7 +934,7 @@ $timing
 <section id="runs"><h2>Every run</h2>
 <p class="note">↑ higher is better, ↓ lower is better; the best fine-tuned run of each column is shaded.
 The base model (the untouched model, in italics) is the reference the gains are measured against.</p>
-<div class="wide">$table</div></section>
+<div class="wide">$table</div>$records</section>
 <section id="glossary"><h2>What the numbers mean</h2><dl class="glossary">$glossary</dl></section>
 <footer>written by privtune$version</footer>
 </main></body></html>
@@ -986,8 +988,24 @@ def _cards_html(cards: Sequence[Card]) -> str:
                    for c in cards)
 
 
-def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Path | None = None) -> str:
-    """The report page as a string (``figures_dir``: where to save the PNGs too)."""
+#: The per-record statistics' file, beside the page.
+RECORDS_FILE = "records.json.gz"
+
+
+def records_note(name: str | None) -> str:
+    """Where the per-record statistics are: a file beside the page, never the page itself."""
+    if not name:
+        return ""
+    return (f'<p class="note">Per-record statistics of every run (each record\'s summed token log-likelihood and '
+            f'token count, overall and on its sensitive tokens, its LiRA statistic and an index of its person; the '
+            f'paired intervals above come from them) are in <a href="{escape(name)}">{escape(name)}</a> beside this '
+            f'page (gzipped JSON), not in it, so the page keeps its size however many records a study has.</p>')
+
+
+def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Path | None = None,
+                records_file: str | None = None) -> str:
+    """The report page as a string (``figures_dir``: where to save the PNGs too;
+    ``records_file``: the name of the per-record file beside it, if one was written)."""
     sections = []
     for name, fig_title, make in report_figures(runs):
         sections.append(figure_section(name, fig_title, make(runs), runs, figures_dir))
@@ -996,13 +1014,15 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
         verdict=escape(verdict(runs)), figures="\n".join(sections), scrub=scrub_section(runs),
         federated=federated_section(runs), unlearn=unlearning_section(runs), timing=timing_section(runs),
-        table=table(runs, RUN_COLUMNS),
+        table=table(runs, RUN_COLUMNS), records=records_note(records_file),
         glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),
         version=f" {escape(str(version))}" if version else "")
 
 
 def write_report(runs: list[dict], out_dir: Path, *, title: str, meta: dict) -> Path:
-    """Write ``out_dir/report.html`` (and the figures as PNG under ``out_dir/figures``).
+    """Write ``out_dir/report.html``, the figures as PNG under ``out_dir/figures`` and the
+    runs' per-record statistics in ``out_dir/records.json.gz`` (:func:`write_records`),
+    which the page links to rather than embeds.
 
     Raises:
         PrivtuneError: when there are no runs to report.
@@ -1011,5 +1031,9 @@ def write_report(runs: list[dict], out_dir: Path, *, title: str, meta: dict) -> 
         raise PrivtuneError("there are no runs to report",
                             "run the study first (privtune run), or check --study and --output-dir")
     out_dir = Path(out_dir)
-    page = render_html(runs, title=title, meta=meta, figures_dir=out_dir / "figures")
+    records = write_records(runs, out_dir / RECORDS_FILE)
+    if records is None:
+        (out_dir / RECORDS_FILE).unlink(missing_ok=True)  # an older report's, of other runs
+    page = render_html(runs, title=title, meta=meta, figures_dir=out_dir / "figures",
+                       records_file=records.name if records else None)
     return write_text_atomic(out_dir / "report.html", page)

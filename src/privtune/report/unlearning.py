@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 import numpy as np
@@ -87,7 +87,7 @@ def _rows(section: dict, run: dict) -> tuple[list[int], list[int], list[int]] | 
     """(forget rows, retain rows, non-member rows) of the population in ``run``'s
     ``record_stats``, or None for a run stored without them."""
     forget, stats = section.get("forget_rows"), run.get("record_stats")
-    if not isinstance(forget, list) or not isinstance(stats, dict) or not isinstance(stats.get("n_members"), int):
+    if not isinstance(forget, list) or not isinstance(stats, Mapping) or not isinstance(stats.get("n_members"), int):
         return None
     n_members, n_all = stats["n_members"], len(stats.get("person") or [])
     chosen = set(forget)

@@ -13,6 +13,12 @@ the truth after a crash: a ``queued`` or ``running`` row whose process has ended
 host, process id gone) or has not been heard from for :data:`LEASE_SECONDS` reads as
 ``interrupted``, with how to resume it. That status is worked out when the row is read,
 never stored, so nothing has to clean up after a process that cannot.
+
+A run's per-record statistics (``record_stats``: a few numbers per record, so the bulk
+of a result past a few thousand records) stay in the database until something asks for
+them: :meth:`Store.runs` with ``per_record=False`` leaves them out of the parsed results
+and gives each run a :class:`StoredRecordStats` in their place, which reads them on
+first use, so a report over many runs of many records holds only the few it compares.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +89,44 @@ def _json(value) -> str:
             return [clean(x) for x in v]
         return v
     return json.dumps(clean(value), sort_keys=True)
+
+
+class StoredRecordStats(Mapping):
+    """One run's ``record_stats``, read from its database on first use and kept after.
+
+    A read-only mapping, so readers that look keys up (``stats["record"]["loglik"]``)
+    need not know; :meth:`read` gives a fresh copy without keeping it, for a writer that
+    streams every run's statistics one after another."""
+
+    def __init__(self, path: str | Path, run_id: str):
+        self.path, self.run_id = Path(path), run_id
+        self._stats: dict | None = None
+
+    def read(self) -> dict:
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            row = db.execute("SELECT json_extract(result, '$.record_stats') FROM runs WHERE run_id=?",
+                             (self.run_id,)).fetchone()
+        finally:
+            db.close()
+        return json.loads(row[0]) if row and row[0] else {}
+
+    def _loaded(self) -> dict:
+        if self._stats is None:
+            self._stats = self.read()
+        return self._stats
+
+    def __getitem__(self, key):
+        return self._loaded()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __repr__(self) -> str:
+        return f"StoredRecordStats({str(self.path)!r}, {self.run_id!r})"
 
 
 @dataclass(frozen=True)
@@ -249,20 +294,27 @@ class Store:
         return [r[0] for r in self._db.execute("SELECT DISTINCT study FROM runs ORDER BY study")]
 
     def runs(self, study: str | None = None,
-             roles: tuple[str, ...] = ("base", "target", "audit", "retrain", "unlearn")) -> list[dict]:
+             roles: tuple[str, ...] = ("base", "target", "audit", "retrain", "unlearn"),
+             per_record: bool = True) -> list[dict]:
         """Runs (of ``study``, with one of ``roles``) as the dicts the report reads, epochs
-        included; a queued or running run whose process is gone reads as ``interrupted``."""
-        query = (f"SELECT run_id, study, label, method, role, config, result, {_ROW} FROM runs"
+        included; a queued or running run whose process is gone reads as ``interrupted``.
+        ``per_record=False``: each run's ``record_stats`` a :class:`StoredRecordStats`, read
+        when first used."""
+        result = "result" if per_record else "json_remove(result, '$.record_stats')"
+        query = (f"SELECT run_id, study, label, method, role, config, {result},"
+                 f" json_type(result, '$.record_stats'), {_ROW} FROM runs"
                  f" WHERE role IN ({','.join('?' * len(roles))})")
         args: tuple = tuple(roles)
         if study is not None:
             query += " AND study=?"
             args += (study,)
         out = []
-        for run_id, study_name, label, method, role, config, result, *row in self._db.execute(
+        for run_id, study_name, label, method, role, config, result, stats_type, *row in self._db.execute(
                 query + " ORDER BY started_at", args):
             status, error = self._seen(*row)
             run = json.loads(result) if result else {}
+            if not per_record and stats_type == "object":
+                run["record_stats"] = StoredRecordStats(self.path, run_id)
             cfg = json.loads(config)
             run.update(run_id=run_id, study=study_name, label=label, method=method, role=role, status=status,
                        error=error, config=cfg, model=cfg.get("model"), seed=cfg.get("seed"))
