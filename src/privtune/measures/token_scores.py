@@ -54,12 +54,12 @@ def _token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     nll, mu, sigma = [], [], []
     for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):
         logp = torch.log_softmax(logits[start:start + _ROWS_PER_CHUNK].float(), dim=-1)
-        p = logp.exp()
-        mean = (p * logp).sum(-1)
-        # Centred (two-pass) variance: E[logp^2] - mu^2 loses its digits to cancellation in
-        # float32 (mu^2 ~ 40 for a spread ~ 0.03), so a rounding change in the logits moved sigma by 1e-4.
-        variance = (p * (logp - mean[:, None]).square()).sum(-1)
         nll.append(-logp.gather(-1, targets[start:start + _ROWS_PER_CHUNK, None])[:, 0])
+        p = logp.exp()
+        mean = torch.linalg.vecdot(p, logp)
+        # Centred (two-pass) variance: E[logp^2] - mu^2 loses its digits to cancellation in
+        # float32 (mu^2 ~ 40 for a spread ~ 0.03: sigma off by up to 6e-5). In place: logp is done with.
+        variance = torch.linalg.vecdot(p, logp.sub_(mean[:, None]).square_())
         mu.append(mean)
         sigma.append(variance.sqrt())
     return torch.cat(nll), torch.cat(mu), torch.cat(sigma)
