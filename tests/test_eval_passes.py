@@ -151,6 +151,9 @@ def test_kept_scores_are_read_back_exactly_and_recomputed_when_they_do_not_fit(t
     path.write_bytes(b"not a numpy file")
     cache.scores("tiny-llama", members, nonmembers, compute)
     assert len(computed) == 3
+    path.write_bytes(path.read_bytes()[:200])  # a write cut short
+    cache.scores("tiny-llama", members, nonmembers, compute)
+    assert len(computed) == 4
     # Another model, device or batch size is another file.
     assert cache.path("other") != path
     assert ScoreCache(tmp_path / "scores", {"base_run": "r", "data": "d", "batch_size": 8}).path("tiny-llama") != path

@@ -23,6 +23,7 @@ into place (two workers may write the same file), and read without pickle.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ def _read(path: Path, data: tuple[EncodedDataset, EncodedDataset]) -> tuple[Toke
     try:
         with np.load(path, allow_pickle=False) as kept:
             found = tuple(TokenScores(**{f: kept[f"{s}_{f}"] for f in FIELDS}) for s in SETS)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing, cut short, not ours
         return None
     for scores, encoded in zip(found, data):
         valid = encoded.attention_mask[:, 1:].numpy() == 1
