@@ -11,8 +11,8 @@ instead of running the model over every record again.
 A file is keyed by everything that changes its numbers: the scored model's reference,
 the base run's config hash (model, data settings and precision as configured), the data
 digest (records and tokenizer, :mod:`privtune.data.digest`), the device type and
-precision the scores were taken in, the batch size, and the versions of the libraries
-behind the figures. A checkpoint folder whose weights are replaced in place keeps its
+precision the scores were taken in, the batch size, the versions of the libraries
+behind the figures, and :data:`FORMAT`. A checkpoint folder whose weights are replaced in place keeps its
 name, as it does for the study's stored runs (keyed by the config too): delete
 ``scores/`` with the runs, or give the model a new path. A file that does not match its
 data (other shapes or masks) is computed again. Files hold per-token losses on the
@@ -36,6 +36,9 @@ from privtune.files import private_dir
 from privtune.measures.token_scores import TokenScores
 from privtune.versions import dependency_versions
 
+#: Part of every key: raise it when :func:`~privtune.measures.token_scores.score_tokens`
+#: computes its numbers differently, so no file kept by older code is read.
+FORMAT = 1
 FIELDS = ("nll", "mu", "sigma", "valid", "sensitive")
 SETS = ("members", "nonmembers")
 
@@ -49,7 +52,7 @@ class ScoreCache:
     identity: dict
 
     def path(self, model_ref: str) -> Path:
-        key = digest_of({"model": model_ref, **self.identity, "versions": dependency_versions()})
+        key = digest_of({"format": FORMAT, "model": model_ref, **self.identity, "versions": dependency_versions()})
         return self.directory / f"{key[:32]}.npz"
 
     def scores(self, model_ref: str, members: EncodedDataset, nonmembers: EncodedDataset,
