@@ -12,9 +12,9 @@ A file is keyed by everything that changes its numbers: the scored model's refer
 the base run's config hash (model, data settings and precision as configured), the data
 digest (records and tokenizer, :mod:`privtune.data.digest`), the device type and
 precision the scores were taken in, the batch size, the versions of the libraries
-behind the figures, and :data:`FORMAT`. A checkpoint folder whose weights are replaced in place keeps its
-name, as it does for the study's stored runs (keyed by the config too): delete
-``scores/`` with the runs, or give the model a new path. A file that does not match its
+behind the figures, and :data:`FORMAT`. A checkpoint folder whose weights are replaced
+in place keeps its name, as it does for the study's stored runs (keyed by the config
+too): delete ``scores/`` with the runs, or give the model a new path. A file that does not match its
 data (other shapes or masks) is computed again. Files hold per-token losses on the
 private records, so they are private (mode 600, folder 700), written aside and renamed
 into place (two workers may write the same file), and read without pickle.
