@@ -101,11 +101,29 @@ def test_targets_stop_rows_early_without_changing_the_verdict(tok):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_shared_prefill_for_samples_equals_separate_runs(family, tok):
     """Samples reuse one prompt pass; with greedy decoding every copy must equal the plain run."""
-    from privtune.attacks.generation import _generate_batch
+    from privtune.attacks.generation import Decoding, _generate_batch
 
     model = tiny_model(family, seed=1).eval()
     ids = tok(PROMPTS)["input_ids"]
     with torch.no_grad():
-        plain = _generate_batch(model, tok, ids, BUDGETS, True, 1.0, 40, 1, torch.device("cpu"), None, None)
-        shared = _generate_batch(model, tok, ids, BUDGETS, True, 1.0, 40, 3, torch.device("cpu"), None, None)
+        [plain] = _generate_batch(model, tok, ids, BUDGETS, [Decoding()], torch.device("cpu"), None, None)
+        [shared] = _generate_batch(model, tok, ids, BUDGETS, [Decoding(n_samples=3)], torch.device("cpu"), None, None)
     assert shared == [p * 3 for p in plain]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("n_samples", [1, 2])
+def test_decodings_sharing_one_prompt_pass_equal_their_own_calls(family, n_samples, tok):
+    """Extraction's greedy decoding and its samples from one pass over the prompts: the
+    continuations of separate calls, samples included (greedy draws no random numbers)."""
+    from privtune.attacks.generation import Decoding, generate_decodings
+
+    model = tiny_model(family, seed=1)
+    common = dict(max_new_tokens=BUDGETS, batch_size=3, seed=4)
+    targets = [p[-3:] for p in PROMPTS]  # mostly off target at once: rows stop early
+    for stop in (None, targets):
+        greedy, sampled = generate_decodings(model, tok, PROMPTS, [Decoding(), Decoding(False, 1.0, 40, n_samples)],
+                                             targets=stop, **common)
+        assert greedy == generate_continuations(model, tok, PROMPTS, targets=stop, **common)
+        assert sampled == generate_continuations(model, tok, PROMPTS, greedy=False, n_samples=n_samples,
+                                                 targets=stop, **common)

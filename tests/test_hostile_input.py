@@ -228,10 +228,10 @@ def test_values_a_model_gives_up_are_counted_never_written(tmp_path, monkeypatch
     from privtune.study.dataset import build_study_records
     from privtune.study.driver import run_study
 
-    def recites(model, tokenizer, prompts, *, greedy=True, n_samples=1, targets, **_):
-        return [[target] * (1 if greedy else n_samples) for target in targets]
+    def recites(model, tokenizer, prompts, decodings, *, targets, **_):
+        return [[[target] * d.n_samples for target in targets] for d in decodings]
 
-    monkeypatch.setattr(extraction, "generate_continuations", recites)
+    monkeypatch.setattr(extraction, "generate_decodings", recites)
     path = write_study(tmp_path, attacks={"mia": {"attacks": ["loss"]},
                                           "extraction": {"n_samples": 1, "pii_inference": False}})
     cfg = parse_config(yaml.safe_load(path.read_text()))

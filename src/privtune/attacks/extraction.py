@@ -40,7 +40,8 @@ Every rate comes with its number of targets (``n_member``, ``n_nonmember``).
 
 Cost. Prompts are cut to ``max_prefix_chars`` (150: about 40 SmolLM2 tokens, since
 digits are one token each), generation stops a row once it leaves its target, sampled
-continuations share one prompt pass, and PII decoys share their prefix's KV cache.
+continuations share one prompt pass with the greedy decoding, and PII decoys share their
+prefix's KV cache.
 Measured on SmolLM2-135M (bf16 autocast, ONE CPU thread, busy shared machine), 60
 member and 60 non-member ``customer-sim`` records at the defaults (10 spans per label
 and set: 87 + 87 values): extraction (greedy + 2 samples) 46 s, PII inference (k=10)
@@ -63,7 +64,7 @@ import numpy as np
 import torch
 
 from privtune.attacks.continuation import check_fast_tokenizer, continuation_losses
-from privtune.attacks.generation import generate_continuations
+from privtune.attacks.generation import Decoding, generate_decodings
 from privtune.attacks.masking import mask_value
 from privtune.attacks.pii_candidates import candidates
 from privtune.data.records import Record, Span
@@ -241,14 +242,14 @@ def prefix_extraction(model: torch.nn.Module, tokenizer, member_records: list[Re
     budgets = _budgets(tokenizer, [t for _, t in flat])
     # targets= lets a row stop as soon as it goes wrong: the verdict is the same, decoding
     # is several times shorter (most prompts fail within a few tokens).
-    common = dict(max_new_tokens=budgets, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-                  seed=seed, targets=[t.target for _, t in flat])
-    greedy = generate_continuations(model, tokenizer, prompts, greedy=True, **common)
+    # Greedy and sampled decoding share one pass over the prompts.
+    decodings = [Decoding()] + ([Decoding(False, temperature, top_k, n_samples)] if n_samples else [])
+    greedy, *sampled = generate_decodings(model, tokenizer, prompts, decodings, max_new_tokens=budgets,
+                                          batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                                          seed=seed, targets=[t.target for _, t in flat])
     out = {"greedy": rates(_outcomes(flat, [[g[0]] for g in greedy]))}
-    if n_samples:
-        sampled = generate_continuations(model, tokenizer, prompts, greedy=False, temperature=temperature,
-                                         top_k=top_k, n_samples=n_samples, **common)
-        out["sampling"] = rates(_outcomes(flat, sampled))
+    if sampled:
+        out["sampling"] = rates(_outcomes(flat, sampled[0]))
     return out
 
 

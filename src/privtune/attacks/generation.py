@@ -23,6 +23,10 @@ KV cache); this module only does what the attacks need around it:
   restored afterwards;
 - sampling runs under a forked RNG seeded from ``seed``, so results are reproducible and
   the caller's random state is untouched;
+- several decodings of the same prompts (extraction's greedy one and its samples,
+  :func:`generate_decodings`) share one pass over each batch of prompts: all but the
+  last prompt token are run once and the cache copied to each decoding. Greedy decoding
+  draws no random numbers, so the samples are the same as from a call of their own;
 - with ``targets`` (what each prompt should continue with), a row stops as soon as its
   text can no longer start with its target, and a batch as soon as all its rows have
   stopped. Extraction needs only the yes/no answer, and most prompts (all non-members,
@@ -32,6 +36,8 @@ KV cache); this module only does what the attacks need around it:
 from __future__ import annotations
 
 import contextlib
+import copy
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -140,6 +146,16 @@ class _StopOffTarget(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """One way to continue every prompt: greedily, or ``n_samples`` top-k samples at ``temperature``."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 40
+    n_samples: int = 1
+
+
 def generate_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], *,
                            max_new_tokens: int | list[int], greedy: bool = True, temperature: float = 1.0,
                            top_k: int = 40, n_samples: int = 1, batch_size: int = 32,
@@ -163,13 +179,28 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: list[str]
     Raises:
         PrivtuneError: an empty prompt, a budget below 1 or a bad sampling setting.
     """
+    decoding = Decoding(greedy, temperature, top_k, n_samples)
+    return generate_decodings(model, tokenizer, prompts, [decoding], max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, seed=seed,
+                              targets=targets)[0]
+
+
+def generate_decodings(model: torch.nn.Module, tokenizer, prompts: list[str], decodings: list[Decoding], *,
+                       max_new_tokens: int | list[int], batch_size: int = 32, device: str | torch.device = "cpu",
+                       autocast_dtype: torch.dtype | None = None, seed: int = 0,
+                       targets: list[str] | None = None) -> list[list[list[str]]]:
+    """:func:`generate_continuations` under each of ``decodings``, the prompts run once for all.
+
+    Returns one list per decoding, as :func:`generate_continuations` returns for it alone.
+    """
     prompts = list(prompts)
     new_tokens = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    _check_args(prompts, new_tokens, greedy, temperature, top_k, n_samples, batch_size)
+    for d in decodings:
+        _check_args(prompts, new_tokens, d.greedy, d.temperature, d.top_k, d.n_samples, batch_size)
     if targets is not None and len(targets) != len(prompts):
         raise PrivtuneError(f"got {len(targets)} targets for {len(prompts)} prompts", "pass one target per prompt")
     if not prompts:
-        return []
+        return [[] for _ in decodings]
     encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
@@ -181,16 +212,17 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: list[str]
     # Sorted by budget, then length: a batch decodes for its longest budget and pads to
     # its longest prompt, and decoding steps cost more than padded prompt positions.
     order = sorted(range(len(prompts)), key=lambda i: (new_tokens[i], len(encoded[i]), i))
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[list[str]]] = [[[] for _ in prompts] for _ in decodings]
     with inference_mode(model), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         for first in range(0, len(order), batch_size):
             rows = order[first: first + batch_size]
-            texts = _generate_batch(model, tokenizer, [encoded[i] for i in rows], [new_tokens[i] for i in rows],
-                                    greedy, temperature, top_k, n_samples, device, autocast_dtype,
-                                    None if targets is None else [targets[i] for i in rows])
-            for i, outs in zip(rows, texts):
-                results[i] = outs
+            per_decoding = _generate_batch(model, tokenizer, [encoded[i] for i in rows], [new_tokens[i] for i in rows],
+                                           decodings, device, autocast_dtype,
+                                           None if targets is None else [targets[i] for i in rows])
+            for texts, out in zip(per_decoding, results):
+                for i, outs in zip(rows, texts):
+                    out[i] = outs
     return results
 
 
@@ -198,24 +230,38 @@ def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
-def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: list[int], greedy: bool,
-                    temperature: float, top_k: int, n_samples: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None, targets: list[str] | None) -> list[list[str]]:
-    """Continuations of one batch: ``n_samples`` strings per prompt."""
+def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: list[int], decodings: list[Decoding],
+                    device: torch.device, autocast_dtype: torch.dtype | None,
+                    targets: list[str] | None) -> list[list[list[str]]]:
+    """Continuations of one batch under each decoding: ``n_samples`` strings per prompt."""
     pad = pad_id_of(tokenizer)
     ids, mask = left_pad(prompt_ids, pad)
     ids, mask = ids.to(device), mask.to(device)
-    config = _generation_config(tokenizer, max(new_tokens), greedy, temperature, top_k, 1)
-    stop = None
-    if targets is not None:
-        stop = StoppingCriteriaList([_StopOffTarget(tokenizer, ids.shape[1], targets, n_samples)])
+    out = []
     with autocast_context(device, autocast_dtype):
-        share = n_samples > 1 and ids.shape[1] > 1 and not is_prompt_learning(model)
-        cache = _shared_prefill(model, ids, mask, n_samples) if share else None
-        ids, mask = ids.repeat_interleave(n_samples, dim=0), mask.repeat_interleave(n_samples, dim=0)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop,
-                             past_key_values=cache)
-    generated = out[:, ids.shape[1]:].cpu()  # (B * n_samples, <= max new), rows grouped per prompt
+        share = (len(decodings) > 1 or decodings[0].n_samples > 1) and ids.shape[1] > 1 \
+            and not is_prompt_learning(model)
+        prefill = _prefill(model, ids, mask) if share else None
+        for k, d in enumerate(decodings):
+            cache = None
+            if prefill is not None:
+                cache = prefill if k == len(decodings) - 1 else copy.deepcopy(prefill)  # generate extends it
+                if d.n_samples > 1:
+                    cache.batch_repeat_interleave(d.n_samples)
+            config = _generation_config(tokenizer, max(new_tokens), d.greedy, d.temperature, d.top_k, 1)
+            stop = None
+            if targets is not None:
+                stop = StoppingCriteriaList([_StopOffTarget(tokenizer, ids.shape[1], targets, d.n_samples)])
+            rows_ids, rows_mask = ids.repeat_interleave(d.n_samples, dim=0), mask.repeat_interleave(d.n_samples, dim=0)
+            generated = model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config,
+                                       stopping_criteria=stop, past_key_values=cache)[:, ids.shape[1]:].cpu()
+            out.append(_decode_rows(tokenizer, generated, new_tokens, d.n_samples, pad))
+    return out
+
+
+def _decode_rows(tokenizer, generated: torch.Tensor, new_tokens: list[int], n_samples: int,
+                 pad: int) -> list[list[str]]:
+    """(B * n_samples, <= max new) generated ids, rows grouped per prompt, as texts cut to each prompt's budget."""
     texts = []
     for row, budget in enumerate(new_tokens):
         block = generated[row * n_samples: (row + 1) * n_samples, :budget]
@@ -224,17 +270,16 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], new_tokens: l
     return texts
 
 
-def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, n_samples: int):
-    """The KV cache of every prompt but its last token, run once and repeated per sample.
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every prompt but its last token, run once for every decoding and sample.
 
-    ``generate`` would otherwise run each prompt ``n_samples`` times; it continues from a
-    cache that holds all but the last prompt token (it needs one token to start from).
+    ``generate`` would otherwise run each prompt once per decoding and sample; it
+    continues from a cache that holds all but the last prompt token (it needs one token
+    to start from).
     """
     positions = (mask[:, :-1].cumsum(dim=1) - 1).clamp_min(0)
-    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
-                  logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(n_samples)
-    return cache
+    return model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True,
+                 logits_to_keep=1).past_key_values
 
 
 def _strip_padding(seq: torch.Tensor, pad: int) -> list[int]:

@@ -54,37 +54,51 @@ def _token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     nll, mu, sigma = [], [], []
     for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):
         logp = torch.log_softmax(logits[start:start + _ROWS_PER_CHUNK].float(), dim=-1)
-        p_logp = logp.exp() * logp
-        mean = p_logp.sum(-1)
-        second = (p_logp * logp).sum(-1)
         nll.append(-logp.gather(-1, targets[start:start + _ROWS_PER_CHUNK, None])[:, 0])
+        p = logp.exp()
+        mean = torch.linalg.vecdot(p, logp)
+        # Centred (two-pass) variance: E[logp^2] - mu^2 loses its digits to cancellation in
+        # float32 (mu^2 ~ 40 for a spread ~ 0.03: sigma off by up to 6e-5). In place: logp is done with.
+        variance = torch.linalg.vecdot(p, logp.sub_(mean[:, None]).square_())
         mu.append(mean)
-        sigma.append((second - mean.square()).clamp_min(0).sqrt())
+        sigma.append(variance.sqrt())
     return torch.cat(nll), torch.cat(mu), torch.cat(sigma)
 
 
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, data: EncodedDataset, runtime: Runtime,
                  batch_size: int = 16, progress=None) -> TokenScores:
-    """Run ``model`` over ``data`` once and collect the per-token cache."""
+    """Run ``model`` over ``data`` once and collect the per-token cache.
+
+    Records go through longest first, each batch cut to its longest record: rows are
+    right-padded and the model causal, so a real position never sees the padding after
+    it, and cutting that padding changes only the work (on ``customer-sim`` at
+    ``max_length`` 128, SmolLM2's records fill 87% of their padded width).
+    """
     was_training = model.training
     model.eval()
     n, width = data.input_ids.shape
     valid = data.attention_mask[:, 1:] == 1
+    lengths = data.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
     out = {k: torch.zeros(n, width - 1) for k in ("nll", "mu", "sigma")}
     for start in range(0, n, batch_size):
-        rows = slice(start, start + batch_size)
-        ids = data.input_ids[rows].to(runtime.device)
+        rows = order[start:start + batch_size]
+        used = max(2, int(lengths[rows].max()))  # columns up to the batch's longest record
+        ids = data.input_ids[rows, :used].to(runtime.device)
         with runtime.autocast():
-            logits = token_logits(model, ids, data.attention_mask[rows].to(runtime.device))
+            logits = token_logits(model, ids, data.attention_mask[rows, :used].to(runtime.device))
         # Only real target positions: padding rows cost nothing.
-        keep = valid[rows].to(runtime.device)
-        stats = _token_statistics(logits[:, :-1][keep], ids[:, 1:][keep])
+        keep = valid[rows, :used - 1]
+        on_device = keep.to(runtime.device)
+        stats = _token_statistics(logits[:, :-1][on_device], ids[:, 1:][on_device])
         for name, values in zip(("nll", "mu", "sigma"), stats):
-            out[name][rows][keep.cpu()] = values.float().cpu()
+            block = out[name][rows, :used - 1]  # a copy (rows are indexed): filled, then written back
+            block[keep] = values.float().cpu()
+            out[name][rows, :used - 1] = block
         del logits
         if progress is not None:
-            progress(min(batch_size, n - start))
+            progress(len(rows))
     model.train(was_training)
     valid_np = valid.numpy()
     return TokenScores(nll=out["nll"].numpy(), mu=out["mu"].numpy(), sigma=out["sigma"].numpy(), valid=valid_np,

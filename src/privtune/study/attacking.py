@@ -76,7 +76,11 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
 
 
 def backdoor_success(ctx, model: torch.nn.Module) -> dict:
-    """Share of held-out prompts whose greedy continuation starts with the target."""
+    """Share of held-out prompts whose greedy continuation starts with the target.
+
+    A row stops decoding once its text can no longer start with the target (``targets``
+    of :func:`~privtune.attacks.generation.generate_continuations`): the verdict is the
+    same, and a clean prompt, which goes elsewhere at once, costs one or two steps."""
     backdoor = ctx.cfg.backdoor
     target = backdoor.target
     n_tokens = len(ctx.loaded.tokenizer(target, add_special_tokens=False)["input_ids"]) + 2
@@ -84,7 +88,7 @@ def backdoor_success(ctx, model: torch.nn.Module) -> dict:
     for name, prompts in (("asr_triggered", ctx.data.backdoor_triggered), ("asr_clean", ctx.data.backdoor_clean)):
         outputs = generate_continuations(model, ctx.loaded.tokenizer, prompts, max_new_tokens=n_tokens, greedy=True,
                                          device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
-                                         seed=ctx.cfg.data.seed)
+                                         seed=ctx.cfg.data.seed, targets=[target] * len(prompts))
         rates[name] = float(np.mean([out[0].lstrip().startswith(target) for out in outputs]))
     return {**rates, "n": len(ctx.data.backdoor_triggered), "trigger": backdoor.trigger, "target": target}
 

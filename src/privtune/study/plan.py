@@ -90,14 +90,19 @@ def train_plan(cfg: StudyConfig, spec: RunSpec) -> TrainPlan:
                      weight_decay=m["weight_decay"], seed=spec.seed, dp=method_spec(cfg, spec).dp)
 
 
+def base_run(cfg: StudyConfig) -> RunSpec:
+    """The study's base run: the untouched model, measured like every other."""
+    base_cfg = {**shared_config(cfg), "method": {"method": "base"}}
+    return RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg, role="base")
+
+
 def plan_study(cfg: StudyConfig) -> list[RunSpec]:
     """Base run, then shadows (when asked for), then one run per (method, seed), then the
     retrain and unlearning runs of the unlearning methods."""
     from privtune.study.unlearning_plan import unlearning_runs  # it builds on this module
 
     shared = shared_config(cfg)
-    base_cfg = {**shared, "method": {"method": "base"}}
-    runs = [RunSpec(config_hash(base_cfg), cfg.name, "base", "base", 0, base_cfg, role="base")]
+    runs = [base_run(cfg)]
     if cfg.attacks.enabled and cfg.attacks.shadow.models:
         label = cfg.attacks.shadow.method or next(m.label for m in cfg.methods if not m.is_unlearning)
         m = next(x for x in cfg.methods if x.label == label)

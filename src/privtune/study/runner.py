@@ -4,7 +4,9 @@ A :class:`StudyContext` holds what every run of a study shares and what is costl
 build twice: the loaded base model, the tokenised data (and its scrubbed copies, for
 methods that scrub), and the base model's token scores, against which every trained
 model's leakage is measured and which serve as the reference of the calibrated
-membership attack.
+membership attack (kept on disk for the whole study: :mod:`privtune.study.score_cache`).
+Each model is run over the members and non-members once per evaluation, and every
+measure and score-based attack reads that one :class:`Evaluation`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from privtune.measures.token_scores import TokenScores, score_tokens
 from privtune.models.loading import LoadedModel, load_model
 from privtune.study import attacking
 from privtune.study.dataset import StudyData, StudyRecords, build_study_data, shadow_membership
-from privtune.study.plan import RunSpec, method_spec, train_plan
+from privtune.study.plan import RunSpec, base_run, method_spec, train_plan
 from privtune.study.progress import ProgressSink
+from privtune.study.score_cache import ScoreCache
 from privtune.study.scrubbing import TrainingScrubber
 from privtune.study.stages import RunTimer, stage
 from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
@@ -95,13 +98,28 @@ class StudyContext:
     def score(self, model: torch.nn.Module, data: EncodedDataset) -> TokenScores:
         return score_tokens(model, data, self.runtime, batch_size=self.cfg.eval_batch_size)
 
+    def score_population(self, model: torch.nn.Module) -> tuple[TokenScores, TokenScores]:
+        """``model``'s scores on (members, non-members): one forward pass per record."""
+        return self.score(model, self.data.members), self.score(model, self.data.nonmembers)
+
+    @property
+    def score_cache(self) -> ScoreCache:
+        """Where the scores every run shares (base and reference model) are kept."""
+        return ScoreCache(Path(self.cfg.output_dir) / "scores", {
+            "base_run": base_run(self.cfg).run_id, "data": self.data.digests.data,
+            "device": self.runtime.device.type, "precision": self.runtime.precision,
+            "batch_size": self.cfg.eval_batch_size})
+
+    def _shared_scores(self, model_ref: str, model: torch.nn.Module) -> tuple[TokenScores, TokenScores]:
+        return self.score_cache.scores(model_ref, self.data.members, self.data.nonmembers,
+                                       lambda: self.score_population(model))
+
     @property
     def base(self) -> Evaluation:
-        """The base model's evaluation (computed once)."""
+        """The base model's evaluation (computed once per study, then read from disk)."""
         if self._base is None:
             with stage("base model scores"):  # once per process: charged to the run that needs it first
-                members = self.score(self.loaded.model, self.data.members)
-                nonmembers = self.score(self.loaded.model, self.data.nonmembers)
+                members, nonmembers = self._shared_scores(self.cfg.model, self.loaded.model)
                 self._base = Evaluation(members, nonmembers,
                                         leakage_measures(members, nonmembers, members, nonmembers))
         return self._base
@@ -109,7 +127,7 @@ class StudyContext:
     def evaluate(self, model: torch.nn.Module) -> Evaluation:
         base = self.base
         with stage("measures"):
-            members, nonmembers = self.score(model, self.data.members), self.score(model, self.data.nonmembers)
+            members, nonmembers = self.score_population(model)
             return Evaluation(members, nonmembers,
                               leakage_measures(members, nonmembers, base.members, base.nonmembers))
 
@@ -118,10 +136,9 @@ class StudyContext:
         if self.reference is None:
             return self.base.members, self.base.nonmembers
         if self._reference_scores is None:
-            model = self.reference.model
             with stage("reference model scores"):
-                self._reference_scores = (self.score(model, self.data.members),
-                                          self.score(model, self.data.nonmembers))
+                self._reference_scores = self._shared_scores(self.cfg.attacks.mia.reference_model,
+                                                             self.reference.model)
         return self._reference_scores
 
     @property
@@ -348,7 +365,7 @@ def _train_shadow(ctx: StudyContext, spec: RunSpec) -> dict:
         model = prepared_model(ctx, spec)
     result, memory = _measured_training(ctx, spec, model, half)
     with stage("measures"):
-        evaluation = Evaluation(ctx.score(model, ctx.data.members), ctx.score(model, ctx.data.nonmembers), {})
+        evaluation = Evaluation(*ctx.score_population(model), {})
     return {
         "record_stats": attacking.record_stats(evaluation, ctx),
         "shadow_in": np.asarray(inside, dtype=bool).tolist(),
