@@ -105,6 +105,8 @@ def test_summary_names_what_scrubbing_missed():
                                              "caught values -0.15 nats (below 0: the placeholder effect)")
     scrub["by_catch"]["missed"] = {"memorisation_gap_net": None, "reason": "the exact tagger missed no value"}
     assert "on missed values n/a (the exact tagger missed no value)" in cli.scrub_lines(runs)[0]
+    scrub["by_catch"]["caught"] = {"memorisation_gap_net": 0.05}  # above 0: no placeholder effect to name
+    assert cli.scrub_lines(runs)[0].endswith("on caught values +0.05 nats")
 
 
 def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):

@@ -397,9 +397,10 @@ def _catch_gaps(by_catch: dict) -> str:
     def gap(part: dict) -> str:
         value = part.get("memorisation_gap_net")
         return "n/a" if value is None else f"{value:+.2f} nats"
+    below_zero = (caught.get("memorisation_gap_net") or 0) < 0
     return (f"; memorisation gap (net) on missed values {gap(missed)}"
             + (f" ({missed.get('reason')})" if missed.get("memorisation_gap_net") is None else "")
-            + f", on caught values {gap(caught)} (below 0: the placeholder effect)")
+            + f", on caught values {gap(caught)}" + (" (below 0: the placeholder effect)" if below_zero else ""))
 
 
 def _quiet_hugging_face_bars() -> None:
