@@ -203,3 +203,18 @@ def test_a_twelve_person_tiny_study_headlines_nothing(tmp_path):
                 r["record_stats"]["person"])
     page = report_html.render_html(runs, title="t", meta={})
     assert "Strongest attack" in page and "[1.00–1.00]" not in page
+
+
+def test_a_clustered_interval_over_few_people_uses_students_t():
+    from scipy.stats import t
+
+    from privtune.report.differences import paired_difference
+
+    diff, tokens, people = np.array([1.0, 3.0, 2.0]), np.array([2.0, 2.0, 1.0]), np.array(["a", "a", "b"])
+    got = paired_difference(diff, tokens, people)
+    value = diff.sum() / tokens.sum()
+    residuals = np.array([diff[:2].sum() - value * 4, diff[2] - value * 1])  # one per person
+    se = math.sqrt(2 / 1 * np.sum(residuals ** 2)) / tokens.sum()
+    half = t.ppf(0.975, 1) * se  # 12.7 standard errors, not 1.96, with 2 people
+    assert got.value == pytest.approx(value) and got.people == 2
+    assert (got.low, got.high) == pytest.approx((value - half, value + half))

@@ -8,7 +8,7 @@ difference of two token means is ``Σ_i D_i / Σ_i T_i``, with ``D_i`` the diffe
 record ``i``'s summed losses and ``T_i`` its token count. Its interval is the
 delta-method (ratio-estimator) interval clustered by person, since one person's records
 are not independent: ``var = C/(C−1) · Σ_c (D_c − d·T_c)² / (Σ T)²`` over the ``C``
-people. Runs stored without per-record statistics, or scored on different records,
+people, with Student's t quantile on C − 1 degrees of freedom. Runs stored without per-record statistics, or scored on different records,
 have no interval (None), and the sentence then makes no claim.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import t as student_t
 
 #: The measures a difference is defined for: (level, records, sign). ``leakage_gain`` is
 #: CE_S(θ0; members) − CE_S(θ; members), so run a's minus run b's is CE_S(b) − CE_S(a)
@@ -67,7 +67,10 @@ def paired_difference(diff: np.ndarray, tokens: np.ndarray, people: np.ndarray,
     """The difference of two token means, ``Σ_i D_i / Σ_i T_i`` from each record's summed
     loss difference ``D_i`` and token count ``T_i``, with its delta-method interval
     clustered by ``people`` (one id per record); None when it has no tokens, a NaN, or
-    fewer than two people."""
+    fewer than two people. The quantile is Student's t with (people − 1) degrees of
+    freedom, not the normal's: the clustered variance is estimated from one residual per
+    person, and with few people (an unlearning forget set of 2) the normal interval
+    would be several times too narrow."""
     if tokens.sum() == 0 or np.isnan(diff).any():
         return None
     value = float(diff.sum() / tokens.sum())
@@ -77,8 +80,8 @@ def paired_difference(diff: np.ndarray, tokens: np.ndarray, people: np.ndarray,
     if c < 2:
         return None
     se = math.sqrt(c / (c - 1) * np.sum(by_person ** 2)) / tokens.sum()
-    z = norm.ppf(0.5 + confidence / 2)
-    return Difference(value, value - z * se, value + z * se, int(tokens.size), c)
+    q = student_t.ppf(0.5 + confidence / 2, c - 1)
+    return Difference(value, value - q * se, value + q * se, int(tokens.size), c)
 
 
 def _paired_losses(a: dict, b: dict, level: str):
