@@ -124,3 +124,13 @@ def test_the_loop_counts_the_positions_it_computes(method, engine):
     assert result.positions == result.records * data.input_ids.shape[1] > result.tokens
     estimated = training_flops(profile, result.records, result.positions, engine)
     assert estimated == pytest.approx(flops.get_total_flops(), rel=0.10)
+
+
+def test_a_gpt2_style_model_counts_its_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512, n_positions=16)
+    model = GPT2LMHeadModel(config).train()  # its attention and MLP layers are Conv1D, not nn.Linear
+    counted, estimated = one_step(model, None)
+    assert estimated == pytest.approx(counted, rel=0.10)

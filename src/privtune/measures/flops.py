@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from privtune.errors import PrivtuneError
 from privtune.train.dp.ghost_engine import linear_uses_per_sample
@@ -99,15 +100,15 @@ def flop_profile(model: nn.Module) -> FlopProfile:
     inputs_seen: dict[tuple, int] = {}
     alive: list[torch.Tensor] = []  # so no input's memory is reused by a later one during the pass
 
-    def record(module: nn.Linear, inputs, output) -> None:
+    def record(module: nn.Module, inputs, output) -> None:
         x = inputs[0]
         alive.append(x)
         key = (x.data_ptr(), tuple(x.shape), x.stride())
-        uses.append(MatmulUse(module.in_features, module.out_features, module.weight.requires_grad,
+        uses.append(MatmulUse(*_features(module), module.weight.requires_grad,
                               bool(x.requires_grad), block_of.get(id(module)),
                               inputs_seen.setdefault(key, len(inputs_seen))))
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, MATMUL_MODULES)]
     if not linears:
         raise PrivtuneError(f"{type(model).__name__} has no nn.Linear layers to count FLOPs of",
                             "use a Hugging Face causal language model")
@@ -136,6 +137,18 @@ def flop_profile(model: nn.Module) -> FlopProfile:
             if id(p) not in matmul_weights and not isinstance(module, nn.Embedding):
                 dense += p.numel()
     return FlopProfile(tuple(uses), len(blocks), _attention_width(model.config), virtual, prefix, trainable, dense)
+
+
+#: The layers whose weights are matrix products: GPT-2-style models use ``Conv1D``.
+MATMUL_MODULES = (nn.Linear, Conv1D)
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a matmul layer: ``Conv1D`` (GPT-2's) stores its weight (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape
+    return d_in, d_out
 
 
 def _opacus_flops(profile: FlopProfile, positions: int) -> int:
