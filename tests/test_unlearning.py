@@ -379,3 +379,17 @@ def test_an_unlearning_run_whose_source_left_no_model_fails_on_one_line(tmp_path
     with pytest.raises(PrivtuneError, match="starts from the saved model of fft, but .* does not exist") as e:
         load_source(StudyContext.build(cfg), ga)
     assert "fix run fft and run the study again" in e.value.one_line()
+
+
+def test_npo_counts_its_reference_pass_over_the_forget_set(trained):
+    model, (forget, retain) = trained
+    counted = {}
+    for method in ("unlearn-ga", "unlearn-npo"):
+        objective = OBJECTIVES[method]
+        plan = UnlearnPlan(objective, epochs=1, batch_size=4, physical_batch_size=2, lr=1e-3, weight_decay=0.0,
+                           seed=0, beta=0.1 if objective.forget == "npo" else None)
+        counted[method] = unlearn(copy.deepcopy(model), forget, retain, plan, CPU)
+    ga, npo = counted["unlearn-ga"], counted["unlearn-npo"]
+    assert (ga.records, ga.forward_records) == (len(forget), 0)
+    assert (npo.records, npo.forward_records) == (len(forget), len(forget))  # π_ref's NLL, once
+    assert npo.forward_positions == len(forget) * forget.input_ids.shape[1]

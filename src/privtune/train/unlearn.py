@@ -94,14 +94,19 @@ def unlearn(model: torch.nn.Module, forget: EncodedDataset, retain: EncodedDatas
 
 def _unlearn(model, forget, retain, plan, runtime, reference, on_epoch_end, on_step) -> TrainResult:
     objective = plan.objective
-    ref_nll = (reference_nll(model, forget, runtime, plan.physical_batch_size) if objective.forget == "npo"
-               else None)
+    result = TrainResult()
+    ref_nll = None
+    if objective.forget == "npo":  # the source model's NLL of the forget set, once: part of NPO's cost
+        with Stopwatch(runtime.device) as clock:
+            ref_nll = reference_nll(model, forget, runtime, plan.physical_batch_size)
+        result.seconds += clock.seconds
+        result.cpu_seconds += clock.cpu_seconds
+        result.count_forward(forget, torch.arange(len(forget)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
     generator = streams.torch_generator(plan.seed, streams.BATCHES)
     retain_rows = _retain_stream(len(retain), generator) if plan.uses_retain else None
     forget_labels, retain_labels = forget.labels, retain.labels
-    result = TrainResult()
     model.train()
     for epoch in range(1, plan.epochs + 1):
         with Stopwatch(runtime.device) as clock:
