@@ -30,14 +30,31 @@ class PrivtuneError(Exception):
         return " ".join(text.split()) + "."
 
 
-def write_traceback(error: BaseException, log_dir: Path, stem: str) -> Path:
-    """Write ``error``'s whole traceback to a new file under ``log_dir`` and return its path.
+def write_traceback(error: BaseException, log_dir: Path, stem: str, unique: bool = True) -> Path:
+    """Write ``error``'s whole traceback (:func:`whole_traceback`) to a file under
+    ``log_dir`` and return its path: ``STEM-TIME-PID.txt``, or ``STEM.txt`` without
+    ``unique``.
 
-    The file is readable by its owner alone: a traceback can quote the data a run read.
+    The file is readable by its owner alone (600, in folders created 700): a traceback can
+    quote the data a run read.
     """
-    log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = log_dir / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    from privtune.files import private_dir  # files.py imports this module
+
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt" if unique else f"{stem}.txt"
+    path = private_dir(log_dir) / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file of that name keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as f:
-        f.write("".join(traceback.format_exception(error)))
+        f.write(whole_traceback(error))
     return path
+
+
+def whole_traceback(error: BaseException) -> str:
+    """The traceback with every error that led to it, even one hidden by ``raise ... from
+    None`` (a user error such as out of memory replaces the allocator's own error, which
+    the log should still show)."""
+    hidden = error.__context__ if error.__suppress_context__ and error.__cause__ is None else None
+    text = "".join(traceback.format_exception(error))
+    if hidden is None:
+        return text
+    return "".join(traceback.format_exception(hidden)) + "\nThe error above was reported as:\n\n" + text

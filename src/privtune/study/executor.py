@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import time
-import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from privtune.errors import PrivtuneError
-from privtune.files import private_dir, private_file
+from privtune.errors import PrivtuneError, write_traceback
 from privtune.study.plan import RunSpec
 from privtune.study.progress import ProgressSink
 from privtune.study.stages import study_stage
@@ -120,20 +118,8 @@ def failure_line(error: Exception, run_id: str, attempt: int, log_dir: Path | No
         line = f"crashed on attempt {attempt}: {type(error).__name__}: {first}".rstrip(": ")
     if log_dir is None:
         return line
-    path = private_dir(log_dir) / f"{run_id}-attempt{attempt}.txt"
-    private_file(path).write_text(_whole_traceback(error))  # it may quote the data
+    path = write_traceback(error, log_dir, f"{run_id}-attempt{attempt}", unique=False)
     return f"{line.rstrip('.')} (traceback: {path})"
-
-
-def _whole_traceback(error: BaseException) -> str:
-    """The traceback with every error that led to it, even one hidden by ``raise ... from
-    None`` (a user error such as out of memory replaces the allocator's own error, which
-    the log should still show)."""
-    hidden = error.__context__ if error.__suppress_context__ and error.__cause__ is None else None
-    text = "".join(traceback.format_exception(error))
-    if hidden is None:
-        return text
-    return ("".join(traceback.format_exception(hidden)) + "\nThe error above was reported as:\n\n" + text)
 
 
 def _release_memory() -> None:
