@@ -258,3 +258,19 @@ def test_a_crash_log_is_private(tmp_path, usual_umask):
     (log,) = (tmp_path / "out" / "logs").iterdir()
     assert str(log) in line and "Jane Doe" in log.read_text()
     assert mode(log.parent) == 0o700 and mode(log) == 0o600
+
+
+def test_a_figure_written_over_an_older_readable_copy_is_private(tmp_path, usual_umask):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from privtune.report.html import figure_section
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    old = figures / "leakage.png"
+    old.write_bytes(b"an older report's figure")
+    old.chmod(0o644)
+    figure_section("leakage", "Leakage", plt.figure(), [], figures)
+    assert mode(old) == 0o600 and old.read_bytes() != b"an older report's figure"

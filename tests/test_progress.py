@@ -247,3 +247,25 @@ def test_rich_bars_show_a_label_that_looks_like_markup_as_written():
     sink.run_finished("mk[/]x[/bold]", "done", 1.5)
     sink.study_finished()
     assert "mk[/]x[/bold] · done in 1.5s" in out.getvalue()
+
+
+def test_a_retried_run_advances_the_study_bar_once_and_a_run_left_alone_counts():
+    from rich.console import Console
+
+    from privtune.study.progress import LEFT_ALONE, PlainProgress, RichProgress
+
+    sink = RichProgress(Console(file=io.StringIO(), force_terminal=True, width=120))
+    sink.study_started(2)
+    sink.run_started("fft")
+    sink.run_finished("fft", "retrying", 1.0, "crashed")
+    sink.run_started("fft")
+    sink.run_finished("fft", "done", 2.0)
+    sink.run_finished("lora", LEFT_ALONE, 0.0, "another privtune process is training it")
+    study = sink._progress.tasks[0]
+    assert (study.completed, study.total) == (2, 2)
+    sink.study_finished()
+    out = io.StringIO()
+    plain = PlainProgress(out)
+    plain.study_started(1)
+    plain.run_finished("lora", LEFT_ALONE, 0.0, "another privtune process is training it")
+    assert "[1/1] lora: left alone: another privtune process is training it" in out.getvalue()

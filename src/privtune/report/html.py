@@ -748,7 +748,9 @@ def figure_section(name: str, title: str, fig, runs: Sequence[dict], figures_dir
     width = fig.get_figwidth() * DISPLAY_PX_PER_INCH
     png = render_png(fig)
     if figures_dir is not None:
-        private_file(private_dir(figures_dir) / f"{name}.png").write_bytes(png)
+        path = private_dir(figures_dir) / f"{name}.png"
+        path.unlink(missing_ok=True)  # one an older privtune wrote may be readable by others
+        private_file(path).write_bytes(png)
     data = base64.b64encode(png).decode("ascii")
     colors = {id(r): s.color for r, s in zip(runs, styles(runs))}  # as in the figures
     side_runs, columns = {**side_columns(runs), **attack_side_columns(runs)}.get(name, ([], ()))

@@ -22,7 +22,7 @@ from privtune.study.shadow_attacks import add_shadow_attacks
 from privtune.study.executor import Executor, LocalExecutor, RunHooks, failure_line
 from privtune.study.forget import check_forget_sets
 from privtune.study.plan import RunSpec, plan_study
-from privtune.study.progress import ProgressSink, default_sink
+from privtune.study.progress import LEFT_ALONE, ProgressSink, default_sink
 from privtune.study.stages import study_stage
 from privtune.study.store import Store
 from privtune.study.unlearning_plan import UNLEARN_ROLE, execution_phases, missing_sources, retrain_run_id, \
@@ -94,6 +94,7 @@ def run_study(cfg: StudyConfig, executor: Executor | None = None, show_progress:
         if why:
             busy_ids.add(spec.run_id)
             outcome.busy[spec.label] = why
+            progress.run_finished(spec.label, LEFT_ALONE, 0.0, why)  # it counts as handled
         return why is None
 
     def started(spec: RunSpec) -> None:

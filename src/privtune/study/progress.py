@@ -42,11 +42,22 @@ class ProgressSink:
         """``seconds``: wall time from the stage's start, stages nested in it included."""
 
     def run_finished(self, run: str, status: str, seconds: float, error: str | None = None) -> None:
-        """``status``: ``done``, ``failed`` or ``retrying`` (a crashed attempt that runs
-        again, under the same label); ``error`` says why for the last two."""
+        """``status``: ``done``, ``failed``, ``retrying`` (a crashed attempt that runs
+        again, under the same label) or :data:`LEFT_ALONE` (another process holds the run:
+        it never started here); ``error`` says why for the last three."""
 
     def study_finished(self) -> None:
         """The last event: close what the display holds open."""
+
+
+#: The status of a run another privtune process holds, so this one leaves it alone.
+LEFT_ALONE = "left alone"
+
+
+def _ended(status: str, seconds: float, error: str | None) -> str:
+    """``done in 3m05s``, ``failed in 8.2s: why``, ``left alone: why``."""
+    text = status if status == LEFT_ALONE else f"{status} in {duration(seconds)}"
+    return text + (f": {error}" if error else "")
 
 
 def default_sink(quiet: bool = False, json_progress: bool = False) -> ProgressSink:
@@ -154,7 +165,7 @@ class PlainProgress(ProgressSink):
 
     def run_finished(self, run, status, seconds, error=None) -> None:
         self._runs.stages.pop(run, None)
-        self._say(run, f"{status} in {duration(seconds)}" + (f": {error}" if error else ""))
+        self._say(run, _ended(status, seconds, error))
 
 
 class JsonProgress(ProgressSink):
@@ -265,9 +276,8 @@ class RichProgress(ProgressSink):
     def run_finished(self, run, status, seconds, error=None) -> None:
         self._runs.stages.pop(run, None)
         task = self._task(run)
-        self._progress.update(task, description=f"{run} · {status} in {duration(seconds)}",
-                              total=1, completed=1)
-        if self._study is not None:
+        self._progress.update(task, description=f"{run} · {_ended(status, seconds, None)}", total=1, completed=1)
+        if self._study is not None and status != "retrying":  # a retried run ends once, later
             self._progress.advance(self._study)
 
     def study_finished(self) -> None:
