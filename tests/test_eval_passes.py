@@ -157,3 +157,13 @@ def test_kept_scores_are_read_back_exactly_and_recomputed_when_they_do_not_fit(t
     # Another model, device or batch size is another file.
     assert cache.path("other") != path
     assert ScoreCache(tmp_path / "scores", {"base_run": "r", "data": "d", "batch_size": 8}).path("tiny-llama") != path
+
+
+def test_the_score_cache_key_names_the_device_model_not_only_its_type(tmp_path):
+    import platform
+
+    from privtune.study.score_cache import ScoreCache, device_name
+
+    assert device_name(torch.device("cpu")) == f"cpu-{platform.machine()}"
+    on = {name: ScoreCache(tmp_path, {"device": name}).path("m") for name in ("cuda-NVIDIA H100", "cuda-NVIDIA A10")}
+    assert on["cuda-NVIDIA H100"] != on["cuda-NVIDIA A10"]  # a mixed cluster's GPUs do not share base scores

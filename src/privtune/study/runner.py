@@ -35,7 +35,7 @@ from privtune.study import attacking
 from privtune.study.dataset import StudyData, StudyRecords, build_study_data, shadow_membership
 from privtune.study.plan import RunSpec, base_run, method_spec, train_plan
 from privtune.study.progress import ProgressSink
-from privtune.study.score_cache import ScoreCache
+from privtune.study.score_cache import ScoreCache, device_name
 from privtune.study.scrubbing import TrainingScrubber
 from privtune.study.stages import RunTimer, stage
 from privtune.study.unlearning_plan import RETRAIN_ROLE, UNLEARN_ROLE
@@ -107,7 +107,7 @@ class StudyContext:
         """Where the scores every run shares (base and reference model) are kept."""
         return ScoreCache(Path(self.cfg.output_dir) / "scores", {
             "base_run": base_run(self.cfg).run_id, "data": self.data.digests.data,
-            "device": self.runtime.device.type, "precision": self.runtime.precision,
+            "device": device_name(self.runtime.device), "precision": self.runtime.precision,
             "batch_size": self.cfg.eval_batch_size})
 
     def _shared_scores(self, model_ref: str, model: torch.nn.Module) -> tuple[TokenScores, TokenScores]:

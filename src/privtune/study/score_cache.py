@@ -10,9 +10,10 @@ instead of running the model over every record again.
 
 A file is keyed by everything that changes its numbers: the scored model's reference,
 the base run's config hash (model, data settings and precision as configured), the data
-digest (records and tokenizer, :mod:`privtune.data.digest`), the device type and
-precision the scores were taken in, the batch size, the versions of the libraries
-behind the figures, and :data:`FORMAT`. A checkpoint folder whose weights are replaced
+digest (records and tokenizer, :mod:`privtune.data.digest`), the device (its model:
+kernels differ between GPUs, so a shared ``output_dir`` on a mixed Ray cluster does not
+mix them) and precision the scores were taken in, the batch size, the versions of the
+libraries behind the figures, and :data:`FORMAT`. A checkpoint folder whose weights are replaced
 in place keeps its name, as it does for the study's stored runs (keyed by the config
 too): delete ``scores/`` with the runs, or give the model a new path. A file that does not match its
 data (other shapes or masks) is computed again. Files hold per-token losses on the
@@ -23,12 +24,14 @@ into place (two workers may write the same file), and read without pickle.
 from __future__ import annotations
 
 import os
+import platform
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from privtune.data.digest import digest_of
 from privtune.data.tokenize import EncodedDataset
@@ -41,6 +44,13 @@ from privtune.versions import dependency_versions
 FORMAT = 1
 FIELDS = ("nll", "mu", "sigma", "valid", "sensitive")
 SETS = ("members", "nonmembers")
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu-x86_64``, ``cuda-NVIDIA H100 80GB HBM3``: what the scores' kernels ran on."""
+    if device.type == "cuda":
+        return f"cuda-{torch.cuda.get_device_name(device)}"
+    return f"{device.type}-{platform.machine()}"
 
 
 @dataclass(frozen=True)
