@@ -130,3 +130,20 @@ def test_unknown_audited_model_is_a_one_line_error(tmp_path):
     cfg = tiny_study(tmp_path)
     with pytest.raises(PrivtuneError, match="unknown model"):
         audit_external(cfg, str(tmp_path / "no-such-dir"))
+
+
+def test_a_crashed_audit_is_a_bug_exit_1_with_its_log(tmp_path, monkeypatch, capsys):
+    from privtune.study import external
+
+    cfg = tiny_study(tmp_path, model="tiny-gpt-neox", attacks={"extraction": {"enabled": False}},
+                     canaries={"enabled": False})
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(cfg.model_dump()))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(external, "audit_model", crash)
+    code, _, err = run_cli(monkeypatch, capsys, "audit", "tiny-gpt-neox", str(path), "--label", "crashy")
+    assert code == 1  # not 2: nothing the user can fix
+    assert_one_line_error(code, err, "crashed on attempt 1: RuntimeError: simulated bug", "(traceback: ")

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from privtune.errors import PrivtuneError
+from privtune.errors import CrashLogged, PrivtuneError
 from privtune.files import inside, private_dir, slug, writable_dir_problem
 
 # Typer's traceback with every frame's locals runs to thousands of lines (a Ray error's
@@ -437,6 +437,11 @@ def main() -> None:
         err_console.print("interrupted: finished runs are saved; rerun the same command to resume.", highlight=False)
         sys.stderr.flush()
         sys.exit(INTERRUPTED)
+    except CrashLogged as e:  # a bug, already logged where the line says
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - not the user's to fix, but still one line
         if _state["debug"]:
             raise

@@ -30,6 +30,11 @@ class PrivtuneError(Exception):
         return " ".join(text.split()) + "."
 
 
+class CrashLogged(Exception):
+    """An unexpected error (a bug, not the user's to fix) already stored with its run and
+    logged: the CLI shows its one line and exits 1, not 2."""
+
+
 def write_traceback(error: BaseException, log_dir: Path, stem: str, unique: bool = True) -> Path:
     """Write ``error``'s whole traceback (:func:`whole_traceback`) to a file under
     ``log_dir`` and return its path: ``STEM-TIME-PID.txt``, or ``STEM.txt`` without

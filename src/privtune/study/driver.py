@@ -15,7 +15,7 @@ from pathlib import Path
 
 from privtune.config import StudyConfig
 from privtune.data.digest import short
-from privtune.errors import PrivtuneError
+from privtune.errors import CrashLogged, PrivtuneError
 from privtune.models.loading import check_safetensors, load_tokenizer
 from privtune.study.dataset import build_study_records, study_digests
 from privtune.study.shadow_attacks import add_shadow_attacks
@@ -184,7 +184,9 @@ def audit_external(cfg: StudyConfig, model_ref: str, label: str | None = None,
         except Exception as e:
             line = failure_line(e, run_id, 1, Path(cfg.output_dir) / "logs")
             store.fail(run_id, line)
-            raise PrivtuneError(line) from e
+            if isinstance(e, PrivtuneError):
+                raise PrivtuneError(line) from e
+            raise CrashLogged(line) from e
         if cfg.attacks.enabled and cfg.attacks.shadow.models:
             add_shadow_attacks(cfg, store, digest)
     finally:
