@@ -211,27 +211,31 @@ def _record(values):
     return ArrayRecord(array_dict={"w": Array(np.asarray(values, dtype=np.float32))})
 
 
-def test_dp_fedavg_clips_each_update_and_noises_the_sum():
+def _clipping_strategy(clients: int, privacy: ClientPrivacy):
+    """Flower's DP-FedAvg strategy as privtune builds it, clipping client updates at 0.5."""
     settings = ClientDPSettings(noise_multiplier=0.0, clip_norm=0.5)
-    privacy = ClientPrivacy(noise_multiplier=0.0, clip_norm=0.5, sample_rate=1.0, rounds=3, delta=0.05, accountant="prv")
-    strategy = _strategy(FederatedSettings(clients=2, client_dp=settings), 2, privacy, 0, FederatedResult())
+    return _strategy(FederatedSettings(clients=clients, client_dp=settings), clients, privacy, 0, FederatedResult())
+
+
+NO_NOISE = ClientPrivacy(noise_multiplier=0.0, clip_norm=0.5, sample_rate=1.0, rounds=3, delta=0.05, accountant="prv")
+
+
+def test_dp_fedavg_clips_each_update_and_noises_the_sum():
+    strategy = _clipping_strategy(2, NO_NOISE)
     strategy.current = _record([0.0, 0.0])
     arrays, norms = strategy._noisy_mean([_Reply(_record([3.0, 4.0])), _Reply(_record([0.1, 0.0]))])
     new = arrays.to_numpy_ndarrays()[0]
     assert norms == pytest.approx([5.0, 0.1])
     np.testing.assert_allclose(new, ([0.3, 0.4] + np.array([0.1, 0.0])) / 2, atol=1e-7)  # 5 clipped to 0.5
     # Noise: N(0, (sigma C)^2) on the sum, over the expected q N clients.
-    privacy = replace(privacy, noise_multiplier=2.0, sample_rate=0.5)
-    strategy = _strategy(FederatedSettings(clients=4, client_dp=settings), 4, privacy, 0, FederatedResult())
+    strategy = _clipping_strategy(4, replace(NO_NOISE, noise_multiplier=2.0, sample_rate=0.5))
     strategy.current = _record(np.zeros(20000))
     arrays, _ = strategy._noisy_mean([])  # a round nobody joined still releases noise
     assert np.std(arrays.to_numpy_ndarrays()[0]) == pytest.approx(2.0 * 0.5 / (0.5 * 4), rel=0.03)
 
 
 def test_a_client_update_of_exactly_zero_clips_to_itself():
-    settings = ClientDPSettings(noise_multiplier=0.0, clip_norm=0.5)
-    privacy = ClientPrivacy(noise_multiplier=0.0, clip_norm=0.5, sample_rate=1.0, rounds=3, delta=0.05, accountant="prv")
-    strategy = _strategy(FederatedSettings(clients=2, client_dp=settings), 2, privacy, 0, FederatedResult())
+    strategy = _clipping_strategy(2, NO_NOISE)
     strategy.current = _record([1.0, 2.0])
     # One client sends the parameters back unchanged (e.g. its local step size rounded to nothing).
     arrays, norms = strategy._noisy_mean([_Reply(_record([1.0, 2.0])), _Reply(_record([4.0, 6.0]))])

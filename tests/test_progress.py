@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import run_cli
 
-from privtune import cli
 from privtune.study.progress import JsonProgress, PlainProgress
 from privtune.study.stages import RunTimer, stage
 
@@ -75,14 +75,6 @@ def test_plain_lines_when_stdout_is_a_pipe_and_timing_is_stored(tmp_path):
     assert eff["train_cpu_seconds"] > 0
     assert eff["tokens_per_cpu_second"] == pytest.approx(eff["tokens"] / eff["train_cpu_seconds"])
     assert "base model scores" in {s["stage"] for s in runs["base"]["timing"]["stages"]}
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["privtune", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_json_progress_is_one_object_per_event_on_stderr(tmp_path, monkeypatch, capsys):
