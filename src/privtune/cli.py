@@ -237,10 +237,10 @@ def _executor(cfg, name: str, address: str | None, cpus_per_run: int, group=None
             return data_parallel_executor(cfg, group)
         return None
     if name == "ray":
+        from privtune.study.ray_executor import RayExecutor, ray_missing
+
         if importlib.util.find_spec("ray") is None:  # before the banner and the database
-            raise PrivtuneError("the ray executor needs Ray, which is not installed",
-                                "pip install 'privtune[ray]', or drop --executor ray")
-        from privtune.study.ray_executor import RayExecutor
+            raise ray_missing()
 
         return RayExecutor(cfg, address=address, cpus_per_run=cpus_per_run, retries=cfg.retries,
                            say=lambda line: console.print(line, highlight=False, markup=False))

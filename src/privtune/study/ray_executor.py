@@ -319,10 +319,15 @@ def _check_fits(ray, cpus: int, gpus: int) -> None:
                         fix)
 
 
+def ray_missing() -> PrivtuneError:
+    """The error for ``--executor ray`` without Ray installed."""
+    return PrivtuneError("the ray executor needs Ray, which is not installed",
+                         "pip install 'privtune[ray]', or drop --executor ray")
+
+
 def _import_ray():
     try:
         import ray
     except ImportError:
-        raise PrivtuneError("the ray executor needs Ray, which is not installed",
-                            "pip install 'privtune[ray]', or drop --executor ray") from None
+        raise ray_missing() from None
     return ray
