@@ -158,3 +158,11 @@ def test_an_unexpected_error_is_one_line_with_its_traceback_in_logs(tmp_path, mo
     logs = list((tmp_path / "out" / "logs").glob("privtune-error-*.txt"))
     assert len(logs) == 1 and str(logs[0]) in err.replace("\n", "")
     assert "Traceback" in logs[0].read_text() and "second line" in logs[0].read_text()
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_reading_a_study_from_a_missing_database_is_an_error_and_creates_none(tmp_path, monkeypatch, capsys, command):
+    missing = tmp_path / "nowhere"
+    code, _, err = run_cli(monkeypatch, capsys, command, "-o", str(missing), "--study", "default")
+    assert_one_line_error(code, err, f"no results database at {missing / 'privtune.db'}")
+    assert not (missing / "privtune.db").exists()

@@ -251,14 +251,21 @@ def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "no"
 
 
-def _only_study(output_dir: str) -> str:
+def _existing_store(output_dir: str):
+    """The results database under ``output_dir``, for reading: one that is not there is an
+    error, not a new empty database."""
     from privtune.study.driver import DB_NAME
     from privtune.study.store import Store
 
     db = Path(output_dir) / DB_NAME
     if not db.exists():
         raise PrivtuneError(f"no results database at {db}", "run a study first (privtune run) or pass --output-dir")
-    store = Store(db)
+    return Store(db)
+
+
+def _only_study(output_dir: str) -> str:
+    store = _existing_store(output_dir)
+    db = store.path
     try:
         studies = store.studies()
     finally:
@@ -271,10 +278,9 @@ def _only_study(output_dir: str) -> str:
 
 
 def _load_runs(output_dir: str, study: str) -> list[dict]:
-    from privtune.study.driver import DB_NAME
-    from privtune.study.store import Store, latest_per_label
+    from privtune.study.store import latest_per_label
 
-    store = Store(Path(output_dir) / DB_NAME)
+    store = _existing_store(output_dir)
     try:
         return latest_per_label(store.runs(study, per_record=False))  # read on demand, not all at once
     finally:
