@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from privtune.attacks.mia import ATTACKS, AttackInputs, get_attack, score_attacks
+from privtune.attacks.token_frequency import TokenFrequencies
 from privtune.data.corpora import generate_corpus
 from privtune.data.records import Record, Span
 from privtune.data.split import split_by_individual
@@ -116,8 +117,11 @@ def test_records_without_scored_tokens_are_dropped_not_fatal():
     s.sensitive[:] = s.valid
     s.sensitive[0] = False
     recs = [Record(str(i), str(i), "x y z", [Span(0, 1, "NAME")]) for i in range(7)]
+    rng = np.random.default_rng(0)
+    frequencies = tuple(TokenFrequencies(rng.integers(0, 5, s.nll.shape), np.log(rng.uniform(0.01, 0.2, s.nll.shape)))
+                        for _ in range(2))
     entries = score_attacks(s, random_scores(seed=1), s, random_scores(seed=1), recs, recs,
-                            levels=("sensitive",))
+                            levels=("sensitive",), frequencies=frequencies)
     assert {e["attack"] for e in entries} == set(ATTACKS)
     assert all(e["n_members"] == 6 for e in entries)
 

@@ -94,8 +94,12 @@ class CanaryConfig(_Strict):
 class MIASettings(_Strict):
     levels: list[Literal["record", "sensitive"]] = Field(
         default_factory=lambda: ["record", "sensitive"], description="score whole records, sensitive tokens, or both")
-    attacks: list[str] | None = Field(None, description="score-based attacks to run; default: all")
+    attacks: list[str] | None = Field(None, description="score-based attacks to run; default: all but the costly "
+                                      "model attacks (recall, gradnorm), which run only when named")
     k: float = Field(0.2, gt=0, le=1, description="fraction of tokens Min-K% and Min-K%++ average")
+    dc_pdd_a: float = Field(0.01, gt=0, description="DC-PDD's upper bound on each token's calibrated score (the paper's)")
+    recall_prefix_records: int = Field(3, ge=1, description="non-member records ReCaLL's prefix is made of; "
+                                       "they and their people's other records are left out of its scoring")
     fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001], description="report TPR at these FPRs")
     reference_model: str | None = Field(None, description="reference for the calibrated attack; default: the base model")
 
@@ -105,10 +109,10 @@ class MIASettings(_Strict):
         if names is None:
             return None
         # Imported here, not at the top: the registry lives with the attacks (numpy, scikit-learn).
-        from privtune.attacks.mia import ATTACKS
+        from privtune.attacks.mia import attack_names
 
         for name in names:
-            _one_of("attack", name, list(ATTACKS))
+            _one_of("attack", name, attack_names())
         return names
 
     @field_validator("reference_model")

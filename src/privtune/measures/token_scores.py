@@ -38,10 +38,15 @@ class TokenScores:
 
     def record_mean(self, positions: np.ndarray) -> np.ndarray:
         """Mean NLL per record over ``positions`` (N, L-1) bool; NaN where a record has none."""
-        counts = positions.sum(axis=1)
-        sums = np.where(positions, self.nll, 0.0).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return masked_mean(self.nll, positions)
+
+
+def masked_mean(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Mean of (N, L-1) ``values`` per record over ``positions``; NaN where a record has none."""
+    counts = positions.sum(axis=1)
+    sums = np.where(positions, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 #: Vocabulary rows processed at once: small enough that the float32 working set stays

@@ -1,7 +1,9 @@
 """The attack suite applied to one model of a study.
 
 Score-based membership attacks read the token scores the evaluation already computed,
-so they cost no extra forward pass; extraction, PII inference and the backdoor need
+so they cost no extra forward pass; the model attacks (ReCaLL, GradNorm) that a config
+names run their own passes over the population, on the model and, once per process, on
+the base model for their advantage over it; extraction, PII inference and the backdoor need
 generation or candidate scoring and run once, on the final model. Per-record statistics
 are kept in every run's result so that the shadow-model attacks (LiRA, RMIA), which need
 all shadow models first, can be computed afterwards by :mod:`privtune.study.shadow_attacks`.
@@ -16,7 +18,9 @@ from privtune.attacks.extraction import pii_inference, prefix_extraction
 from privtune.attacks.generation import generate_continuations
 from privtune.attacks.metrics import selection_half
 from privtune.attacks.mia import score_attacks
+from privtune.attacks.model_attacks import MODEL_ATTACKS, LevelScores, ModelAttackInputs, get_model_attack
 from privtune.attacks.shadow import record_statistic, sequence_loglik
+from privtune.attacks.token_frequency import reference_frequencies
 from privtune.data.records import Record
 from privtune.data.tokenize import trained_windows
 from privtune.errors import PrivtuneError
@@ -50,12 +54,18 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
     ref_members, ref_nonmembers = ctx.reference_scores()
     members, nonmembers = ctx.data.members.records, ctx.data.nonmembers.records
     base = ctx.base
+    on_base = evaluation is base
+    model_scores = {name: [model_attack_scores(ctx, name, model, evaluation)]
+                    + ([] if on_base else [ctx.base_model_attack(name)])
+                    for name in cfg.mia.attacks or [] if name in MODEL_ATTACKS}
     with stage("membership attacks"):
+        frequencies = reference_frequencies(ctx.data.members, ctx.data.nonmembers, len(ctx.loaded.tokenizer))
         out = {"mia": score_attacks(
             evaluation.members, evaluation.nonmembers, ref_members, ref_nonmembers,
             scored_records(ctx, members), scored_records(ctx, nonmembers), levels=tuple(cfg.mia.levels),
             attacks=cfg.mia.attacks, k=cfg.mia.k, fprs=tuple(cfg.mia.fprs),
-            base=None if evaluation is base else (base.members, base.nonmembers), seed=ctx.cfg.data.seed)}
+            base=None if on_base else (base.members, base.nonmembers), seed=ctx.cfg.data.seed,
+            frequencies=frequencies, dc_pdd_a=cfg.mia.dc_pdd_a, model_scores=model_scores)}
     common = dict(max_length=ctx.cfg.data.max_length, device=ctx.runtime.device, autocast_dtype=ctx.autocast_dtype,
                   seed=ctx.cfg.data.seed)
     tokenizer = ctx.loaded.tokenizer
@@ -73,6 +83,16 @@ def attack_model(ctx, model: torch.nn.Module, evaluation) -> dict:
         with stage("backdoor"):
             out["backdoor"] = backdoor_success(ctx, model)
     return out
+
+
+def model_attack_scores(ctx, name: str, model: torch.nn.Module, evaluation) -> LevelScores:
+    """A model attack's per-record scores on ``model``, whose token scores ``evaluation`` holds."""
+    mia = ctx.cfg.attacks.mia
+    inputs = ModelAttackInputs(ctx.data.members, ctx.data.nonmembers, (evaluation.members, evaluation.nonmembers),
+                               ctx.runtime, levels=tuple(mia.levels), batch_size=ctx.cfg.eval_batch_size,
+                               seed=ctx.cfg.data.seed, recall_prefix_records=mia.recall_prefix_records)
+    with stage(f"{name} attack"):
+        return get_model_attack(name)(model, inputs)
 
 
 def backdoor_success(ctx, model: torch.nn.Module) -> dict:

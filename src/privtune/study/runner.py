@@ -69,6 +69,7 @@ class StudyContext:
     _base: Evaluation | None = field(default=None, repr=False)
     _reference_scores: tuple[TokenScores, TokenScores] | None = field(default=None, repr=False)
     _scrubber: TrainingScrubber | None = field(default=None, repr=False)
+    _base_model_attacks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, cfg: StudyConfig, records: StudyRecords | None = None) -> "StudyContext":
@@ -140,6 +141,12 @@ class StudyContext:
                 self._reference_scores = self._shared_scores(self.cfg.attacks.mia.reference_model,
                                                              self.reference.model)
         return self._reference_scores
+
+    def base_model_attack(self, name: str):
+        """A model attack's scores on the base model, for the advantage over it (once per process)."""
+        if name not in self._base_model_attacks:
+            self._base_model_attacks[name] = attacking.model_attack_scores(self, name, self.loaded.model, self.base)
+        return self._base_model_attacks[name]
 
     @property
     def scrubber(self) -> TrainingScrubber:
