@@ -18,7 +18,8 @@ The streams (each a name, hashed into the spawn key, so adding one never moves a
 - ``dropout``: the global torch RNG during training (dropout masks);
 - ``fed-clients``: which clients join a federated round;
 - ``fed-noise``: DP-FedAvg's server noise;
-- ``fed-client-training``: the seed each client's local training derives its own streams from.
+- ``fed-client-training``: the seed each client's local training derives its own streams from;
+- ``audit-canaries``: which audit canaries are trained on (:mod:`privtune.auditing`).
 
 A seed protects nothing from whoever knows it, and privtune's seeds are small integers
 stored in the run's config: under ``secure_mode`` the DP draws come from the OS CSPRNG
@@ -41,7 +42,8 @@ DROPOUT = "dropout"
 FED_CLIENTS = "fed-clients"
 FED_NOISE = "fed-noise"
 FED_CLIENT_TRAINING = "fed-client-training"
-PURPOSES = (BATCHES, DP_NOISE, INIT, DROPOUT, FED_CLIENTS, FED_NOISE, FED_CLIENT_TRAINING)
+AUDIT_CANARIES = "audit-canaries"
+PURPOSES = (BATCHES, DP_NOISE, INIT, DROPOUT, FED_CLIENTS, FED_NOISE, FED_CLIENT_TRAINING, AUDIT_CANARIES)
 
 
 def _spawn_key(purpose: str, index: tuple[int, ...]) -> tuple[int, ...]:
