@@ -955,6 +955,8 @@ GLOSSARY = (
                    "2019): exact (rank found by search), bounded (proven interval, sampled estimate inside) or "
                    "estimated (sampled only)"),
     ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
+    ("empirical ε ≥", "with privacy_audit on: a 95% lower bound on ε from audit canaries, for every run; at least "
+                      "this much leaks, which says nothing about how much more"),
     ("MIA AUC ↓", "how well an attack separates training records from held-out ones: 0.5 = chance, 1 = "
                   "perfect; record level scores all tokens, sensitive level the sensitive ones only; n/a below "
                   "10 members or 10 non-members"),
