@@ -97,7 +97,7 @@ def audit_figure(runs: Sequence[dict]):
         top = max([top] + [v for v in (steinke, gdp, claimed) if not math.isnan(v)])
     ax.set_yticks(range(len(rows)), [str(r.get("label")) for r, _ in reversed(rows)])
     ax.set_xlim(0, top * 1.12)
-    ax.set_xlabel("ε  (bar: empirical lower bound, Steinke; ○ GDP-curve bound; ✕ accountant's claim)")
+    ax.set_xlabel("ε: bar = empirical bound (Steinke), ○ GDP curve, ✕ claimed")
     return fig
 
 
