@@ -91,6 +91,34 @@ class CanaryConfig(_Strict):
         return self
 
 
+class PrivacyAuditConfig(_Strict):
+    enabled: bool = Field(False, description="plant audit canaries and give every run an empirical ε lower bound")
+    canaries: int = Field(200, description="m audit canaries, each trained on with probability 1/2 (at least 20; "
+                                           "more gives a higher attainable bound: perfectly separated scores "
+                                           "give at most 3.0 with 200, 4.5 with 1000, at δ 1e-5)")
+    design: str = Field("random", description="how the canaries are written (privtune.auditing.designs): random, "
+                                              "a random 10-digit secret in a template")
+    delta: float | None = Field(None, gt=0, lt=1, description="δ of the bound; default: the run's DP δ for a DP "
+                                                              "run, else 1e-5")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound")
+
+    @field_validator("design")
+    @classmethod
+    def _known_design(cls, name: str) -> str:
+        from privtune.auditing.designs import DESIGNS  # imported here: the designs draw from torch-seeded streams
+
+        return _one_of("audit canary design", name, DESIGNS)
+
+    @field_validator("canaries")
+    @classmethod
+    def _enough_canaries(cls, count: int) -> int:
+        from privtune.auditing.one_run import MIN_CANARIES  # imported here: scipy
+
+        if count < MIN_CANARIES:
+            raise ValueError(f"{count} audit canaries cannot show any ε above 0; use at least {MIN_CANARIES}")
+        return count
+
+
 class MIASettings(_Strict):
     levels: list[Literal["record", "sensitive"]] = Field(
         default_factory=lambda: ["record", "sensitive"], description="score whole records, sensitive tokens, or both")
@@ -427,6 +455,7 @@ class StudyConfig(_Strict):
     model: str = Field("smollm2-135m", description="registered name or a Hugging Face checkpoint directory")
     data: DataConfig = Field(default_factory=DataConfig)
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
+    privacy_audit: PrivacyAuditConfig = Field(default_factory=PrivacyAuditConfig)
     attacks: AttackConfig = Field(default_factory=AttackConfig)
     backdoor: BackdoorConfig = Field(default_factory=BackdoorConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)

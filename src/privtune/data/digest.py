@@ -7,7 +7,9 @@ a SHA-256 over everything the records and the tokenizer put into a figure:
 
 - ``records``: the members and non-members (the split), with each record's id,
   individual, text, spans and metadata, the canaries, the poisoned records, the backdoor
-  prompts and the name of the tagger that labelled the spans;
+  prompts, the name of the tagger that labelled the spans, and the audit canaries with
+  which of them are trained on (only when the study has them, so the digests of studies
+  without them stay what they were);
 - ``tokenizer``: the tokenizer's own definition (vocabulary, merges, normaliser,
   pre-tokeniser, post-processor, added tokens), without the padding and truncation state
   that transformers sets on it while encoding.
@@ -38,9 +40,14 @@ def record_payload(record: Record) -> dict:
 
 
 def records_digest(*, members: list[Record], nonmembers: list[Record], canaries: list[Canary],
-                   poisoned: list[Record], backdoor_prompts: dict[str, list[str]], tagger: str) -> str:
-    """The digest of a study's records (see the module docstring)."""
+                   poisoned: list[Record], backdoor_prompts: dict[str, list[str]], tagger: str,
+                   audit: tuple[list[Record], list[bool]] | None = None) -> str:
+    """The digest of a study's records (see the module docstring); ``audit``: the audit
+    canaries and which are trained on."""
+    extra = {} if audit is None else {"audit_canaries": [record_payload(r) for r in audit[0]],
+                                      "audit_trained": list(audit[1])}
     return digest_of({
+        **extra,
         "members": [record_payload(r) for r in members],
         "nonmembers": [record_payload(r) for r in nonmembers],
         "canaries": [asdict(c) for c in canaries],

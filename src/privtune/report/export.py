@@ -23,7 +23,10 @@ tagger missed and caught (``scrub_gap_net_missed``, ``scrub_gap_net_caught``); f
 (``bytes_communicated``, an efficiency figure) and the spread of leakage gain over clients
 (``fed_leakage_gain_spread``); for unlearning runs and their retrained references, the
 forget-set figures (``unlearn_forget_ce_s``, ..., the strongest attack on the forget set
-chosen two-sided, ``unlearn_forget_mia_*``, and the source model's as ``unlearn_source_*``).
+chosen two-sided, ``unlearn_forget_mia_*``, and the source model's as ``unlearn_source_*``); with the
+privacy audit, the empirical ε lower bound (``empirical_epsilon_lower_bound``, Steinke et al.'s, with
+``_gdp_lower_bound``, the claimed ε, canaries, δ and confidence, and why a bound is empty in ``_na``;
+every canary's score is in the JSON).
 Missing and non-finite values are empty cells. Per-epoch measures, confidence
 intervals, ROC curves and per-type rates are left to the JSON.
 
@@ -47,7 +50,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from privtune.files import private_dir, private_file
-from privtune.report import attack_plots, exposure, unlearning
+from privtune.report import attack_plots, audit, exposure, unlearning
 from privtune.report.attack_plots import ALL, auc, interval, mia_entry, tpr_at
 from privtune.report.headline import strongest_attack
 from privtune.report.plots import exposure_by_repetition
@@ -136,6 +139,7 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
     if any(run.get("federated") for run in runs):
         columns += [f"fed_{k}" for k in FED_KEYS]
     columns += unlearning.csv_columns(runs)
+    columns += audit.csv_columns(runs)
     columns += ["epochs"]
     return columns
 
@@ -246,6 +250,7 @@ def csv_row(run: dict, columns: Sequence[str]) -> dict:
     row.update(scrub_gap_cells(run))
     row.update({f"fed_{k}": (run.get("federated") or {}).get(k) for k in FED_KEYS})
     row.update(unlearning.csv_cells(run))
+    row.update(audit.csv_cells(run))
     row["epochs"] = max((e.get("epoch", 0) for e in run.get("epochs") or []), default=None)
     return {c: _cell(row.get(c)) for c in columns}
 

@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt
 from privtune.errors import PrivtuneError
 from privtune.files import private_dir, private_file
 from privtune.report import attack_plots, exposure, plots
+from privtune.report.audit import audit_section
 from privtune.report.federated import federated_section
 from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
@@ -929,6 +930,7 @@ PAGE = Template("""<!DOCTYPE html>
 <div class="cards">$cards</div>
 <p class="verdict">$verdict</p>
 $figures
+$audit
 $scrub
 $federated
 $unlearn
@@ -953,6 +955,8 @@ GLOSSARY = (
                    "2019): exact (rank found by search), bounded (proven interval, sampled estimate inside) or "
                    "estimated (sampled only)"),
     ("ε ↓", "the differential-privacy budget of DP runs at the reported δ"),
+    ("empirical ε ≥", "with privacy_audit on: a 95% lower bound on ε from audit canaries, for every run; at least "
+                      "this much leaks, which says nothing about how much more"),
     ("MIA AUC ↓", "how well an attack separates training records from held-out ones: 0.5 = chance, 1 = "
                   "perfect; record level scores all tokens, sensitive level the sensitive ones only; n/a below "
                   "10 members or 10 non-members"),
@@ -1014,7 +1018,8 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
     version = meta.get("privtune") or meta.get("version")
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
-        verdict=escape(verdict(runs)), figures="\n".join(sections), scrub=scrub_section(runs),
+        verdict=escape(verdict(runs)), figures="\n".join(sections), audit=audit_section(runs),
+        scrub=scrub_section(runs),
         federated=federated_section(runs), unlearn=unlearning_section(runs), timing=timing_section(runs),
         table=table(runs, RUN_COLUMNS), records=records_note(records_file),
         glossary="".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in GLOSSARY),

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from privtune.auditing.study_audit import AuditCanaries, build_audit_canaries
 from privtune.config import StudyConfig
 from privtune.data.backdoor import backdoor_prompts, poison_records
 from privtune.data.canaries import Canary, canary_records, make_canaries
@@ -24,9 +25,10 @@ from privtune.errors import PrivtuneError
 class StudyData:
     """Members (training records about people), non-members, and the training set itself.
 
-    ``train`` is ``members`` plus the inserted canary and poisoned records; leakage is
-    measured on ``members`` so that canaries (measured by exposure) and poison (measured
-    by the backdoor's success rate) do not blur it.
+    ``train`` is ``members`` plus the inserted canary, audit canary and poisoned records;
+    leakage is measured on ``members`` so that canaries (measured by exposure), audit
+    canaries (by the privacy audit) and poison (by the backdoor's success rate) do not
+    blur it. ``audit``: every audit canary (IN and OUT) encoded, with which are trained on.
     """
 
     members: EncodedDataset
@@ -39,11 +41,15 @@ class StudyData:
     #: held-out prompts ending with / without the backdoor trigger (empty without a backdoor)
     backdoor_triggered: list[str] = field(default_factory=list)
     backdoor_clean: list[str] = field(default_factory=list)
+    audit: EncodedDataset | None = None
+    audit_trained: list[bool] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "members": len(self.members), "nonmembers": len(self.nonmembers),
             "train_records": len(self.train), "canaries": len(self.canaries),
+            **({"audit_canaries": len(self.audit), "audit_canaries_trained": sum(self.audit_trained)}
+               if self.audit is not None else {}),
             "train_tokens": self.train.n_tokens, "tagger": self.tagger,
             "poisoned_records": sum(bool(r.meta.get("backdoor")) for r in self.train.records),
             "sensitive_token_share": round(float(self.members.sensitive.sum()) / max(1, self.members.n_tokens), 4),
@@ -72,17 +78,20 @@ class StudyRecords:
     tagger: str
     backdoor_triggered: list[str] = field(default_factory=list)
     backdoor_clean: list[str] = field(default_factory=list)
+    audit: AuditCanaries | None = None
 
     @property
     def train(self) -> list[Record]:
-        """What a model of the study trains on: members, canary copies, poison."""
-        return self.members + canary_records(self.canaries) + self.poisoned
+        """What a model of the study trains on: members, canary copies, the IN audit canaries, poison."""
+        audit = self.audit.inserted if self.audit else []
+        return self.members + canary_records(self.canaries) + audit + self.poisoned
 
     def digest(self) -> str:
-        """The digest of these records, split, canaries and poison (``privtune.data.digest``)."""
+        """The digest of these records, split, canaries, audit canaries and poison (``privtune.data.digest``)."""
         return records_digest(members=self.members, nonmembers=self.nonmembers, canaries=self.canaries,
                               poisoned=self.poisoned, tagger=self.tagger,
-                              backdoor_prompts={"triggered": self.backdoor_triggered, "clean": self.backdoor_clean})
+                              backdoor_prompts={"triggered": self.backdoor_triggered, "clean": self.backdoor_clean},
+                              audit=(self.audit.records, self.audit.trained) if self.audit else None)
 
 
 def build_study_records(cfg: StudyConfig) -> StudyRecords:
@@ -99,7 +108,8 @@ def build_study_records(cfg: StudyConfig) -> StudyRecords:
         b = cfg.backdoor
         poisoned = poison_records(members, b.fraction, b.trigger, b.target, cfg.data.seed)
         triggered, clean = backdoor_prompts(nonmembers, b.n_eval, b.trigger, cfg.data.seed)
-    return StudyRecords(members, nonmembers, canaries, poisoned, tagger, triggered, clean)
+    audit = build_audit_canaries(cfg.privacy_audit, cfg.data.seed, members)
+    return StudyRecords(members, nonmembers, canaries, poisoned, tagger, triggered, clean, audit)
 
 
 def study_digests(recs: StudyRecords, tokenizer) -> DataDigests:
@@ -122,8 +132,22 @@ def build_study_data(cfg: StudyConfig, tokenizer, recs: StudyRecords | None = No
     if poisoned and (train.attention_mask[-len(poisoned):].sum(dim=1) >= max_len).any():
         raise PrivtuneError(f"poisoned records do not fit in data.max_length={max_len} tokens, so the backdoor "
                             "target would be cut off", "raise data.max_length or shorten backdoor.trigger/target")
+    audit = encode_audit_canaries(recs.audit, tokenizer, max_len) if recs.audit else None
     return StudyData(enc_members, enc_nonmembers, train, recs.canaries, recs.tagger,
-                     study_digests(recs, tokenizer), recs.backdoor_triggered, recs.backdoor_clean)
+                     study_digests(recs, tokenizer), recs.backdoor_triggered, recs.backdoor_clean,
+                     audit, list(recs.audit.trained) if recs.audit else [])
+
+
+def encode_audit_canaries(audit: AuditCanaries, tokenizer, max_len: int) -> EncodedDataset:
+    """Every audit canary, encoded for scoring; one that ``max_len`` would cut is an error
+    (its secret's last tokens would be neither trained on nor scored)."""
+    encoded = encode_records(audit.records, tokenizer, max_len)
+    lengths = encoded.attention_mask.sum(dim=1)
+    if (lengths >= max_len).any():
+        longest = audit.records[int(lengths.argmax())].id
+        raise PrivtuneError(f"audit canary {longest} does not fit in data.max_length={max_len} tokens",
+                            "raise data.max_length or use another privacy_audit.design")
+    return encoded
 
 
 def shadow_membership(population: list[Record], shadow: int, seed: int) -> list[bool]:

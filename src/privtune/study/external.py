@@ -101,6 +101,8 @@ def audit_model(ctx, model: torch.nn.Module, model_ref: str) -> dict:
         "attacks": ctx.attack(model, evaluation),
         "record_stats": attacking.record_stats(evaluation, ctx),
         "dp": None,
+        # valid for a model trained on the exported train.jsonl, which holds the IN audit canaries
+        "empirical_epsilon": ctx.privacy_audit(model, None),
         "efficiency": {"train_seconds": math.nan, "seconds_per_epoch": math.nan, "tokens_per_second": math.nan,
                        "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
                        "trainable_params": trainable, "total_params": total, "flops_estimate": math.nan,

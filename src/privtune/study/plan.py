@@ -56,6 +56,8 @@ def shared_config(cfg: StudyConfig) -> dict:
         "backdoor": cfg.backdoor.model_dump(),
         "attacks": attacks,
         "precision": cfg.precision,
+        # Only when on, so runs planned before the audit existed keep their identity.
+        **({"privacy_audit": cfg.privacy_audit.model_dump()} if cfg.privacy_audit.enabled else {}),
     }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privtune.auditing.study_audit import audit_result, canary_scores, not_audited
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.files import private_dir
@@ -70,6 +71,7 @@ class StudyContext:
     _reference_scores: tuple[TokenScores, TokenScores] | None = field(default=None, repr=False)
     _scrubber: TrainingScrubber | None = field(default=None, repr=False)
     _base_model_attacks: dict = field(default_factory=dict, repr=False)
+    _base_audit_scores: TokenScores | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: StudyConfig, records: StudyRecords | None = None) -> "StudyContext":
@@ -173,6 +175,20 @@ class StudyContext:
     def attack(self, model: torch.nn.Module, evaluation: Evaluation) -> dict:
         return attacking.attack_model(self, model, evaluation)
 
+    def privacy_audit(self, model: torch.nn.Module, dp: dict | None) -> dict:
+        """The trained ``model``'s ``empirical_epsilon`` (:mod:`privtune.auditing.study_audit`):
+        one pass over the audit canaries, against the base model's (kept for the study)."""
+        canaries = self.data.audit
+        if canaries is None:
+            return not_audited("privacy_audit is off", dp)
+        with stage("privacy audit"):
+            if self._base_audit_scores is None:
+                self._base_audit_scores, = self.score_cache.scores_of(
+                    self.cfg.model, {"audit_canaries": canaries}, lambda: (self.score(self.loaded.model, canaries),))
+            scores = canary_scores(self.score(model, canaries), self._base_audit_scores)
+            return audit_result(scores, self.data.audit_trained, settings=self.cfg.privacy_audit, dp=dp,
+                                seed=self.cfg.data.seed)
+
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,
                 progress: ProgressSink | None = None) -> dict:
@@ -250,6 +266,7 @@ def measured_result(ctx: StudyContext, spec: RunSpec, model: torch.nn.Module, ep
         "attacks": ctx.attack(model, evaluation),
         "record_stats": attacking.record_stats(evaluation, ctx),
         "dp": dp,
+        "empirical_epsilon": ctx.privacy_audit(model, dp),
         "efficiency": efficiency,
         "artifact": str(artifact) if artifact else None,
         "data": {**ctx.data.summary(), "train_tokens": train_tokens},
@@ -357,6 +374,7 @@ def _measure_base(ctx: StudyContext, on_epoch: EpochCallback) -> dict:
         "attacks": ctx.attack(ctx.loaded.model, base),
         "record_stats": attacking.record_stats(base, ctx),
         "dp": None,
+        "empirical_epsilon": not_audited("the base model is not trained: there is nothing to audit"),
         "efficiency": {"train_seconds": 0.0, "seconds_per_epoch": 0.0, "tokens_per_second": math.nan,
                        "train_cpu_seconds": 0.0, "tokens_per_cpu_second": math.nan, "steps": 0, "tokens": 0, "peak_memory_bytes": math.nan, "memory_kind": "none",
                        "trainable_params": 0, "total_params": total, "flops_estimate": 0.0,

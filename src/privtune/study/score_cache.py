@@ -61,31 +61,42 @@ class ScoreCache:
     directory: Path
     identity: dict
 
-    def path(self, model_ref: str) -> Path:
-        key = digest_of({"format": FORMAT, "model": model_ref, **self.identity, "versions": dependency_versions()})
+    def path(self, model_ref: str, sets: tuple[str, ...] = SETS) -> Path:
+        # Other sets than the members and non-members are part of the key (and the
+        # usual pair is not, so files kept before other sets existed keep their names).
+        named = {} if sets == SETS else {"sets": list(sets)}
+        key = digest_of({"format": FORMAT, "model": model_ref, **self.identity, **named,
+                         "versions": dependency_versions()})
         return self.directory / f"{key[:32]}.npz"
 
     def scores(self, model_ref: str, members: EncodedDataset, nonmembers: EncodedDataset,
                compute: Callable[[], tuple[TokenScores, TokenScores]]) -> tuple[TokenScores, TokenScores]:
         """``model_ref``'s scores on (members, non-members): read when kept, else
         ``compute()``d and kept."""
-        path = self.path(model_ref)
-        kept = _read(path, (members, nonmembers))
+        return self.scores_of(model_ref, {"members": members, "nonmembers": nonmembers}, compute)
+
+    def scores_of(self, model_ref: str, sets: dict[str, EncodedDataset],
+                  compute: Callable[[], tuple[TokenScores, ...]]) -> tuple[TokenScores, ...]:
+        """``model_ref``'s scores on each of the named ``sets`` (e.g. the audit canaries),
+        in their order: read when kept, else ``compute()``d and kept."""
+        names = tuple(sets)
+        path = self.path(model_ref, names)
+        kept = _read(path, sets)
         if kept is not None:
             return kept
-        computed = compute()
-        _write(path, computed)
+        computed = tuple(compute())
+        _write(path, dict(zip(names, computed)))
         return computed
 
 
-def _read(path: Path, data: tuple[EncodedDataset, EncodedDataset]) -> tuple[TokenScores, TokenScores] | None:
+def _read(path: Path, data: dict[str, EncodedDataset]) -> tuple[TokenScores, ...] | None:
     """The kept scores, or None when missing, unreadable or not of these records."""
     try:
         with np.load(path, allow_pickle=False) as kept:
-            found = tuple(TokenScores(**{f: kept[f"{s}_{f}"] for f in FIELDS}) for s in SETS)
+            found = tuple(TokenScores(**{f: kept[f"{s}_{f}"] for f in FIELDS}) for s in data)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing, cut short, not ours
         return None
-    for scores, encoded in zip(found, data):
+    for scores, encoded in zip(found, data.values()):
         valid = encoded.attention_mask[:, 1:].numpy() == 1
         if scores.valid.shape != valid.shape or not np.array_equal(scores.valid, valid) \
                 or not np.array_equal(scores.sensitive, encoded.sensitive[:, 1:].numpy() & valid):
@@ -93,10 +104,10 @@ def _read(path: Path, data: tuple[EncodedDataset, EncodedDataset]) -> tuple[Toke
     return found
 
 
-def _write(path: Path, scores: tuple[TokenScores, TokenScores]) -> None:
+def _write(path: Path, scores: dict[str, TokenScores]) -> None:
     private_dir(path.parent)
     partial = path.with_name(f".{path.stem}.partial-{os.getpid()}.npz")
     fd = os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, **{f"{s}_{f}": getattr(part, f) for s, part in zip(SETS, scores) for f in FIELDS})
+        np.savez(f, **{f"{s}_{f}": getattr(part, f) for s, part in scores.items() for f in FIELDS})
     os.replace(partial, path)

@@ -1,0 +1,73 @@
+"""Audit canary designs: how the records a one-run privacy audit plants are written.
+
+A design is one file in this package, registered where it is defined with
+:func:`register_canary_design`; a design gets a :class:`DesignInputs` and returns
+``count`` records, each its own individual, whose secret is the span
+(label :data:`AUDIT_LABEL`) the audit scores. The audit is only as strong as its
+canaries (Panda et al., *Privacy Auditing of Large Language Models*, ICLR 2025), so
+stronger designs (unlikely-token, new-token, bigram, sampled: issue 18, item 6) are
+meant to be added here one file each. Every file must be imported at the bottom of this
+module: registration happens at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from privtune.data.records import Record, Span
+from privtune.errors import PrivtuneError
+
+#: The label of an audit canary's secret span.
+AUDIT_LABEL = "AUDIT_CANARY"
+#: The record ``meta`` key that marks an audit canary. Audit canaries also carry ``canary``
+#: (their id), so the code that treats exposure canaries as individuals of their own
+#: (federated dealing, forget sets, scrubbing's tagger figures) treats them alike.
+AUDIT_META = "audit_canary"
+
+
+@dataclass(frozen=True)
+class DesignInputs:
+    """What a design may draw on: how many canaries, the seed of their content (a stream
+    of its own, apart from the IN/OUT draw), and the members (for designs that model the
+    fine-tuning data, such as bigram canaries)."""
+
+    count: int
+    seed: int
+    corpus: tuple[Record, ...] = ()
+
+
+Design = Callable[[DesignInputs], list[Record]]
+DESIGNS: dict[str, Design] = {}
+
+
+def register_canary_design(name: str) -> Callable[[Design], Design]:
+    """Record a design under ``name`` (a name may be registered once)."""
+    def add(design: Design) -> Design:
+        if name in DESIGNS:
+            raise ValueError(f"audit canary design {name!r} is registered twice")
+        DESIGNS[name] = design
+        return design
+    return add
+
+
+def audit_record(index: int, prefix: str, secret: str, suffix: str) -> Record:
+    """Audit canary ``index``: ``prefix + secret + suffix``, its own individual, the secret a span."""
+    name = f"audit-canary-{index}"
+    return Record(id=name, individual=name, text=prefix + secret + suffix,
+                  spans=[Span(len(prefix), len(prefix) + len(secret), AUDIT_LABEL)],
+                  meta={"canary": name, AUDIT_META: True})
+
+
+def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
+    """``inputs.count`` audit canaries of ``design``."""
+    if design not in DESIGNS:
+        raise PrivtuneError(f"unknown audit canary design {design!r}", f"use one of: {', '.join(DESIGNS)}")
+    records = DESIGNS[design](inputs)
+    if len(records) != inputs.count or len({r.individual for r in records}) != inputs.count:
+        raise ValueError(f"design {design!r} gave {len(records)} canaries of distinct individuals, "
+                         f"not {inputs.count}")
+    return records
+
+
+from privtune.auditing.designs import random_secret  # noqa: E402,F401  (registers "random")
