@@ -166,3 +166,14 @@ def test_reading_a_study_from_a_missing_database_is_an_error_and_creates_none(tm
     code, _, err = run_cli(monkeypatch, capsys, command, "-o", str(missing), "--study", "default")
     assert_one_line_error(code, err, f"no results database at {missing / 'privtune.db'}")
     assert not (missing / "privtune.db").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_study_the_database_does_not_hold_is_named_with_the_ones_it_does(tmp_path, monkeypatch, capsys, command):
+    from privtune.study.store import Store
+
+    store = Store(tmp_path / "privtune.db")
+    store.start("r1", "alpha", "fft", "fft", {})
+    store.close()
+    code, _, err = run_cli(monkeypatch, capsys, command, "-o", str(tmp_path), "--study", "beta")
+    assert_one_line_error(code, err, "holds no study named 'beta'", "use one of: alpha")

@@ -107,7 +107,7 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
 def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o", help="where the study's database is"),
            study: str = typer.Option(None, help="study name; default: the only (or latest) one")) -> None:
     """Write the HTML report (and CSV/JSON) of a study in the database."""
-    study = study or _only_study(output_dir)
+    study = _chosen_study(output_dir, study)
     _print_summary(output_dir, study)
     path = _write_report(output_dir, study)
     console.print(f"report: {escape(str(path))}")
@@ -117,7 +117,7 @@ def report(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o",
 def status(output_dir: str = typer.Option("privtune-runs", "--output-dir", "-o", help="where the study's database is"),
            study: str = typer.Option(None, help="study name; default: the only (or latest) one")) -> None:
     """Show a study's runs as the database holds them now: done, queued, running, failed or interrupted."""
-    _print_summary(output_dir, study or _only_study(output_dir))
+    _print_summary(output_dir, _chosen_study(output_dir, study))
 
 
 @app.command()
@@ -311,7 +311,8 @@ def _existing_store(output_dir: str):
     return Store(db)
 
 
-def _only_study(output_dir: str) -> str:
+def _chosen_study(output_dir: str, study: str | None) -> str:
+    """``study`` if the database holds it, else the only study there; an error otherwise."""
     store = _existing_store(output_dir)
     db = store.path
     try:
@@ -320,6 +321,11 @@ def _only_study(output_dir: str) -> str:
         store.close()
     if not studies:
         raise PrivtuneError(f"the database {db} holds no runs", "run a study first (privtune run)")
+    if study is not None:
+        if study not in studies:
+            raise PrivtuneError(f"the database {db} holds no study named {study!r}",
+                                f"use one of: {', '.join(studies)}")
+        return study
     if len(studies) > 1:
         raise PrivtuneError(f"the database holds several studies ({', '.join(studies)})", "pick one with --study")
     return studies[0]

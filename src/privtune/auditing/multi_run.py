@@ -8,9 +8,10 @@ stated confidence.
 
 The threshold is chosen on a seeded half of the observations (the one maximising the
 point estimate) and the bound computed on the other half, so choosing it costs no
-confidence and does not see the half it is judged on. Each observation is one canary in
-one run; the bound treats them as independent trials, which holds when each run draws
-its IN/OUT split afresh (as the shadow models' do).
+confidence and does not see the half it is judged on. The Clopper–Pearson intervals treat
+the observations as independent trials: exact with one canary per run (Jagielski et
+al.'s setting); with several canaries per run, runs are independent but canaries within
+a run share a model, so the bound is then an approximation to say so beside.
 """
 
 from __future__ import annotations
