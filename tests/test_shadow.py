@@ -592,3 +592,64 @@ def test_study_rmia_uses_the_mean_token_log_probability_and_one_rule():
     keep = np.isfinite(by_hand)
     assert entry["rule"] == "offline" and entry["unscored"] == int((~keep).sum()) == int(ref_in.all(0).sum())
     assert entry["auc"] == pytest.approx(roc_auc_score(member[keep], by_hand[keep]))
+
+
+def test_shadow_audit_is_the_clopper_pearson_bound_on_base_calibrated_shadow_statistics():
+    from privtune.auditing.multi_run import clopper_pearson_epsilon
+    from privtune.study.shadow_attacks import add_shadow_attacks, shadow_audit
+
+    rng = np.random.default_rng(31)
+    k, n = 8, 120
+    difficulty = rng.normal(0, 2, n)
+    shadow_in = halves(rng, k, n)
+    level = lambda stat: {"stat": list(stat), "loglik": list(stat), "tokens": [10] * n}  # noqa: E731
+
+    def world(shift):
+        stats = difficulty + shift * shadow_in + rng.normal(0, 0.3, (k, n))
+        shadows = [{"run_id": f"s{i}", "role": "shadow", "status": "done", "label": f"shadow-{i}", "config": {"method": {"method": "fft"}},
+                    "record_stats": {"record": level(stats[i]), "sensitive": level(stats[i]), "n_members": n // 2},
+                    "shadow_in": shadow_in[i].tolist()} for i in range(k)]
+        base = {"record_stats": {"record": level(difficulty), "sensitive": level(difficulty), "n_members": n // 2}}
+        return stats, shadows, base
+
+    stats, shadows, base = world(shift=2.0)
+    got = shadow_audit(shadows, base, {"delta": 1e-5, "epsilon": 8.0}, seed=0)
+    scores = stats - difficulty[None, :]
+    want = clopper_pearson_epsilon(scores[shadow_in], scores[~shadow_in], delta=1e-5, seed=0)
+    assert got["lower_bound"] == pytest.approx(want.lower_bound) and got["lower_bound"] > 1.0
+    assert got["claimed_epsilon"] == 8.0 and got["shadow_models"] == k and "approximate" in got["caveat"]
+    _, blind, base = world(shift=0.0)
+    assert shadow_audit(blind, base, None, seed=0)["lower_bound"] < 0.3  # no signal, (almost) no bound
+
+    class Store:  # what add_shadow_attacks reads and writes
+        def __init__(self, runs):
+            self.rows, self.updated = runs, {}
+
+        def runs(self, name, roles=None):
+            return [r for r in self.rows if roles is None or r["role"] in roles]
+
+        def update_result(self, run_id, result):
+            self.updated[run_id] = result
+
+    from privtune.config import parse_config
+    cfg = parse_config({"methods": [{"method": "fft"}, {"method": "lora"}],
+                        "attacks": {"mia": {"levels": ["record"]}, "shadow": {"models": k}}})
+    stats_of = lambda: {**base["record_stats"], "n_members": n // 2}  # noqa: E731
+    runs = shadows + [
+        {"run_id": "b", "role": "base", "status": "done", "label": "base", "config": {}, "record_stats": stats_of()},
+        {"run_id": "f", "role": "target", "status": "done", "label": "fft", "config": {"method": {"method": "fft"}},
+         "dp": None, "record_stats": stats_of()},
+        {"run_id": "l", "role": "target", "status": "done", "label": "lora", "config": {"method": {"method": "lora"}},
+         "dp": None, "record_stats": stats_of()}]
+    for r in runs:
+        r["digests"] = {"data": "d"}
+    store = Store(runs)
+    add_shadow_attacks(cfg, store, "d")
+    assert "empirical_epsilon_multi_run" in store.updated["f"]
+    assert "empirical_epsilon_multi_run" not in store.updated["l"]  # only the method the shadows replicate
+    from privtune.report.audit import audit_section, csv_cells, csv_columns
+
+    fft = {**runs[-2], **store.updated["f"]}
+    assert "Multi-run audit from the shadow models" in audit_section([fft])
+    assert csv_columns([fft]) == ["empirical_epsilon_multi_run_lower_bound"]
+    assert csv_cells(fft)["empirical_epsilon_multi_run_lower_bound"] == fft["empirical_epsilon_multi_run"]["lower_bound"]

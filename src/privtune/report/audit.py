@@ -39,13 +39,15 @@ def audited(runs: Sequence[dict]) -> bool:
 
 
 def csv_columns(runs: Sequence[dict]) -> list[str]:
-    return [f"empirical_epsilon_{k}" for k in CSV_KEYS] if any(audit_of(r) for r in runs) else []
+    one_run = [f"empirical_epsilon_{k}" for k in CSV_KEYS] if any(audit_of(r) for r in runs) else []
+    multi = ["empirical_epsilon_multi_run_lower_bound"] if any(r.get("empirical_epsilon_multi_run") for r in runs) else []
+    return one_run + multi
 
 
 def csv_cells(run: dict) -> dict:
     """The run's audit figures under :func:`csv_columns`; ``_na`` says why a bound is empty."""
     audit = audit_of(run)
-    return {"empirical_epsilon_lower_bound": audit.get("lower_bound"),
+    return {"empirical_epsilon_multi_run_lower_bound": (run.get("empirical_epsilon_multi_run") or {}).get("lower_bound"),"empirical_epsilon_lower_bound": audit.get("lower_bound"),
             "empirical_epsilon_gdp_lower_bound": audit.get("gdp_lower_bound"),
             "empirical_epsilon_na": audit.get("reason"), "empirical_epsilon_claimed": audit.get("claimed_epsilon"),
             "empirical_epsilon_canaries": audit.get("canaries"), "empirical_epsilon_delta": audit.get("delta"),
@@ -101,10 +103,37 @@ def audit_figure(runs: Sequence[dict]):
     return fig
 
 
-def audit_section(runs: Sequence[dict]) -> str:
-    """The empirical-ε section (empty when no finished run was audited)."""
-    if not audited(runs):
+def multi_run_lines(runs: Sequence[dict]) -> list[str]:
+    """One sentence per run with a multi-run (shadow-model) audit."""
+    lines = []
+    for run in runs:
+        audit = run.get("empirical_epsilon_multi_run") if is_done(run) else None
+        if not audit:
+            continue
+        bound = _bound(audit.get("lower_bound"), audit.get("reason"))
+        lines.append(f"<b>{escape(str(run.get('label')))}</b>: ε ≥ {bound} "
+                     f"(Clopper–Pearson, {audit.get('confidence', 0.95):.0%}, δ {audit.get('delta', 0):.2g}; "
+                     f"{audit.get('shadow_models')} shadow models trained like it, {audit.get('canaries')} "
+                     f"(record, shadow) observations; claimed: {_claimed(audit)}). "
+                     f"{escape(audit.get('caveat') or '')}.")
+    return lines
+
+
+def _multi_run_block(runs: Sequence[dict]) -> str:
+    lines = multi_run_lines(runs)
+    if not lines:
         return ""
+    return ("<h3>Multi-run audit from the shadow models</h3><p class=\"note\">Every population record is trained "
+            "on by some shadow models and not by others; each (record, shadow) pair is scored by the shadow's "
+            "record statistic minus the base model's, a threshold is chosen on half of the pairs and the bound "
+            "computed on the other half.</p><ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>")
+
+
+def audit_section(runs: Sequence[dict]) -> str:
+    """The empirical-ε section (empty when no finished run was audited, one run or several)."""
+    multi = _multi_run_block(runs)
+    if not audited(runs):
+        return (f'<section id="empirical-epsilon"><h2>Empirical ε</h2>{multi}</section>' if multi else "")
     from privtune.report.html import render_png  # html imports this module
 
     shown = [r for r in runs if is_done(r) and audit_of(r)]
@@ -131,4 +160,4 @@ def audit_section(runs: Sequence[dict]) -> str:
             f'<p class="note"><b>{escape(note)}</b> {escape(how)}</p>'
             f'<div class="row"><img alt="claimed and empirical ε per run" src="data:image/png;base64,{png}">'
             f'<div class="wide"><table class="side"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
-            f'</div></div></section>')
+            f'</div></div>{multi}</section>')

@@ -1,8 +1,19 @@
-"""Study-level attacks: LiRA and RMIA from the shadow models, added to every target run.
+"""Study-level attacks: LiRA and RMIA from the shadow models, added to every target run,
+and the multi-run privacy audit of the shadows' training method.
 
 They need every shadow model's per-record statistics, so they run after all runs of a
 study have finished, in the driver, from what the database holds; rerunning a study
 recomputes them in seconds without training anything.
+
+**Multi-run audit.** K shadows each train on a random half of the population, so every
+population record is a canary trained on by some shadows and not by others: K × N
+(record, shadow) observations with known membership. Each is scored by LiRA's record
+statistic under the shadow minus under the base model (higher = trained on), and
+:func:`privtune.auditing.multi_run.clopper_pearson_epsilon` turns them into an ε lower
+bound for the method the shadows replicate, stored on that method's runs as
+``empirical_epsilon_multi_run``. The unit is a record; records of one person, and all
+records of one shadow, are not independent trials, so the bound is an approximation
+(said in the result's ``caveat``).
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ import numpy as np
 
 from privtune.attacks.metrics import roc_metrics
 from privtune.attacks.shadow import lira, online_possible, rmia
+from privtune.auditing.multi_run import clopper_pearson_epsilon
+from privtune.auditing.study_audit import DEFAULT_DELTA
 from privtune.config import StudyConfig
 
 SHADOW_ATTACKS = ("lira_online", "lira_offline", "rmia")
@@ -86,14 +99,31 @@ def add_shadow_attacks(cfg: StudyConfig, store, data_digest: str) -> int:
         return 0
     runs = [r for r in store.runs(cfg.name) if current(r) and "record_stats" in r]
     base = next((r for r in runs if r.get("role") == "base"), None)
+    shadowed = shadows[0]["config"]["method"]  # the method entry the shadows train like
     updated = 0
     for run in runs:
         attacks = run.setdefault("attacks", {})
         kept = [e for e in attacks.get("mia", []) if e["attack"] not in SHADOW_ATTACKS]
         attacks["mia"] = kept + shadow_attack_entries(cfg, run, shadows, base)
+        if run.get("role") == "target" and run["config"].get("method") == shadowed and base is not None:
+            run["empirical_epsilon_multi_run"] = shadow_audit(shadows, base, run.get("dp"), seed=cfg.data.seed)
         store.update_result(run["run_id"], _stored_result(run))
         updated += 1
     return updated
+
+
+def shadow_audit(shadows: list[dict], base: dict, dp: dict | None, *, seed: int, level: str = "record") -> dict:
+    """The multi-run ε lower bound of the shadows' method (see the module docstring)."""
+    shadow_in = np.array([s["shadow_in"] for s in shadows], dtype=bool)  # (K, N)
+    stats = np.array([s["record_stats"][level]["stat"] for s in shadows], dtype=float)
+    scores = stats - np.array(base["record_stats"][level]["stat"], dtype=float)[None, :]
+    keep = np.isfinite(scores)
+    delta = float(dp["delta"]) if dp and dp.get("delta") is not None else DEFAULT_DELTA
+    bound = clopper_pearson_epsilon(scores[keep & shadow_in], scores[keep & ~shadow_in], delta=delta, seed=seed)
+    return {**bound.to_dict(), "shadow_models": len(shadows), "level": level, "unit": "record",
+            "score": "LiRA's record statistic under the shadow minus under the base model",
+            "claimed_epsilon": dp.get("epsilon") if dp else None,
+            "caveat": "approximate: a person's records, and the records of one shadow, are not independent trials"}
 
 
 def _stored_result(run: dict) -> dict:
