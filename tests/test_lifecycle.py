@@ -38,8 +38,11 @@ def _start_cli(tmp_path, cfg, *args):
     config.write_text(yaml.safe_dump(cfg.model_dump()))
     out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # As a command started at a terminal: Ctrl-C's signal handled, even when these tests run
+    # in a background job, which starts with SIGINT ignored and passes that on to its children.
     proc = subprocess.Popen([sys.executable, "-m", "privtune", "run", str(config), "--no-report", *args],
-                            env=env, stdout=out, stderr=err)
+                            env=env, stdout=out, stderr=err,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out.close(), err.close()
     return proc
 
