@@ -55,7 +55,7 @@ from privtune.attacks.model_attacks import MODEL_ATTACKS, LevelScores
 from privtune.attacks.token_frequency import TokenFrequencies, first_occurrences
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
-from privtune.measures.token_scores import TokenScores, masked_mean
+from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
 
 
 @dataclass
@@ -151,12 +151,6 @@ def zlib_lengths(records: list[Record], level: str) -> np.ndarray:
     return np.array([len(zlib.compress(text(r).encode("utf-8"))) for r in records], dtype=float)
 
 
-def _positions(scores: TokenScores, level: str) -> np.ndarray:
-    if level not in ("record", "sensitive"):
-        raise PrivtuneError(f"unknown attack level {level!r}", "use record or sensitive")
-    return scores.valid if level == "record" else scores.sensitive
-
-
 def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference_members: TokenScores | None,
                   reference_nonmembers: TokenScores | None, member_records: list[Record],
                   nonmember_records: list[Record], *, levels=("record", "sensitive"), attacks=None,
@@ -195,7 +189,7 @@ def score_attacks(target: TokenScores, target_nonmembers: TokenScores, reference
     entries = []
     for level in levels:
         zbytes = zlib_lengths(member_records + nonmember_records, level)
-        inputs = [[AttackInputs(scores, _positions(scores, level), zb, ref, k, freq, dc_pdd_a)
+        inputs = [[AttackInputs(scores, level_positions(scores, level), zb, ref, k, freq, dc_pdd_a)
                    for scores, zb, ref, freq in (
                        (members, zbytes[:len(member_records)], reference_members, on_members),
                        (nonmembers, zbytes[len(member_records):], reference_nonmembers, on_nonmembers))]

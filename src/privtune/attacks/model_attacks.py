@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
-from privtune.measures.token_scores import TokenScores, masked_mean
+from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
 from privtune.models.forward import token_logits
 from privtune.train.precision import Runtime
 
@@ -80,10 +80,6 @@ def register_model_attack(name: str):
         MODEL_ATTACKS[name] = fn
         return fn
     return decorate
-
-
-def _level_positions(scores: TokenScores, level: str) -> np.ndarray:
-    return scores.valid if level == "record" else scores.sensitive
 
 
 def recall_prefix_rows(nonmembers: EncodedDataset, n: int, seed: int) -> tuple[list[int], np.ndarray]:
@@ -147,7 +143,7 @@ def recall_attack(model: torch.nn.Module, x: ModelAttackInputs) -> LevelScores:
     out = {}
     for level in x.levels:
         member_score, nonmember_score = (
-            masked_mean(cond, _level_positions(s, level)) / masked_mean(s.nll, _level_positions(s, level))
+            masked_mean(cond, level_positions(s, level)) / masked_mean(s.nll, level_positions(s, level))
             for cond, s in zip(conditioned, x.scores))
         out[level] = (member_score, np.where(scored, nonmember_score, np.nan))
     return out
@@ -175,7 +171,7 @@ def gradnorm_attack(model: torch.nn.Module, x: ModelAttackInputs) -> LevelScores
                 with x.runtime.autocast():
                     logits = token_logits(model, ids, torch.ones_like(ids))
                 nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
-                wanted = [(level, torch.as_tensor(_level_positions(scores, level)[i, :n - 1], device=nll.device))
+                wanted = [(level, torch.as_tensor(level_positions(scores, level)[i, :n - 1], device=nll.device))
                           for level in x.levels]
                 last = max((j for j, (_, pos) in enumerate(wanted) if pos.any()), default=-1)
                 for j, (level, pos) in enumerate(wanted):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from privtune.data.tokenize import EncodedDataset
+from privtune.errors import PrivtuneError
 from privtune.models.forward import token_logits
 from privtune.train.precision import Runtime
 
@@ -39,6 +40,13 @@ class TokenScores:
     def record_mean(self, positions: np.ndarray) -> np.ndarray:
         """Mean NLL per record over ``positions`` (N, L-1) bool; NaN where a record has none."""
         return masked_mean(self.nll, positions)
+
+
+def level_positions(scores: TokenScores, level: str) -> np.ndarray:
+    """The positions an attack scores at ``level``: every token of the record, or its sensitive ones."""
+    if level not in ("record", "sensitive"):
+        raise PrivtuneError(f"unknown attack level {level!r}", "use record or sensitive")
+    return scores.valid if level == "record" else scores.sensitive
 
 
 def masked_mean(values: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from privtune.attacks.token_frequency import reference_frequencies
 from privtune.data.records import Record
 from privtune.data.tokenize import trained_windows
 from privtune.errors import PrivtuneError
-from privtune.measures.token_scores import TokenScores
+from privtune.measures.token_scores import level_positions
 from privtune.study.stages import stage
 
 LEVELS = ("record", "sensitive")
@@ -35,10 +35,6 @@ def check_same_tokenizer(ours, theirs, name: str, role: str = "reference model")
     if ours.get_vocab() != theirs.get_vocab():
         raise PrivtuneError(f"{role} {name!r} has a different tokenizer from the study's model",
                             "pick a model of the same family and vocabulary")
-
-
-def positions(scores: TokenScores, level: str) -> np.ndarray:
-    return scores.valid if level == "record" else scores.sensitive
 
 
 def scored_records(ctx, records: list[Record]) -> list[Record]:
@@ -126,7 +122,7 @@ def record_stats(evaluation, ctx) -> dict:
 def _record_stats(evaluation, ctx) -> dict:
     stats = {}
     for level in LEVELS:
-        parts = [(s, positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
+        parts = [(s, level_positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
         stats[level] = {
             "stat": np.concatenate([record_statistic(s, p) for s, p in parts]).tolist(),
             "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
