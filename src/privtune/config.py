@@ -96,8 +96,13 @@ class PrivacyAuditConfig(_Strict):
     canaries: int = Field(200, description="m audit canaries, each trained on with probability 1/2 (at least 20; "
                                            "more gives a higher attainable bound: perfectly separated scores "
                                            "give at most 3.0 with 200, 4.5 with 1000, at δ 1e-5)")
-    design: str = Field("random", description="how the canaries are written (privtune.auditing.designs): random, "
-                                              "a random 10-digit secret in a template")
+    design: str = Field("random", description="how the canaries are written (privtune.auditing.designs): random "
+                                              "(a random 10-digit secret in a template), unlikely-token (words the base "
+                                              "model least expects), bigram (words rarest in the data), sampled (text "
+                                              "the base model samples at temperature 1.5)")
+    compare_designs: list[str] = Field(default_factory=list, description="more designs to plant beside design, each "
+                                       "with its own m canaries and its own bound, from the same runs (to choose a "
+                                       "design: each adds about m/2 training records)")
     delta: float | None = Field(None, gt=0, lt=1, description="δ of the bound; default: the run's DP δ for a DP "
                                                               "run, else 1e-5")
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound")
@@ -109,6 +114,20 @@ class PrivacyAuditConfig(_Strict):
 
         return _one_of("audit canary design", name, DESIGNS)
 
+    @field_validator("compare_designs")
+    @classmethod
+    def _known_designs(cls, names: list[str]) -> list[str]:
+        from privtune.auditing.designs import DESIGNS  # imported here: the designs draw from torch-seeded streams
+
+        if len(set(names)) < len(names):
+            raise ValueError("a design is listed twice")
+        return [_one_of("audit canary design", name, DESIGNS) for name in names]
+
+    @model_validator(mode="after")
+    def _compared_designs_differ(self) -> "PrivacyAuditConfig":
+        if self.design in self.compare_designs:
+            raise ValueError(f"compare_designs repeats design {self.design!r}")
+        return self
     @field_validator("canaries")
     @classmethod
     def _enough_canaries(cls, count: int) -> int:

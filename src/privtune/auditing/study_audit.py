@@ -13,7 +13,9 @@ calibrated by the base model on its secret's tokens:
 (higher = more likely trained on; the log-likelihood ratio of the secret given its
 prefix, so a canary the base model finds easy is not mistaken for a memorised one), and
 :func:`privtune.auditing.one_run.empirical_epsilon` turns the scores into Steinke et al.'s
-bound (the headline) and Mahloujifar et al.'s Gaussian-curve bound.
+bound (the headline) and Mahloujifar et al.'s Gaussian-curve bound. With
+``compare_designs``, each further design plants its own m canaries with their own coins
+and gets a bound of its own (``compared_designs``), all from the same training runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privtune.auditing.designs import DesignInputs, make_audit_canaries
+from privtune.attacks.metrics import auc_interval, auc_score, tpr_at_fpr
+from privtune.auditing.designs import AUDIT_META, DesignInputs, design_key, make_audit_canaries
 from privtune.auditing.one_run import empirical_epsilon
 from privtune.data.records import Record
 from privtune.measures.token_scores import TokenScores
@@ -31,14 +34,22 @@ from privtune.train import streams
 #: δ of the bound for a run without a DP δ of its own.
 DEFAULT_DELTA = 1e-5
 SCORE = "calibrated loss: Σ over the secret's tokens of (base model NLL − model NLL), nats"
+#: The FPR at which each design's TPR is reported (Panda et al.'s figure of merit).
+AUDIT_FPR = 0.01
 
 
 @dataclass
 class AuditCanaries:
-    """A study's audit canaries (all m) and which of them the training set holds."""
+    """A study's audit canaries (m of each design, designs in order) and which of them the
+    training set holds."""
 
     records: list[Record]
     trained: list[bool]
+
+    @property
+    def designs(self) -> list[str]:
+        """Each canary's design, in canary order."""
+        return [r.meta[AUDIT_META] for r in self.records]
 
     @property
     def inserted(self) -> list[Record]:
@@ -46,19 +57,34 @@ class AuditCanaries:
         return [r for r, inside in zip(self.records, self.trained) if inside]
 
 
-def audit_membership(count: int, seed: int) -> list[bool]:
-    """Which of ``count`` canaries are trained on: independent fair coins from the
-    ``audit-canaries`` stream of ``seed`` (the first ``count`` coins of one sequence)."""
-    rng = np.random.default_rng(streams.stream_seed(seed, streams.AUDIT_CANARIES))
+#: Index of the designs' coin sub-streams of ``streams.AUDIT_CANARIES`` (random's coins are the stream itself).
+COIN_STREAM = 2
+
+
+def audit_membership(count: int, seed: int, design: str = "random") -> list[bool]:
+    """Which of ``count`` canaries of ``design`` are trained on: independent fair coins
+    from ``design``'s own sequence in the ``audit-canaries`` stream of ``seed`` (the first
+    ``count`` coins of it)."""
+    index = () if design == "random" else (COIN_STREAM, design_key(design))
+    rng = np.random.default_rng(streams.stream_seed(seed, streams.AUDIT_CANARIES, *index))
     return (rng.random(count) < 0.5).tolist()
 
 
-def build_audit_canaries(settings, seed: int, corpus: list[Record]) -> AuditCanaries | None:
-    """The canaries ``settings`` (``privacy_audit``) asks for, or None when the audit is off."""
+def audit_designs(settings) -> list[str]:
+    """The designs a study plants: the headline one, then those compared with it."""
+    return [settings.design, *settings.compare_designs]
+
+
+def build_audit_canaries(settings, seed: int, corpus: list[Record], model: str | None = None) -> AuditCanaries | None:
+    """The canaries ``settings`` (``privacy_audit``) asks for, or None when the audit is
+    off; ``model``: the study's base model, for the designs that read it."""
     if not settings.enabled:
         return None
-    records = make_audit_canaries(settings.design, DesignInputs(settings.canaries, seed, tuple(corpus)))
-    return AuditCanaries(records, audit_membership(settings.canaries, seed))
+    records, trained = [], []
+    for design in audit_designs(settings):
+        records += make_audit_canaries(design, DesignInputs(settings.canaries, seed, tuple(corpus), model))
+        trained += audit_membership(settings.canaries, seed, design)
+    return AuditCanaries(records, trained)
 
 
 def canary_scores(model: TokenScores, base: TokenScores) -> np.ndarray:
@@ -76,18 +102,35 @@ def audit_delta(settings, dp: dict | None) -> tuple[float, str]:
     return DEFAULT_DELTA, f"{DEFAULT_DELTA:g}: the run has no DP δ"
 
 
-def audit_result(scores, trained, *, settings, dp: dict | None, seed: int) -> dict:
-    """A run's ``empirical_epsilon``: Steinke et al.'s bound (``lower_bound``, with every
-    canary's score), the Gaussian-curve bound beside it, and the ε the run claims."""
+def audit_result(scores, trained, *, settings, dp: dict | None, seed: int, designs=None) -> dict:
+    """A run's ``empirical_epsilon``: for the headline design, Steinke et al.'s bound
+    (``lower_bound``, with every canary's score), the Gaussian-curve bound beside it, the
+    canaries' AUC and TPR at 1% FPR, and the ε the run claims; the same for each compared
+    design under ``compared_designs``. ``designs``: each canary's design (default: all the
+    headline's)."""
     scores = np.asarray(scores, float)
     inside = np.asarray(trained, bool)
+    of_design = np.asarray(designs if designs is not None else [settings.design] * len(scores))
+    results = {design: _design_result(scores[of_design == design], inside[of_design == design], design,
+                                      settings=settings, dp=dp, seed=seed)
+               for design in audit_designs(settings)}
+    headline = results.pop(settings.design)
+    return {**headline, **({"compared_designs": results} if results else {})}
+
+
+def _design_result(scores: np.ndarray, inside: np.ndarray, design: str, *, settings, dp: dict | None,
+                   seed: int) -> dict:
     delta, source = audit_delta(settings, dp)
     common = dict(delta=delta, confidence=settings.confidence, seed=seed)
-    steinke = empirical_epsilon(scores[inside], scores[~inside], bound="steinke", **common)
-    gdp = empirical_epsilon(scores[inside], scores[~inside], bound="gdp", **common)
-    return {**steinke.to_dict(), "delta_source": source, "design": settings.design, "score": SCORE,
+    members, nonmembers = scores[inside], scores[~inside]
+    steinke = empirical_epsilon(members, nonmembers, bound="steinke", **common)
+    gdp = empirical_epsilon(members, nonmembers, bound="gdp", **common)
+    auc = auc_score(members, nonmembers)
+    return {**steinke.to_dict(), "delta_source": source, "design": design, "score": SCORE,
             "gdp_lower_bound": gdp.lower_bound, "gdp_method": gdp.method, "gdp_guesses": gdp.guesses,
-            "gdp_correct": gdp.correct, "claimed_epsilon": dp.get("epsilon") if dp else None}
+            "gdp_correct": gdp.correct, "claimed_epsilon": dp.get("epsilon") if dp else None,
+            "auc": auc, "auc_ci": auc_interval(auc, members.size, nonmembers.size, settings.confidence),
+            "tpr_at_fpr": {str(AUDIT_FPR): tpr_at_fpr(members, nonmembers, AUDIT_FPR, settings.confidence)}}
 
 
 def not_audited(reason: str, dp: dict | None = None) -> dict:

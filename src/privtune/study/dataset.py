@@ -108,7 +108,7 @@ def build_study_records(cfg: StudyConfig) -> StudyRecords:
         b = cfg.backdoor
         poisoned = poison_records(members, b.fraction, b.trigger, b.target, cfg.data.seed)
         triggered, clean = backdoor_prompts(nonmembers, b.n_eval, b.trigger, cfg.data.seed)
-    audit = build_audit_canaries(cfg.privacy_audit, cfg.data.seed, members)
+    audit = build_audit_canaries(cfg.privacy_audit, cfg.data.seed, members, cfg.model)
     return StudyRecords(members, nonmembers, canaries, poisoned, tagger, triggered, clean, audit)
 
 

@@ -4,16 +4,20 @@ A design is one file in this package, registered where it is defined with
 :func:`register_canary_design`; a design gets a :class:`DesignInputs` and returns
 ``count`` records, each its own individual, whose secret is the span
 (label :data:`AUDIT_LABEL`) the audit scores. The audit is only as strong as its
-canaries (Panda et al., *Privacy Auditing of Large Language Models*, ICLR 2025), so
-stronger designs (unlikely-token, new-token, bigram, sampled: issue 18, item 6) are
-meant to be added here one file each. Every file must be imported at the bottom of this
+canaries (Panda et al., *Privacy Auditing of Large Language Models*, ICLR 2025): the
+designs here are ``random`` (the baseline), ``unlikely-token`` (secrets of the words the
+base model least expects), ``bigram`` (of words a bigram model of the fine-tuning data
+finds least likely) and ``sampled`` (text the base model writes at a high temperature,
+after Mitchell and Andrew, 2026). Every file must be imported at the bottom of this
 module: registration happens at import.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 from privtune.data.records import Record, Span
 from privtune.errors import PrivtuneError
@@ -29,12 +33,46 @@ AUDIT_META = "audit_canary"
 @dataclass(frozen=True)
 class DesignInputs:
     """What a design may draw on: how many canaries, the seed of their content (a stream
-    of its own, apart from the IN/OUT draw), and the members (for designs that model the
-    fine-tuning data, such as bigram canaries)."""
+    of its own, apart from the IN/OUT draw), the members (for designs that model the
+    fine-tuning data, such as bigram canaries) and the study's base model (its tokenizer
+    and weights, loaded only by the designs that ask for them)."""
 
     count: int
     seed: int
     corpus: tuple[Record, ...] = ()
+    model: str | None = None
+
+    def tokenizer(self):
+        """The base model's tokenizer."""
+        return _tokenizer(self._model_ref())
+
+    def base_model(self):
+        """The base model (fp32, CPU, eval mode) and its tokenizer: a ``LoadedModel``."""
+        return _loaded(self._model_ref())
+
+    def _model_ref(self) -> str:
+        if self.model is None:
+            raise ValueError("this canary design needs the study's model (DesignInputs.model)")
+        return self.model
+
+
+@cache
+def _tokenizer(model: str):
+    from privtune.models.loading import load_tokenizer  # imported here: transformers
+
+    return load_tokenizer(model)
+
+
+@cache
+def _loaded(model: str):
+    from privtune.models.loading import load_model  # imported here: transformers
+
+    return load_model(model)
+
+
+def design_key(design: str) -> int:
+    """A stable non-negative int for ``design``: its index in the random streams."""
+    return int.from_bytes(hashlib.blake2b(design.encode(), digest_size=4).digest(), "little")
 
 
 Design = Callable[[DesignInputs], list[Record]]
@@ -51,12 +89,13 @@ def register_canary_design(name: str) -> Callable[[Design], Design]:
     return add
 
 
-def audit_record(index: int, prefix: str, secret: str, suffix: str) -> Record:
-    """Audit canary ``index``: ``prefix + secret + suffix``, its own individual, the secret a span."""
-    name = f"audit-canary-{index}"
+def audit_record(index: int, prefix: str, secret: str, suffix: str, design: str = "random") -> Record:
+    """Audit canary ``index`` of ``design``: ``prefix + secret + suffix``, its own
+    individual, the secret a span (``random`` canaries keep the ids they always had)."""
+    name = f"audit-canary-{index}" if design == "random" else f"audit-{design}-{index}"
     return Record(id=name, individual=name, text=prefix + secret + suffix,
                   spans=[Span(len(prefix), len(prefix) + len(secret), AUDIT_LABEL)],
-                  meta={"canary": name, AUDIT_META: True})
+                  meta={"canary": name, AUDIT_META: design})
 
 
 def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
@@ -70,4 +109,9 @@ def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
     return records
 
 
-from privtune.auditing.designs import random_secret  # noqa: E402,F401  (registers "random")
+from privtune.auditing.designs import (  # noqa: E402,F401  (registration)
+    bigram,
+    random_secret,
+    sampled,
+    unlikely_token,
+)
