@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from privtune.auditing.designs import bigram, unlikely_token
-from privtune.auditing.designs import AUDIT_LABEL, AUDIT_META, DESIGNS, DesignInputs, make_audit_canaries
+from privtune.auditing.designs import bigram, new_token, unlikely_token
+from privtune.auditing.designs import AUDIT_LABEL, AUDIT_META, DESIGN_NOTE, DESIGNS, DesignInputs, make_audit_canaries
 from privtune.auditing.designs.word_tokens import SECRET_TOKENS, word_tokens
 from privtune.auditing.study_audit import audit_membership, audit_result
 from privtune.config import parse_config
@@ -188,3 +188,56 @@ def test_tpr_at_one_percent_fpr_is_n_a_below_100_out_canaries(tmp_path):
 def test_bad_compared_designs_are_one_line_errors(tmp_path, audit, problem):
     with pytest.raises(PrivtuneError, match=problem):
         study(tmp_path, audit)
+
+
+def test_new_token_falls_back_to_the_least_trained_words_and_says_so(members):
+    loaded = load_model(MODEL)
+    assert len(new_token.reserved_tokens(loaded.tokenizer)) == 0  # the tiny vocabulary has no reserved tokens
+    words = word_tokens(loaded.tokenizer)
+    table = loaded.model.get_input_embeddings().weight.detach().double()
+    distance = (table[words] - table.mean(dim=0)).norm(dim=1).numpy()
+    nearest = set(words[np.argsort(distance)[:len(new_token.least_trained_words(
+        DesignInputs(M, 0, members, MODEL)))]].tolist())
+    for r in canaries("new-token", members):
+        assert set(loaded.tokenizer(secret(r), add_special_tokens=False)["input_ids"]) <= nearest
+        assert r.meta[DESIGN_NOTE] == new_token.FALLBACK_NOTE
+
+
+def test_new_token_uses_reserved_tokens_where_the_vocabulary_has_them(members, monkeypatch):
+    tokenizer = load_model(MODEL).tokenizer
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(40)]
+    tokenizer.add_special_tokens({"additional_special_tokens": reserved})
+    monkeypatch.setattr(DesignInputs, "tokenizer", lambda self: tokenizer)
+    ids = set(tokenizer.convert_tokens_to_ids(reserved))
+    assert set(new_token.reserved_tokens(tokenizer).tolist()) == ids
+    for r in make_audit_canaries("new-token", DesignInputs(M, 0, members)):
+        assert set(tokenizer(secret(r), add_special_tokens=False)["input_ids"]) <= ids and DESIGN_NOTE not in r.meta
+
+
+def test_a_design_s_fallback_note_reaches_its_audit_result(tmp_path):
+    settings = study(tmp_path, {"compare_designs": ["new-token"]}).privacy_audit
+    out = audit_result(np.arange(2.0 * M), [True, False] * M, settings=settings, dp=None, seed=0,
+                       designs=["random"] * M + ["new-token"] * M, notes={"new-token": "fell back"})
+    assert "design_note" not in out and out["compared_designs"]["new-token"]["design_note"] == "fell back"
+
+
+def test_a_study_comparing_designs_bounds_each_on_its_own_canaries_and_reports_them(tmp_path):
+    from privtune.report.html import render_html
+    from privtune.study.driver import open_store, run_study
+
+    cfg = study(tmp_path, {"compare_designs": ["new-token", "sampled"]}).model_copy(update={
+        "canaries": study(tmp_path).canaries.model_copy(update={"enabled": False}),
+        "attacks": study(tmp_path).attacks.model_copy(update={"enabled": False}), "save_artifacts": False})
+    assert run_study(cfg, show_progress=False).failed == {}
+    store = open_store(cfg)
+    runs = {r["label"]: r for r in store.runs("designs")}
+    store.close()
+    audit = runs["fft"]["empirical_epsilon"]
+    assert audit["design"] == "random" and set(audit["compared_designs"]) == {"new-token", "sampled"}
+    for design, entry in [("random", audit), *audit["compared_designs"].items()]:
+        coins = audit_membership(M, cfg.data.seed, design)
+        assert (len(entry["in_scores"]), len(entry["out_scores"])) == (sum(coins), M - sum(coins))
+        assert entry["design"] == design and 0 <= entry["auc"] <= 1
+    assert audit["compared_designs"]["new-token"]["design_note"] == new_token.FALLBACK_NOTE
+    page = render_html(list(runs.values()), title="t", meta={})
+    assert "Canary designs compared" in page and new_token.FALLBACK_NOTE in page

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from privtune.auditing.designs import AUDIT_META, DESIGNS, DesignInputs, make_audit_canaries
+from privtune.auditing.designs import AUDIT_META, DesignInputs, make_audit_canaries
 from privtune.auditing.one_run import MIN_CANARIES, empirical_epsilon
 from privtune.auditing.study_audit import audit_membership, audit_result, canary_scores
 from privtune.config import parse_config

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privtune.attacks.metrics import auc_interval, auc_score, tpr_at_fpr
-from privtune.auditing.designs import AUDIT_META, DesignInputs, design_key, make_audit_canaries
+from privtune.auditing.designs import AUDIT_META, DESIGN_NOTE, DesignInputs, design_key, make_audit_canaries
 from privtune.auditing.one_run import empirical_epsilon
 from privtune.data.records import Record
 from privtune.measures.token_scores import TokenScores
@@ -87,6 +87,11 @@ def build_audit_canaries(settings, seed: int, corpus: list[Record], model: str |
     return AuditCanaries(records, trained)
 
 
+def design_notes(records: list[Record]) -> dict[str, str]:
+    """Each design's fallback note, from its canaries (designs that took none are absent)."""
+    return {r.meta[AUDIT_META]: r.meta[DESIGN_NOTE] for r in records if DESIGN_NOTE in r.meta}
+
+
 def canary_scores(model: TokenScores, base: TokenScores) -> np.ndarray:
     """Each canary's membership score (:data:`SCORE`), from token scores on the canaries."""
     secret = model.sensitive & model.valid
@@ -102,17 +107,20 @@ def audit_delta(settings, dp: dict | None) -> tuple[float, str]:
     return DEFAULT_DELTA, f"{DEFAULT_DELTA:g}: the run has no DP δ"
 
 
-def audit_result(scores, trained, *, settings, dp: dict | None, seed: int, designs=None) -> dict:
+def audit_result(scores, trained, *, settings, dp: dict | None, seed: int, designs=None,
+                 notes: dict[str, str] | None = None) -> dict:
     """A run's ``empirical_epsilon``: for the headline design, Steinke et al.'s bound
     (``lower_bound``, with every canary's score), the Gaussian-curve bound beside it, the
     canaries' AUC and TPR at 1% FPR, and the ε the run claims; the same for each compared
     design under ``compared_designs``. ``designs``: each canary's design (default: all the
-    headline's)."""
+    headline's); ``notes``: a design's fallback note, repeated as its ``design_note``."""
     scores = np.asarray(scores, float)
     inside = np.asarray(trained, bool)
     of_design = np.asarray(designs if designs is not None else [settings.design] * len(scores))
-    results = {design: _design_result(scores[of_design == design], inside[of_design == design], design,
-                                      settings=settings, dp=dp, seed=seed)
+    notes = notes or {}
+    results = {design: {**_design_result(scores[of_design == design], inside[of_design == design], design,
+                                         settings=settings, dp=dp, seed=seed),
+                        **({"design_note": notes[design]} if design in notes else {})}
                for design in audit_designs(settings)}
     headline = results.pop(settings.design)
     return {**headline, **({"compared_designs": results} if results else {})}

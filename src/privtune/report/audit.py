@@ -3,7 +3,8 @@
 Every run of a study with ``privacy_audit`` on has an empirical ε lower bound
 (:mod:`privtune.auditing.study_audit`) beside the ε its accountant claims (none for a
 non-DP run): one scale for all methods. The section is a small plot (per run, the two
-bounds and the claimed ε) and a table, under a sentence on what a lower bound means.
+bounds and the claimed ε) and a table, under a sentence on what a lower bound means;
+a study that compares canary designs gets a table of every design on every run.
 """
 
 from __future__ import annotations
@@ -129,6 +130,47 @@ def _multi_run_block(runs: Sequence[dict]) -> str:
             "computed on the other half.</p><ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>")
 
 
+def _tpr(entry: dict) -> str:
+    tpr = (entry.get("tpr_at_fpr") or {}).get("0.01") or {}
+    if tpr.get("tpr") is None:
+        return f'n/a <small>{escape(tpr.get("reason") or "not measured")}</small>'
+    low, high = tpr["ci"]
+    return f"{tpr['tpr']:.3f} <small>[{low:.3f}, {high:.3f}]</small>"
+
+
+def _auc(entry: dict) -> str:
+    if entry.get("auc") is None:
+        return "–"
+    low, high = entry["auc_ci"]
+    return f"{entry['auc']:.3f} <small>[{low:.3f}, {high:.3f}]</small>"
+
+
+def _designs_block(shown: Sequence[dict]) -> str:
+    """With ``compare_designs``: every design's figures on every run, from the same models."""
+    rows, notes = [], {}
+    for run in shown:
+        audit = audit_of(run)
+        if not audit.get("compared_designs"):
+            continue
+        for design, entry in [(audit.get("design"), audit), *audit["compared_designs"].items()]:
+            if entry.get("design_note"):
+                notes[design] = entry["design_note"]
+            rows.append(f'<tr><td class="label">{escape(str(run.get("label")))}</td><td>{escape(str(design))}</td>'
+                        f'<td>{_auc(entry)}</td><td>{_tpr(entry)}</td>'
+                        f'<td>{_bound(entry.get("lower_bound"), entry.get("reason"))}</td>'
+                        f'<td>{_bound(entry.get("gdp_lower_bound"), entry.get("reason"))}</td></tr>')
+    if not rows:
+        return ""
+    head = ("<tr><th>run</th><th>design</th><th title=\"canary AUC, IN against OUT, with its 95% interval\">AUC</th>"
+            "<th title=\"needs at least 100 OUT canaries\">TPR at 1% FPR</th><th>empirical ε ≥ (Steinke)</th>"
+            "<th>GDP-curve bound</th></tr>")
+    note_lines = "".join(f"<li><b>{escape(d)}</b>: {escape(n)}</li>" for d, n in notes.items())
+    return ("<h3>Canary designs compared</h3><p class=\"note\">Each design planted its own canaries, with coins "
+            "of their own, in the same training runs: the strongest design is the one whose canaries separate "
+            "best.</p>" + (f"<ul>{note_lines}</ul>" if note_lines else "")
+            + f'<table class="side"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def audit_section(runs: Sequence[dict]) -> str:
     """The empirical-ε section (empty when no finished run was audited, one run or several)."""
     multi = _multi_run_block(runs)
@@ -160,4 +202,4 @@ def audit_section(runs: Sequence[dict]) -> str:
             f'<p class="note"><b>{escape(note)}</b> {escape(how)}</p>'
             f'<div class="row"><img alt="claimed and empirical ε per run" src="data:image/png;base64,{png}">'
             f'<div class="wide"><table class="side"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
-            f'</div></div>{multi}</section>')
+            f'</div></div>{_designs_block(shown)}{multi}</section>')

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from privtune.auditing.designs import AUDIT_META
-from privtune.auditing.study_audit import audit_result, canary_scores, not_audited
+from privtune.auditing.study_audit import audit_result, canary_scores, design_notes, not_audited
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.files import private_dir
@@ -188,7 +188,8 @@ class StudyContext:
                     self.cfg.model, {"audit_canaries": canaries}, lambda: (self.score(self.loaded.model, canaries),))
             scores = canary_scores(self.score(model, canaries), self._base_audit_scores)
             return audit_result(scores, self.data.audit_trained, settings=self.cfg.privacy_audit, dp=dp,
-                                seed=self.cfg.data.seed, designs=[r.meta[AUDIT_META] for r in canaries.records])
+                                seed=self.cfg.data.seed, designs=[r.meta[AUDIT_META] for r in canaries.records],
+                                notes=design_notes(canaries.records))
 
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,

@@ -7,7 +7,7 @@ A design is one file in this package, registered where it is defined with
 canaries (Panda et al., *Privacy Auditing of Large Language Models*, ICLR 2025): the
 designs here are ``random`` (the baseline), ``unlikely-token`` (secrets of the words the
 base model least expects), ``bigram`` (of words a bigram model of the fine-tuning data
-finds least likely) and ``sampled`` (text the base model writes at a high temperature,
+finds least likely), ``new-token`` (of tokens the base model never learnt) and ``sampled`` (text the base model writes at a high temperature,
 after Mitchell and Andrew, 2026). Every file must be imported at the bottom of this
 module: registration happens at import.
 """
@@ -89,13 +89,19 @@ def register_canary_design(name: str) -> Callable[[Design], Design]:
     return add
 
 
-def audit_record(index: int, prefix: str, secret: str, suffix: str, design: str = "random") -> Record:
+#: The record ``meta`` key of a design's note: how it fell back where it could not apply as designed.
+DESIGN_NOTE = "design_note"
+
+
+def audit_record(index: int, prefix: str, secret: str, suffix: str, design: str = "random",
+                 note: str | None = None) -> Record:
     """Audit canary ``index`` of ``design``: ``prefix + secret + suffix``, its own
-    individual, the secret a span (``random`` canaries keep the ids they always had)."""
+    individual, the secret a span (``random`` canaries keep the ids they always had);
+    ``note``: the design's fallback, if it took one."""
     name = f"audit-canary-{index}" if design == "random" else f"audit-{design}-{index}"
     return Record(id=name, individual=name, text=prefix + secret + suffix,
                   spans=[Span(len(prefix), len(prefix) + len(secret), AUDIT_LABEL)],
-                  meta={"canary": name, AUDIT_META: design})
+                  meta={"canary": name, AUDIT_META: design, **({DESIGN_NOTE: note} if note else {})})
 
 
 def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
@@ -111,6 +117,7 @@ def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
 
 from privtune.auditing.designs import (  # noqa: E402,F401  (registration)
     bigram,
+    new_token,
     random_secret,
     sampled,
     unlikely_token,

@@ -1,4 +1,4 @@
-"""Secrets made of whole-word tokens, for the designs that choose tokens (unlikely-token, bigram).
+"""Secrets made of chosen tokens, for the designs that choose them (unlikely-token, bigram, new-token).
 
 A design that picks token ids must write them as text (a canary is a record) that the
 tokenizer turns back into exactly those ids, or the audit would score tokens the design
@@ -49,10 +49,12 @@ def content_rng(inputs: DesignInputs, design: str, index: int) -> random.Random:
 
 
 def token_canaries(inputs: DesignInputs, design: str, pool: Sequence[int],
-                   choose: Callable[[random.Random, Sequence[int]], list[int]] | None = None) -> list[Record]:
+                   choose: Callable[[random.Random, Sequence[int]], list[int]] | None = None,
+                   note: str | None = None) -> list[Record]:
     """``inputs.count`` canaries of ``design``: each a random prefix, then a secret of
     :data:`SECRET_TOKENS` tokens drawn from ``pool`` (by ``choose``: uniformly, without
-    repeats, by default), then a full stop. Raises if a secret does not encode back to its ids."""
+    repeats, by default), then a full stop; ``note``: how the design fell back, if it did.
+    Raises if a secret does not encode back to its ids."""
     tokenizer = inputs.tokenizer()
     if len(pool) < SECRET_TOKENS:
         raise PrivtuneError(f"the {design} design found only {len(pool)} usable tokens in this tokenizer",
@@ -65,5 +67,5 @@ def token_canaries(inputs: DesignInputs, design: str, pool: Sequence[int],
         secret = tokenizer.decode(ids)
         if tokenizer(secret, add_special_tokens=False)["input_ids"] != list(ids):
             raise ValueError(f"{design} canary {i}: its secret {secret!r} does not encode back to {ids}")
-        out.append(audit_record(i, prefix, secret, ".", design))
+        out.append(audit_record(i, prefix, secret, ".", design, note))
     return out
