@@ -107,6 +107,8 @@ def test_summary_names_what_scrubbing_missed():
     assert "on missed values n/a (the exact tagger missed no value)" in cli.scrub_lines(runs)[0]
     scrub["by_catch"]["caught"] = {"memorisation_gap_net": 0.05}  # above 0: no placeholder effect to name
     assert cli.scrub_lines(runs)[0].endswith("on caught values +0.05 nats")
+    scrub["by_catch"]["caught"]["memorisation_gap_net_ci"] = [-0.02, 0.12]
+    assert cli.scrub_lines(runs)[0].endswith("on caught values +0.05 nats [-0.02, +0.12]")
 
 
 def test_exact_scrub_on_data_without_spans(tmp_path, monkeypatch, capsys):

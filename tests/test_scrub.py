@@ -3,6 +3,7 @@ the study's scrubbed training sets."""
 
 import random
 
+import numpy as np
 import pytest
 
 from privtune.config import ScrubSettings
@@ -240,6 +241,35 @@ def test_the_gap_on_missed_and_caught_values_adds_up_to_the_pooled_gap():
     assert recomposed == pytest.approx(pooled["memorisation_gap"], abs=1e-6)  # float32 token means
 
 
+def test_each_part_s_net_gap_has_a_person_clustered_interval_computed_by_hand():
+    from privtune.data.tokenize import encode_records
+    from privtune.measures.intervals import clustered_mean, difference_interval
+    from privtune.models.tiny import tiny_tokenizer
+    from privtune.study.scrubbing import find_spans, missed_positions
+
+    split, ((m_train, m_test), (b_train, b_test)), _ = scored_split("regex")
+    records = generate_corpus("customer-sim", 16, seed=3)
+    halves = (records[::2], records[1::2])
+    tokenizer = tiny_tokenizer()
+    # the missed mask is checked by character elsewhere; here it picks each part's tokens
+    missed = [missed_positions(encode_records(h, tokenizer, 96), find_spans(h, "regex", "exact"), tokenizer, 96)
+              for h in halves]
+    for part, entry in split.items():
+        low, high = entry["memorisation_gap_net_ci"]
+        assert low < entry["memorisation_gap_net"] < high
+        sides = []
+        for model, base, half, mask in ((m_test, b_test, halves[1], missed[1]), (m_train, b_train, halves[0], missed[0])):
+            sums, tokens = [], []
+            for row in range(model.nll.shape[0]):  # one record at a time: its part's sensitive tokens
+                chosen = [j for j in range(model.nll.shape[1])
+                          if model.sensitive[row, j] and bool(mask[row, j]) == (part == "missed")]
+                sums.append(sum(float(model.nll[row, j]) - float(base.nll[row, j]) for j in chosen))
+                tokens.append(len(chosen))
+            sides.append(clustered_mean(np.array(sums), np.array(tokens), np.array([r.individual for r in half])))
+        assert sides[0].value - sides[1].value == pytest.approx(entry["memorisation_gap_net"], abs=1e-5)
+        assert difference_interval(*sides) == pytest.approx((low, high), abs=1e-5)
+
+
 def test_missed_positions_are_the_tokens_of_values_the_tagger_left_checked_by_character():
     from privtune.data.tokenize import encode_records
     from privtune.models.tiny import tiny_tokenizer
@@ -280,9 +310,13 @@ def test_the_report_shows_the_missed_and_caught_gaps_apart_and_says_what_below_z
     page = scrub_section(runs)
     assert "mem. gap (net), missed values" in page and "mem. gap (net), caught values" in page
     assert "placeholder effect" in page
-    assert f'{regex["missed"]["memorisation_gap_net"]:+.3f} <small>{regex["missed"]["tokens_train"]}/' in page
+    low, high = regex["missed"]["memorisation_gap_net_ci"]
+    assert (f'{regex["missed"]["memorisation_gap_net"]:+.3f} <small>[{low:+.3f}, {high:+.3f}] '
+            f'{regex["missed"]["tokens_train"]}/') in page
     assert "n/a <small" in page and "(exact removes the data&#x27;s own spans)" in page
     cells = scrub_gap_cells(runs[1])
     assert cells["scrub_gap_net_missed"] is None and cells["scrub_tokens_missed_members"] == 0
     assert cells["scrub_gap_missed_na"].startswith("the exact tagger missed no sensitive value")
     assert scrub_gap_cells(runs[0])["scrub_gap_net_caught"] == regex["caught"]["memorisation_gap_net"]
+    assert (scrub_gap_cells(runs[0])["scrub_gap_net_missed_low"], scrub_gap_cells(runs[0])["scrub_gap_net_missed_high"]) \
+        == (low, high)

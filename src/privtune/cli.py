@@ -455,8 +455,10 @@ def _catch_gaps(by_catch: dict) -> str:
     missed, caught = by_catch.get("missed") or {}, by_catch.get("caught") or {}
 
     def gap(part: dict) -> str:
-        value = part.get("memorisation_gap_net")
-        return "n/a" if value is None else f"{value:+.2f} nats"
+        value, ci = part.get("memorisation_gap_net"), part.get("memorisation_gap_net_ci")
+        if value is None:
+            return "n/a"
+        return f"{value:+.2f} nats" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
     below_zero = (caught.get("memorisation_gap_net") or 0) < 0
     return (f"; memorisation gap (net) on missed values {gap(missed)}"
             + (f" ({missed.get('reason')})" if missed.get("memorisation_gap_net") is None else "")

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from privtune.measures.intervals import ClusteredMean, clustered_mean, difference_interval
 from privtune.measures.token_scores import TokenScores
 
 QUANTILES = (10, 50, 90)
@@ -74,14 +75,21 @@ def _on(scores: TokenScores, positions: np.ndarray) -> TokenScores:
 
 
 def part_gap(model_train: TokenScores, model_test: TokenScores, base_train: TokenScores, base_test: TokenScores,
-             train_part: np.ndarray, test_part: np.ndarray) -> dict:
+             train_part: np.ndarray, test_part: np.ndarray,
+             people: tuple[np.ndarray, np.ndarray] | None = None, confidence: float = 0.95) -> dict:
     """The memorisation gap, plain and net of the base model's, on a part of the
     sensitive tokens (``*_part``: (N, L-1) bool masks over the train and test scores), with
     its CE_S on each side and how many tokens each rests on. A part with no token on a
     side has no gap: the figures are None and ``reason`` says why.
 
     Token means weigh every token alike, so a part's CE_S on one side and the rest's,
-    weighted by their token counts, give the whole CE_S on that side back."""
+    weighted by their token counts, give the whole CE_S on that side back.
+
+    With ``people`` (each record's person, train and test), the net gap gets its
+    ``confidence`` interval (``memorisation_gap_net_ci``): it is the non-members' mean of
+    (model − base) loss minus the members', two person-clustered token means over
+    different people (:mod:`privtune.measures.intervals`); None with fewer than two
+    people on a side."""
     train, test = _on(model_train, train_part), _on(model_test, test_part)
     out = {"tokens_train": int(train.sensitive.sum()), "tokens_test": int(test.sensitive.sum()),
            "ce_s_train": None, "ce_s_test": None, "memorisation_gap": None, "memorisation_gap_net": None,
@@ -94,4 +102,16 @@ def part_gap(model_train: TokenScores, model_test: TokenScores, base_train: Toke
     base_gap = mean_loss(_on(base_test, test_part), True) - mean_loss(_on(base_train, train_part), True)
     out.update(ce_s_train=ce_train, ce_s_test=ce_test, memorisation_gap=ce_test - ce_train,
                memorisation_gap_net=ce_test - ce_train - base_gap)
+    if people is not None:
+        sides = [_shift_over_base(m, b, part, who) for m, b, part, who in
+                 ((model_test, base_test, test_part, people[1]), (model_train, base_train, train_part, people[0]))]
+        out["memorisation_gap_net_ci"] = (list(difference_interval(*sides, confidence))
+                                          if None not in sides else None)
     return out
+
+
+def _shift_over_base(model: TokenScores, base: TokenScores, part: np.ndarray, people) -> ClusteredMean | None:
+    """The mean of (model − base) NLL over a part's sensitive tokens, clustered by person."""
+    mask = model.sensitive & part
+    sums = np.where(mask, model.nll - base.nll, 0.0).sum(axis=1)
+    return clustered_mean(sums, mask.sum(axis=1), np.asarray(people))

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
+
+from privtune.measures.intervals import clustered_mean
 
 #: The measures a difference is defined for: (level, records, sign). ``leakage_gain`` is
 #: CE_S(θ0; members) − CE_S(θ; members), so run a's minus run b's is CE_S(b) − CE_S(a)
@@ -71,17 +72,11 @@ def paired_difference(diff: np.ndarray, tokens: np.ndarray, people: np.ndarray,
     freedom, not the normal's: the clustered variance is estimated from one residual per
     person, and with few people (an unlearning forget set of 2) the normal interval
     would be several times too narrow."""
-    if tokens.sum() == 0 or np.isnan(diff).any():
+    mean = clustered_mean(diff, tokens, people)
+    if mean is None:
         return None
-    value = float(diff.sum() / tokens.sum())
-    _, cluster = np.unique(people, return_inverse=True)
-    by_person = np.bincount(cluster, weights=diff - value * tokens)
-    c = by_person.size
-    if c < 2:
-        return None
-    se = math.sqrt(c / (c - 1) * np.sum(by_person ** 2)) / tokens.sum()
-    q = student_t.ppf(0.5 + confidence / 2, c - 1)
-    return Difference(value, value - q * se, value + q * se, int(tokens.size), c)
+    low, high = mean.interval(confidence)
+    return Difference(mean.value, low, high, mean.records, mean.people)
 
 
 def _paired_losses(a: dict, b: dict, level: str):

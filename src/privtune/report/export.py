@@ -19,7 +19,8 @@ attack (chosen on one half of the people, quoted on the other: ``mia_strongest_*
 advantage and PII-inference top-1 over all PII types, the backdoor success rates; for
 runs that trained on scrubbed text, the tagger and its span recall and precision
 (``scrub_tagger``, ``scrub_recall``, ...) and the memorisation gap apart on the values the
-tagger missed and caught (``scrub_gap_net_missed``, ``scrub_gap_net_caught``); for federated runs the bytes communicated
+tagger missed and caught (``scrub_gap_net_missed``, ``scrub_gap_net_caught``, each with
+its interval in ``_low``/``_high``); for federated runs the bytes communicated
 (``bytes_communicated``, an efficiency figure) and the spread of leakage gain over clients
 (``fed_leakage_gain_spread``); for unlearning runs and their retrained references, the
 forget-set figures (``unlearn_forget_ce_s``, ..., the strongest attack on the forget set
@@ -76,12 +77,14 @@ SCRUB_KEYS = ("tagger", "replacement", "truth", "recall", "precision", "char_rec
 
 def scrub_gap_cells(run: dict) -> dict:
     """A scrubbed run's memorisation gap (net) on the values its tagger missed and caught,
-    their member/non-member token counts, and why a part has none."""
+    with its 95% interval, their member/non-member token counts, and why a part has none."""
     by_catch = (run.get("scrub") or {}).get("by_catch") or {}
     cells = {}
     for part in ("missed", "caught"):
         f = by_catch.get(part) or {}
+        low, high = f.get("memorisation_gap_net_ci") or (None, None)
         cells.update({f"scrub_gap_net_{part}": f.get("memorisation_gap_net"),
+                      f"scrub_gap_net_{part}_low": low, f"scrub_gap_net_{part}_high": high,
                       f"scrub_tokens_{part}_members": f.get("tokens_train"),
                       f"scrub_tokens_{part}_nonmembers": f.get("tokens_test"), f"scrub_gap_{part}_na": f.get("reason")})
     return cells

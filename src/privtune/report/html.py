@@ -794,7 +794,8 @@ def _type_recall(label: str) -> Column:
 #: What the memorisation gap on each part of the sensitive values says.
 CATCH_TIPS = {
     "missed": ("memorisation gap, net of the base model's, on the sensitive tokens of values the tagger missed "
-               "(wholly or in part), nats: what scrubbing left to memorise, the figure to read"),
+               "(wholly or in part), nats, with its 95% interval clustered by person: what scrubbing left to "
+               "memorise, the figure to read"),
     "caught": ("the same on the values the tagger caught, nats. Below zero is the placeholder effect, not negative "
                "leakage: in place of a caught value the model learns the placeholder (or surrogate) in the "
                "member's context, which makes the true value less likely on members than on non-members"),
@@ -811,7 +812,10 @@ def _catch_gap(part: str) -> Column:
             return "–"  # stored before the split existed
         if f.get("memorisation_gap_net") is None:
             return f'n/a <small title="{escape(str(f.get("reason")))}">({escape(str(f.get("reason")))})</small>'
-        return f'{fmt(f["memorisation_gap_net"], "+.3f")} <small>{f["tokens_train"]}/{f["tokens_test"]} tokens</small>'
+        ci = f.get("memorisation_gap_net_ci")
+        interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}] " if ci else ""
+        return (f'{fmt(f["memorisation_gap_net"], "+.3f")} <small>{interval}{f["tokens_train"]}/{f["tokens_test"]} '
+                'tokens</small>')
 
     return Column(f"mem. gap (net), {part} values", -1, lambda r: number(figures(r).get("memorisation_gap_net")),
                   show, CATCH_TIPS[part])

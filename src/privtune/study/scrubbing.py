@@ -154,12 +154,14 @@ class TrainingScrubber:
         the model's and the base model's (members, non-members) scores.
 
         Returns ``{"missed": ..., "caught": ...}``, each as
-        :func:`privtune.measures.leakage.part_gap`; a part with no token has a reason."""
+        :func:`privtune.measures.leakage.part_gap` with its net gap's interval clustered
+        by person; a part with no token has a reason."""
         missed = [missed_positions(data, find_spans(data.records, tagger, self.truth), self.tokenizer,
                                    self.max_length) for data in (members, nonmembers)]
         (m_train, m_test), (b_train, b_test) = model, base
-        out = {"missed": part_gap(m_train, m_test, b_train, b_test, missed[0], missed[1]),
-               "caught": part_gap(m_train, m_test, b_train, b_test, ~missed[0], ~missed[1])}
+        people = tuple(np.array([r.individual for r in data.records]) for data in (members, nonmembers))
+        out = {"missed": part_gap(m_train, m_test, b_train, b_test, missed[0], missed[1], people),
+               "caught": part_gap(m_train, m_test, b_train, b_test, ~missed[0], ~missed[1], people)}
         if out["missed"]["tokens_train"] == 0:
             why = " (exact removes the data's own spans)" if tagger == "exact" else ""
             out["missed"]["reason"] = f"the {tagger} tagger missed no sensitive value of the members{why}"
