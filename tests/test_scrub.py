@@ -320,3 +320,43 @@ def test_the_report_shows_the_missed_and_caught_gaps_apart_and_says_what_below_z
     assert scrub_gap_cells(runs[0])["scrub_gap_net_caught"] == regex["caught"]["memorisation_gap_net"]
     assert (scrub_gap_cells(runs[0])["scrub_gap_net_missed_low"], scrub_gap_cells(runs[0])["scrub_gap_net_missed_high"]) \
         == (low, high)
+
+
+def test_a_scrubbed_run_is_compared_with_its_unscrubbed_method_on_the_values_the_tagger_missed(tmp_path):
+    from privtune.config import parse_config
+    from privtune.measures.intervals import clustered_mean
+    from privtune.measures.token_scores import missed_level
+    from privtune.report.differences import missed_value_difference
+    from privtune.report.html import scrub_section, unscrubbed_source
+    from privtune.study.driver import open_store, run_study
+
+    cfg = parse_config({
+        "name": "missed", "model": "tiny-llama", "output_dir": str(tmp_path / "out"), "precision": "fp32",
+        "data": {"source": "customer-sim", "n_individuals": 16, "max_length": 96},
+        "canaries": {"enabled": False}, "attacks": {"enabled": False}, "save_artifacts": False,
+        "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4, "lr": 1e-3},
+        "methods": [{"method": "fft"}, {"method": "fft", "scrub": {"tagger": "regex"}}]})
+    assert run_study(cfg, show_progress=False).failed == {}
+    store = open_store(cfg)
+    runs = {r["label"]: r for r in store.runs("missed")}
+    store.close()
+    base, plain, scrubbed = runs["base"], runs["fft"], runs["fft+scrub-regex"]
+    assert unscrubbed_source(scrubbed, list(runs.values())) is plain
+    level = missed_level("regex")
+    missed = scrubbed["scrub"]["by_catch"]["missed"]
+    n = scrubbed["record_stats"]["n_members"]
+    tokens = np.array(plain["record_stats"][level]["tokens"])
+    assert (tokens[:n].sum(), tokens[n:].sum()) == (missed["tokens_train"], missed["tokens_test"])
+
+    def net_gap(run):  # by hand from the stored sums: (run − base) mean on non-members minus on members
+        nll = -np.nan_to_num(np.array(run["record_stats"][level]["loglik"], dtype=float))
+        base_nll = -np.nan_to_num(np.array(base["record_stats"][level]["loglik"], dtype=float))
+        people = np.array(run["record_stats"]["person"])
+        test, train = (clustered_mean((nll - base_nll)[rows], tokens[rows], people[rows])
+                       for rows in (slice(n, None), slice(0, n)))
+        return test.value - train.value
+
+    assert net_gap(scrubbed) == pytest.approx(missed["memorisation_gap_net"], abs=1e-5)
+    value, low, high = missed_value_difference(scrubbed, plain, "regex")
+    assert value == pytest.approx(net_gap(scrubbed) - net_gap(plain), abs=1e-9) and low < value < high
+    assert f"{value:+.3f} <small>[{low:+.3f}, {high:+.3f}] vs fft</small>" in scrub_section(list(runs.values()))

@@ -42,6 +42,12 @@ class TokenScores:
         return masked_mean(self.nll, positions)
 
 
+def missed_level(tagger: str) -> str:
+    """The name of the per-record statistics level on the sensitive tokens ``tagger``
+    misses (a study with scrubbed methods stores one per tagger in ``record_stats``)."""
+    return f"sensitive-missed-{tagger}"
+
+
 def level_positions(scores: TokenScores, level: str) -> np.ndarray:
     """The positions an attack scores at ``level``: every token of the record, or its sensitive ones."""
     if level not in ("record", "sensitive"):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privtune.measures.intervals import clustered_mean
+from privtune.measures.intervals import clustered_mean, difference_interval
+from privtune.measures.token_scores import missed_level
 
 #: The measures a difference is defined for: (level, records, sign). ``leakage_gain`` is
 #: CE_S(θ0; members) − CE_S(θ; members), so run a's minus run b's is CE_S(b) − CE_S(a)
@@ -117,3 +118,25 @@ def rows_difference(a: dict, b: dict, level: str, rows, confidence: float = 0.95
     if rows.size == 0 or rows.max() >= tokens.size:
         return None
     return paired_difference((nll_a - nll_b)[rows], tokens[rows], people[rows], confidence)
+
+
+def missed_value_difference(scrubbed: dict, source: dict, tagger: str,
+                            confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """(value, low, high): a scrubbed run's net memorisation gap on the sensitive values its
+    ``tagger`` misses, minus the same figure of ``source`` (the method trained on the
+    original text), on the same records. The base model cancels, so this is the
+    non-members' mean of (scrubbed − source) token loss minus the members': paired by
+    record, clustered by person, the two groups independent. Above 0: the scrubbed run
+    memorised the missed values more than the unscrubbed one. None when either run lacks
+    the statistics."""
+    paired = _paired_losses(scrubbed, source, missed_level(tagger))
+    if paired is None:
+        return None
+    nll_a, nll_b, tokens, people = paired
+    n = int(scrubbed["record_stats"]["n_members"])
+    test, train = (clustered_mean((nll_a - nll_b)[rows], tokens[rows], people[rows])
+                   for rows in (slice(n, None), slice(0, n)))
+    if test is None or train is None:
+        return None
+    low, high = difference_interval(test, train, confidence)
+    return test.value - train.value, low, high

@@ -45,7 +45,7 @@ from privtune.report.federated import federated_section
 from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
 )
-from privtune.report.differences import Difference, run_difference
+from privtune.report.differences import Difference, missed_value_difference, run_difference
 from privtune.report.export import write_records, write_text_atomic
 from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import (duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure,
@@ -821,6 +821,42 @@ def _catch_gap(part: str) -> Column:
                   show, CATCH_TIPS[part])
 
 
+def unscrubbed_source(run: dict, runs: Sequence[dict]) -> dict | None:
+    """The finished run of the same method and seed trained on the original text (the one
+    labelled like ``run`` without its scrub suffix where several qualify), or None."""
+    same = [r for r in runs if is_done(r) and not r.get("scrub") and r.get("method") == run.get("method")
+            and r.get("seed") == run.get("seed") and r.get("role", "run") == run.get("role", "run")]
+    if len(same) > 1:
+        same = [r for r in same if str(run.get("label", "")).startswith(str(r.get("label")) + "+scrub")]
+    return same[0] if len(same) == 1 else None
+
+
+def _missed_vs_source(runs: Sequence[dict]) -> Column:
+    def figures(run: dict) -> tuple[dict | None, tuple[float, float, float] | None]:
+        source = unscrubbed_source(run, runs)
+        tagger = _scrub(run).get("tagger")
+        return source, (missed_value_difference(run, source, tagger) if source and tagger else None)
+
+    def show(run: dict) -> str:
+        source, diff = figures(run)
+        if source is None:
+            return "n/a <small>(no unscrubbed run of this method)</small>"
+        versus = escape(str(source.get("label")))
+        if diff is None:
+            return f"n/a <small>(no missed value, or runs stored without these statistics; vs {versus})</small>"
+        value, low, high = diff
+        return f"{value:+.3f} <small>[{low:+.3f}, {high:+.3f}] vs {versus}</small>"
+
+    def value(run: dict) -> float:
+        return (figures(run)[1] or (math.nan,))[0]
+
+    return Column("missed values: Δ mem. gap (net) vs unscrubbed", -1, value, show,
+                  "the net memorisation gap on the values the tagger missed, minus the same method's trained on the "
+                  "original text, on the same tokens, with a 95% interval (paired by record, clustered by person): "
+                  "above 0, scrubbing made the model memorise what it missed more; an interval across 0, no "
+                  "measurable change")
+
+
 def scrub_section(runs: Sequence[dict]) -> str:
     """What each scrubbing run's tagger removed from its training text, and what it left:
     span recall and precision against the data's own spans, overall and per type
@@ -839,7 +875,7 @@ def scrub_section(runs: Sequence[dict]) -> str:
                "share of true sensitive values removed whole"),
         Column("precision", 1, lambda r: number(_scrub(r).get("precision")),
                lambda r: escape(pct(_scrub(r).get("precision"))), "share of removed spans that overlap a true value"),
-        _catch_gap("missed"), _catch_gap("caught"),
+        _catch_gap("missed"), _catch_gap("caught"), _missed_vs_source(runs),
         *(_type_recall(t) for t in types),
     )
     truths = sorted({str(_scrub(r).get("truth")) for r in scrubbed} - set(TRUE_SPANS))

@@ -24,7 +24,7 @@ from privtune.attacks.token_frequency import reference_frequencies
 from privtune.data.records import Record
 from privtune.data.tokenize import trained_windows
 from privtune.errors import PrivtuneError
-from privtune.measures.token_scores import level_positions
+from privtune.measures.token_scores import level_positions, missed_level
 from privtune.study.stages import stage
 
 LEVELS = ("record", "sensitive")
@@ -109,9 +109,15 @@ def backdoor_success(ctx, model: torch.nn.Module) -> dict:
     return {**rates, "n": len(ctx.data.backdoor_triggered), "trigger": backdoor.trigger, "target": target}
 
 
+def scrub_taggers(cfg) -> list[str]:
+    """The taggers the study's scrubbed methods use, in order."""
+    return list(dict.fromkeys(m.scrub.tagger for m in cfg.methods if m.scrub))
+
+
 def record_stats(evaluation, ctx) -> dict:
-    """Per-record statistics over the population (members, then non-members), per level,
-    and who each record is about: an index per person (never the person's name) for
+    """Per-record statistics over the population (members, then non-members), per level
+    (with scrubbed methods in the study, also on the sensitive tokens each of their
+    taggers misses), and who each record is about: an index per person (never the person's name) for
     intervals clustered by person, and the half of the people the strongest attack is
     chosen on (:func:`privtune.attacks.metrics.selection_half`), for the shadow attacks
     computed later from these statistics."""
@@ -125,6 +131,18 @@ def _record_stats(evaluation, ctx) -> dict:
         parts = [(s, level_positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
         stats[level] = {
             "stat": np.concatenate([record_statistic(s, p) for s, p in parts]).tolist(),
+            "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
+            "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
+        }
+    for tagger in scrub_taggers(ctx.cfg):
+        # Members' and non-members' values this tagger misses: how a scrubbed run and the same
+        # method unscrubbed compare on what scrubbing left (report.differences.missed_value_difference).
+        try:
+            missed = ctx.scrubber.missed(tagger, ctx.data.members, ctx.data.nonmembers)
+        except PrivtuneError:  # a tagger these data cannot take: the scrubbed run fails and says why
+            continue
+        parts = [(s, s.sensitive & mask) for s, mask in zip((evaluation.members, evaluation.nonmembers), missed)]
+        stats[missed_level(tagger)] = {
             "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
             "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
         }

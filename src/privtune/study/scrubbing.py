@@ -124,6 +124,7 @@ class TrainingScrubber:
     _found: dict[str, list[list[Span]]] = field(default_factory=dict, repr=False)
     _stats: dict[str, dict] = field(default_factory=dict, repr=False)
     _built: dict[tuple[str, str], Scrubbed] = field(default_factory=dict, repr=False)
+    _missed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def training_set(self, settings: ScrubSettings) -> Scrubbed:
         """The training set scrubbed as ``settings`` say, tokenised, with the tagger's stats."""
@@ -147,6 +148,14 @@ class TrainingScrubber:
         found = find_spans(records, settings.tagger, self.truth)
         return [scrub_record(r, f, replace) for r, f in zip(records, found)]
 
+    def missed(self, tagger: str, members: EncodedDataset, nonmembers: EncodedDataset) -> tuple[np.ndarray, np.ndarray]:
+        """(members, non-members) masks of the sensitive tokens ``tagger`` misses (computed once per tagger)."""
+        if tagger not in self._missed:
+            self._missed[tagger] = tuple(
+                missed_positions(data, find_spans(data.records, tagger, self.truth), self.tokenizer, self.max_length)
+                for data in (members, nonmembers))
+        return self._missed[tagger]
+
     def gap_by_catch(self, tagger: str, members: EncodedDataset, nonmembers: EncodedDataset,
                      model: tuple[TokenScores, TokenScores], base: tuple[TokenScores, TokenScores]) -> dict:
         """The memorisation gap of a model scrubbed with ``tagger``, apart on the sensitive
@@ -156,8 +165,7 @@ class TrainingScrubber:
         Returns ``{"missed": ..., "caught": ...}``, each as
         :func:`privtune.measures.leakage.part_gap` with its net gap's interval clustered
         by person; a part with no token has a reason."""
-        missed = [missed_positions(data, find_spans(data.records, tagger, self.truth), self.tokenizer,
-                                   self.max_length) for data in (members, nonmembers)]
+        missed = self.missed(tagger, members, nonmembers)
         (m_train, m_test), (b_train, b_test) = model, base
         people = tuple(np.array([r.individual for r in data.records]) for data in (members, nonmembers))
         out = {"missed": part_gap(m_train, m_test, b_train, b_test, missed[0], missed[1], people),
