@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from privtune.auditing.designs import bigram, new_token, unlikely_token
-from privtune.auditing.designs import AUDIT_LABEL, AUDIT_META, DESIGN_NOTE, DESIGNS, DesignInputs, make_audit_canaries
+from privtune.auditing.designs import AUDIT_LABEL, AUDIT_META, DESIGN_NOTE, DESIGNS, design_of, DesignInputs, make_audit_canaries
 from privtune.auditing.designs.word_tokens import SECRET_TOKENS, word_tokens
 from privtune.auditing.study_audit import audit_membership, audit_result
 from privtune.config import parse_config
@@ -50,7 +50,7 @@ def test_every_design_gives_distinct_canaries_each_its_own_person_with_one_secre
     for r in records:
         (span,) = r.spans
         assert span.label == AUDIT_LABEL and 0 < span.start < span.end <= len(r.text)
-        assert r.meta[AUDIT_META] == design and r.individual == r.id == r.meta["canary"]
+        assert design_of(r) == design and r.meta[AUDIT_META] is True and r.individual == r.id == r.meta["canary"]
     assert [r.text for r in canaries(design, members, count=5)] == [r.text for r in records[:5]]  # count-stable
     assert canaries(design, members, seed=1)[0].text != records[0].text
 

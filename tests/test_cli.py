@@ -179,3 +179,37 @@ def test_a_study_the_database_does_not_hold_is_named_with_the_ones_it_does(tmp_p
     store.close()
     code, _, err = run_cli(monkeypatch, capsys, command, "-o", str(tmp_path), "--study", "beta")
     assert_one_line_error(code, err, "holds no study named 'beta'", "use one of: alpha")
+
+
+def test_plan_lists_the_runs_what_is_stored_and_an_estimate_from_stored_runs_and_trains_nothing(
+        tmp_path, monkeypatch, capsys):
+    from privtune.study.store import Store
+
+    def study(rates):
+        return write_study(tmp_path, attacks={"enabled": False}, save_artifacts=False,
+                           methods=[{"method": "lora", "lora": {"r": 2}, "lr": rates}])
+
+    code, out, _ = run_cli(monkeypatch, capsys, "run", str(study([3e-3])), "--plan", "--json")
+    assert code in (0, None) and not (tmp_path / "out" / "privtune.db").exists()  # nothing written
+    first = [json.loads(line) for line in out.splitlines()]
+    assert [(r["label"], r["stored"], r["estimated_seconds"]) for r in first] == [("base", False, None),
+                                                                                ("lora-lr0.003", False, None)]
+    assert run_cli(monkeypatch, capsys, "run", str(study([3e-3])), "--no-report", "-q")[0] in (0, None)
+    store = Store(tmp_path / "out" / "privtune.db")
+    lora = next(r for r in store.runs() if r["label"] == "lora-lr0.003")
+    store.close()
+    # one more point of the sweep: the stored one is skipped, the new one estimated from it
+    code, out, _ = run_cli(monkeypatch, capsys, "run", str(study([3e-3, 1e-2])), "--plan", "--json")
+    rows = {r["label"]: r for r in map(json.loads, out.splitlines())}
+    assert set(rows) == {"base", "lora-lr0.003", "lora-lr0.01"} and rows["base"]["stored"]
+    assert rows["lora-lr0.003"]["stored"] and rows["lora-lr0.003"]["run_id"] == lora["run_id"]
+    per_record = lora["timing"]["wall_seconds"] / lora["data"]["train_records"]  # one epoch
+    assert not rows["lora-lr0.01"]["stored"] and rows["lora-lr0.01"]["estimate_from"] == 1
+    assert rows["lora-lr0.01"]["estimated_seconds"] == pytest.approx(per_record * lora["data"]["train_records"])
+    code, out, _ = run_cli(monkeypatch, capsys, "run", str(study([3e-3, 1e-2])), "--plan")
+    assert "stored: skipped" in out and "to run" in out and "1 to run, 2 stored" in out
+
+
+def test_json_without_plan_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(write_study(tmp_path)), "--json")
+    assert_one_line_error(code, err, "--json prints the plan", "pass --plan")

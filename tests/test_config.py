@@ -94,6 +94,26 @@ def test_target_module_sweep_crosses_with_the_rank_sweep():
     assert [m.label for m in one.methods] == ["lora"] and one.methods[0].lora.target_modules == ["q_proj", "v_proj"]
 
 
+def test_lr_epochs_and_epsilon_sweeps_expand_to_a_grid_hashed_like_written_out_runs():
+    cfg = parse_config({"methods": [
+        {"method": "fft", "lr": [1e-4, 3e-4], "epochs": [1, 2]},
+        {"method": "dp-lora", "lora": {"r": [4, 8]}, "dp": {"target_epsilon": [1, 8]}, "lr": 5e-3},
+        {"method": "dp-fft", "dp": {"noise_multiplier": 1.0}}]})
+    assert [m.label for m in cfg.methods] == [
+        "fft-lr0.0001-e1", "fft-lr0.0001-e2", "fft-lr0.0003-e1", "fft-lr0.0003-e2",
+        "dp-lora-r4-eps1", "dp-lora-r4-eps8", "dp-lora-r8-eps1", "dp-lora-r8-eps8", "dp-fft"]
+    assert [(m.lr, m.epochs) for m in cfg.methods[:4]] == [(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
+    assert [(m.lora.r, m.dp.target_epsilon, m.lr) for m in cfg.methods[4:8]] == [
+        (4, 1.0, 5e-3), (4, 8.0, 5e-3), (8, 1.0, 5e-3), (8, 8.0, 5e-3)]
+    assert cfg.methods[8].dp.target_epsilon is None
+    runs = {r.label: r for r in plan_study(cfg)}
+    assert len(runs) == 1 + 9 and len({r.run_id for r in runs.values()}) == 10  # base + one distinct run per point
+    written = plan_study(parse_config({"methods": [
+        {"method": "fft", "label": "fft-lr0.0003-e2", "lr": 3e-4, "epochs": 2},
+        {"method": "dp-lora", "label": "dp-lora-r8-eps1", "lora": {"r": 8}, "dp": {"target_epsilon": 1}, "lr": 5e-3}]}))
+    assert [runs[w.label].run_id for w in written[1:]] == [w.run_id for w in written[1:]]  # cached alike
+
+
 def test_method_settings_get_their_defaults_and_identity():
     cfg = parse_config({"methods": [{"method": "prefix-tuning", "prefix": {"num_virtual_tokens": 4}},
                                     {"method": "prompt-tuning"}, {"method": "ia3"}, {"method": "bitfit"}]})
@@ -121,6 +141,11 @@ def test_method_settings_get_their_defaults_and_identity():
     ({"methods": [{"method": "lora", "lora": {"r": []}}]}, "lora.r must be >= 1"),
     ({"methods": [{"method": "lora", "lora": {"target_modules": [["q_proj"], []]}}]}, "at least one module"),
     ({"methods": [{"method": "lora", "lora": {"r": [4, 4]}}]}, "unique; repeated: lora-r4"),
+    ({"methods": [{"method": "fft", "lr": []}]}, "lr must be > 0 \\(or a list of distinct such values\\), got \\[\\]"),
+    ({"methods": [{"method": "fft", "lr": [1e-4, -1e-4]}]}, "methods.0: lr must be > 0"),
+    ({"methods": [{"method": "fft", "epochs": [2, 0]}]}, "epochs must be an integer >= 1"),
+    ({"methods": [{"method": "dp-fft", "dp": {"target_epsilon": [4, 4]}}]}, "dp.target_epsilon must be > 0 \\(or a list of distinct"),
+    ({"methods": [{"method": "dp-fft", "dp": {"target_epsilon": 0}}]}, "dp.target_epsilon must be > 0"),
     ({"methods": [{"method": "lora", "lora": {"r": [4, 8]}}], "attacks": {"shadow": {"models": 2, "method": "lora"}}},
      "names no method of the study; use one of: lora-r4, lora-r8"),
 ])

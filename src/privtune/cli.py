@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -54,7 +55,10 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
         cpus_per_run: int = typer.Option(1, min=1, help="CPUs (and torch threads) each Ray task asks for"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors and the final summary"),
         json_progress: bool = typer.Option(False, "--json-progress",
-                                           help="progress as one JSON object per event and line, on stderr")) -> None:
+                                           help="progress as one JSON object per event and line, on stderr"),
+        plan: bool = typer.Option(False, "--plan", help="print the runs the study would do, which are already "
+                                                        "stored, and an estimated time; train nothing"),
+        json_out: bool = typer.Option(False, "--json", help="with --plan: one JSON object per run")) -> None:
     """Run a study: train every method, measure it, store it, report it.
 
     Progress shows as bars on a terminal and as plain lines otherwise (a log file, CI).
@@ -66,7 +70,12 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
     if quiet and json_progress:
         raise PrivtuneError("--quiet and --json-progress ask for no progress and for every event",
                             "pass one of them")
+    if json_out and not plan:
+        raise PrivtuneError("--json prints the plan", "pass --plan with it")
     cfg = load_config(config).writing_to(output_dir)
+    if plan:
+        _print_plan(cfg, json_out)
+        return
     _state["log_dir"] = Path(cfg.output_dir) / "logs"
     group = _join_data_parallel(cfg, executor)
     if group is not None and not group.is_main:
@@ -101,6 +110,30 @@ def run(config: Path = typer.Argument(None, help="study YAML; default: the packa
             err_console.print(f"[red]error:[/] run {escape(label)} failed: {escape(error)}", highlight=False,
                               soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _print_plan(cfg, as_json: bool) -> None:
+    """``privtune run --plan``: the study's runs, what is stored, and estimated times."""
+    from privtune.study.preview import describe, preview_study
+
+    planned = preview_study(cfg)
+    if as_json:
+        for run in planned:
+            print(json.dumps(run.to_dict()))
+        return
+    table = Table(title=f"study {cfg.name}: {len(planned)} runs planned")
+    for column in ("run", "method", "seed", "role", "state", "estimated time"):
+        table.add_column(column)
+    for run in planned:
+        estimate = ("–" if run.stored else "no similar stored run" if run.estimated_seconds is None
+                    else f"{run.estimated_seconds / 60:.1f} min ({run.estimate_from} similar)")
+        table.add_row(escape(run.label), run.method, str(run.seed), run.role, describe(run), estimate)
+    console.print(table)
+    pending = [r for r in planned if not r.stored]
+    known = sum(r.estimated_seconds for r in pending if r.estimated_seconds is not None)
+    unknown = sum(r.estimated_seconds is None for r in pending)
+    console.print(f"{len(pending)} to run, {len(planned) - len(pending)} stored; estimated {known / 60:.0f} min"
+                  + (f" plus {unknown} runs with no estimate" if unknown else ""), highlight=False)
 
 
 @app.command()

@@ -32,6 +32,21 @@ def _one_of(kind: str, name: str, names) -> str:
     return name
 
 
+def _check_axis(name: str, value, ok, bound: str) -> None:
+    """A setting that may be one value or a sweep (a list): every value must pass ``ok``."""
+    values = value if isinstance(value, list) else [value]
+    if value is None:
+        return
+    if not values or len(set(values)) < len(values) or not all(ok(v) for v in values):
+        raise ValueError(f"{name} must be {bound} (or a list of distinct such values), got {value}")
+
+
+def _sweep(value, suffix: str) -> list[tuple[str, object]]:
+    """(label suffix, value) for each point of a sweepable setting: a list is swept and
+    named with ``suffix`` % value; one value (or None) is one point with no suffix."""
+    return [(suffix % v, v) for v in value] if isinstance(value, list) else [("", value)]
+
+
 def _model_name(name: str | None) -> str | None:
     """A registered model, a checkpoint directory or a hub id (models/registry.py's rules)."""
     from privtune.models.registry import resolve  # light: resolves names without loading
@@ -258,7 +273,8 @@ class IA3Settings(_Strict):
 
 
 class DPSettings(_Strict):
-    target_epsilon: float | None = Field(8.0, gt=0, description="noise is derived to reach it")
+    target_epsilon: float | list[float] | None = Field(8.0, description="noise is derived to reach it; a list "
+                                                       "sweeps it, one run per ε, labelled like dp-fft-eps4")
     noise_multiplier: float | None = Field(None, ge=0, description="give this instead of target_epsilon")
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N), N the number of units")
     max_grad_norm: float = Field(1.0, gt=0, description="clipping bound C on each unit's gradient")
@@ -278,6 +294,7 @@ class DPSettings(_Strict):
             self.target_epsilon = None
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        _check_axis("dp.target_epsilon", self.target_epsilon, lambda v: v > 0, "> 0")
         return self
 
 
@@ -382,8 +399,10 @@ class MethodSpec(_Strict):
     label: str | None = Field(
         None, description="unique name in the study; default: the method (plus +scrub-TAGGER when scrubbed, "
                           "+fedN when federated; SOURCE+METHOD for unlearning)")
-    lr: float | None = Field(None, gt=0, description="overrides train.lr")
-    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
+    lr: float | list[float] | None = Field(None, description="overrides train.lr; a list sweeps it, one run per "
+                                                            "rate, labelled like fft-lr0.0001")
+    epochs: int | list[int] | None = Field(None, description="overrides train.epochs; a list sweeps it, one run per "
+                                                            "count, labelled like fft-e4")
     lora: LoraSettings | None = Field(None, description="lora, dora and their dp- variants")
     prefix: PrefixSettings | None = Field(None, description="prefix-tuning and dp-prefix-tuning")
     prompt: PromptSettings | None = Field(None, description="prompt-tuning")
@@ -407,6 +426,12 @@ class MethodSpec(_Strict):
     @property
     def is_unlearning(self) -> bool:
         return self.method in OBJECTIVES
+
+    @model_validator(mode="after")
+    def _valid_sweeps(self):
+        _check_axis("lr", self.lr, lambda v: v > 0, "> 0")
+        _check_axis("epochs", self.epochs, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self):
@@ -458,11 +483,17 @@ class MethodSpec(_Strict):
         return getattr(self, name) if name else None
 
     def expand(self) -> list["MethodSpec"]:
-        """One entry per point of a settings sweep (today: ``lora.r`` and ``lora.target_modules``)."""
-        if self.lora is None:
-            return [self]
-        return [self.model_copy(update={"lora": lora, "label": self.label + suffix})
-                for suffix, lora in self.lora.sweep()]
+        """One entry per point of the grid of its sweeps (a list for ``lr``, ``epochs``,
+        ``dp.target_epsilon``, ``lora.r`` or ``lora.target_modules``), each labelled with
+        the swept values: ``lora-r4-lr0.001-e2-eps8``. Each point is an ordinary run."""
+        loras = self.lora.sweep() if self.lora is not None else [("", None)]
+        epsilons = _sweep(self.dp.target_epsilon, "-eps%g") if self.dp is not None else [("", None)]
+        return [self.model_copy(update={
+                    "label": self.label + ls + rs + es + ps, "lr": lr, "epochs": epochs,
+                    **({"lora": lora} if lora is not None else {}),
+                    **({"dp": self.dp.model_copy(update={"target_epsilon": eps})} if self.dp is not None else {})})
+                for ls, lora in loras for rs, lr in _sweep(self.lr, "-lr%g") for es, epochs in _sweep(self.epochs, "-e%d")
+                for ps, eps in epsilons]
 
 
 _SETTINGS_MODELS = {"lora": LoraSettings, "prefix": PrefixSettings, "prompt": PromptSettings, "ia3": IA3Settings}

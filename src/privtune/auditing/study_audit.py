@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privtune.attacks.metrics import auc_interval, auc_score, tpr_at_fpr
-from privtune.auditing.designs import AUDIT_META, DESIGN_NOTE, DesignInputs, design_key, make_audit_canaries
+from privtune.auditing.designs import DESIGN_NOTE, DesignInputs, design_key, design_of, make_audit_canaries
 from privtune.auditing.one_run import empirical_epsilon
 from privtune.data.records import Record
 from privtune.measures.token_scores import TokenScores
@@ -49,7 +49,7 @@ class AuditCanaries:
     @property
     def designs(self) -> list[str]:
         """Each canary's design, in canary order."""
-        return [r.meta[AUDIT_META] for r in self.records]
+        return [design_of(r) for r in self.records]
 
     @property
     def inserted(self) -> list[Record]:
@@ -89,7 +89,7 @@ def build_audit_canaries(settings, seed: int, corpus: list[Record], model: str |
 
 def design_notes(records: list[Record]) -> dict[str, str]:
     """Each design's fallback note, from its canaries (designs that took none are absent)."""
-    return {r.meta[AUDIT_META]: r.meta[DESIGN_NOTE] for r in records if DESIGN_NOTE in r.meta}
+    return {design_of(r): r.meta[DESIGN_NOTE] for r in records if DESIGN_NOTE in r.meta}
 
 
 def canary_scores(model: TokenScores, base: TokenScores) -> np.ndarray:

@@ -57,7 +57,10 @@ def shared_config(cfg: StudyConfig) -> dict:
         "attacks": attacks,
         "precision": cfg.precision,
         # Only when on, so runs planned before the audit existed keep their identity.
-        **({"privacy_audit": cfg.privacy_audit.model_dump()} if cfg.privacy_audit.enabled else {}),
+        # compare_designs only when set, for the same reason.
+        **({"privacy_audit": cfg.privacy_audit.model_dump(exclude=set() if cfg.privacy_audit.compare_designs
+                                                           else {"compare_designs"})}
+           if cfg.privacy_audit.enabled else {}),
     }
 
 

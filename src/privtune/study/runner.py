@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privtune.auditing.designs import AUDIT_META
+from privtune.auditing.designs import design_of
 from privtune.auditing.study_audit import audit_result, canary_scores, design_notes, not_audited
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
@@ -188,7 +188,7 @@ class StudyContext:
                     self.cfg.model, {"audit_canaries": canaries}, lambda: (self.score(self.loaded.model, canaries),))
             scores = canary_scores(self.score(model, canaries), self._base_audit_scores)
             return audit_result(scores, self.data.audit_trained, settings=self.cfg.privacy_audit, dp=dp,
-                                seed=self.cfg.data.seed, designs=[r.meta[AUDIT_META] for r in canaries.records],
+                                seed=self.cfg.data.seed, designs=[design_of(r) for r in canaries.records],
                                 notes=design_notes(canaries.records))
 
 

@@ -28,6 +28,15 @@ AUDIT_LABEL = "AUDIT_CANARY"
 #: (their id), so the code that treats exposure canaries as individuals of their own
 #: (federated dealing, forget sets, scrubbing's tagger figures) treats them alike.
 AUDIT_META = "audit_canary"
+#: The record ``meta`` key of an audit canary's design; ``random`` canaries, written
+#: before there were other designs, carry none (so their records, and the studies that
+#: stored them, keep their digest).
+AUDIT_DESIGN = "audit_design"
+
+
+def design_of(record: Record) -> str:
+    """The design that wrote audit canary ``record``."""
+    return record.meta.get(AUDIT_DESIGN, "random")
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,8 @@ def audit_record(index: int, prefix: str, secret: str, suffix: str, design: str 
     name = f"audit-canary-{index}" if design == "random" else f"audit-{design}-{index}"
     return Record(id=name, individual=name, text=prefix + secret + suffix,
                   spans=[Span(len(prefix), len(prefix) + len(secret), AUDIT_LABEL)],
-                  meta={"canary": name, AUDIT_META: design, **({DESIGN_NOTE: note} if note else {})})
+                  meta={"canary": name, AUDIT_META: True, **({AUDIT_DESIGN: design} if design != "random" else {}),
+                        **({DESIGN_NOTE: note} if note else {})})
 
 
 def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
