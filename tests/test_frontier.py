@@ -51,7 +51,7 @@ def test_a_family_front_spans_its_configurations_and_epochs_on_seed_means():
            [run("fft", "fft-lr2", s, [(2.3, 0.5), (2.2, 0.45)]) for s in (0, 1)]
     frontier = Frontier(points(runs), "memorisation_gap_net", bootstrap=50)
     # (2.3, 0.5) is beaten by (2.2, 0.45); the others trade utility for leakage
-    assert frontier.fronts["fft"] == [(2.0, 0.8), (2.2, 0.45), (2.5, 0.4)]
+    assert frontier.fronts["fft"] == [(2.0, 0.8, "fft-lr1", 2), (2.2, 0.45, "fft-lr2", 2), (2.5, 0.4, "fft-lr1", 1)]
     assert frontier.levels() == [2.0]
 
 
@@ -105,3 +105,34 @@ def test_one_seed_gives_figures_without_intervals_and_no_claim():
     assert diff[1] is None
     text = finding("memorisation_gap_net", 2.5, a, b, diff)
     assert "(one seed: no interval)" in text and text.endswith("so no claim is made.")
+
+
+def test_the_report_section_and_frontier_json_hold_the_fronts_the_table_and_the_findings(tmp_path):
+    import json
+
+    from privtune.report.export import write_frontier
+    from privtune.report.frontier_section import frontier_section
+    from privtune.report.html import render_html
+
+    rng = np.random.default_rng(0)
+    runs = [run(family, family, s, [(3.0, gap - 0.05 + rng.normal(0, 0.01)), (2.5, gap + rng.normal(0, 0.01))])
+            for family, gap in (("lora", 0.05), ("fft", 0.2)) for s in range(3)]
+    section = frontier_section(runs)
+    assert section.startswith('<section id="frontier"><h2>Leakage at matched utility</h2>')
+    assert "At utility CE ≤ 2.50, lora&#x27;s net memorisation gap is" in section and "is significant." in section
+    assert "One seed per configuration" not in section and "n=3" in section
+    assert '<section id="frontier">' in render_html(runs, title="t", meta={})
+    saved = json.loads(write_frontier(runs, tmp_path / "frontier.json").read_text())
+    gap = saved["memorisation_gap_net"]
+    assert [p["epoch"] for p in gap["fronts"]["lora"]] == [2, 1]
+    assert gap["fronts"]["lora"][0]["utility_ce"]["seeds"] == 3
+    assert {(m["family"], m["level"]) for m in gap["matched"]} == {("fft", 2.5), ("lora", 2.5)}
+    assert gap["findings"] and "empirical_epsilon" not in saved  # no run has an empirical ε
+
+
+def test_one_family_or_a_single_seed_study_says_so_or_shows_nothing():
+    from privtune.report.frontier_section import frontier_section
+
+    assert frontier_section([run("lora", "lora", 0, [(3.0, 0.1)])]) == ""
+    single = frontier_section([run("lora", "lora", 0, [(3.0, 0.1)]), run("fft", "fft", 0, [(2.0, 0.4)])])
+    assert "One seed per configuration" in single and "lora never reaches this utility" in single

@@ -305,6 +305,15 @@ def write_json(runs: Sequence[dict], path: str | Path) -> Path:
     return write_text_atomic(Path(path), text + "\n")
 
 
+def write_frontier(runs: Sequence[dict], path: str | Path) -> Path:
+    """Write ``frontier.json``: per leakage measure, each method family's front, the
+    matched-utility rows and the findings (:func:`privtune.report.frontier_section.frontier_json`)."""
+    from privtune.report.frontier_section import frontier_json  # it renders figures: imported on use
+
+    text = json.dumps(_json_safe(frontier_json(runs)), indent=2, allow_nan=False, ensure_ascii=False)
+    return write_text_atomic(Path(path), text + "\n")
+
+
 def has_per_record(run: dict) -> bool:
     return isinstance(run.get("record_stats"), Mapping)
 

@@ -119,32 +119,33 @@ def _groups(pts: Sequence[Point]) -> dict[tuple[str, str, int], list[Point]]:
     return dict(out)
 
 
-def front(coordinates: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The Pareto front of (utility, leakage) points, both lower-is-better, by utility."""
-    return [coordinates[i] for i in pareto_front(coordinates)]
+def front(candidates: Sequence[tuple]) -> list[tuple]:
+    """The Pareto front of ``(utility, leakage, ...)`` points, both lower-is-better, by utility."""
+    return [candidates[i] for i in pareto_front([c[:2] for c in candidates])]
 
 
-def leakage_at(front_points: Sequence[tuple[float, float]], level: float) -> float | None:
+def leakage_at(front_points: Sequence[tuple], level: float) -> float | None:
     """A front's leakage at utility ``level`` (see the module docstring); None when the
     front never reaches the level."""
     if not front_points or level < front_points[0][0]:
         return None
-    for (u0, l0), (u1, l1) in zip(front_points, front_points[1:]):
+    for (u0, l0, *_), (u1, l1, *_) in zip(front_points, front_points[1:]):
         if u0 <= level <= u1:
             return l0 if u1 == u0 else l0 + (l1 - l0) * (level - u0) / (u1 - u0)
     return front_points[-1][1]
 
 
-def family_fronts(pts: Sequence[Point], measure: str, means=None) -> dict[str, list[tuple[float, float]]]:
+def family_fronts(pts: Sequence[Point], measure: str, means=None) -> dict[str, list[tuple]]:
     """Each family's front for ``measure`` on the seed means (or on ``means``: (family,
-    config, epoch) -> {measure: value}, as a bootstrap replicate gives them)."""
+    config, epoch) -> {measure: value}, as a bootstrap replicate gives them), as
+    (utility, leakage, configuration, epoch) points."""
     if means is None:
         means = {key: {m: seed_mean([p.values[m] for p in group]).mean for m in (UTILITY, measure)}
                  for key, group in _groups(pts).items()}
-    by_family: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (family, _, _), values in means.items():
-        by_family[family].append((values[UTILITY], values[measure]))
-    return {family: front(coords) for family, coords in by_family.items()}
+    by_family: dict[str, list[tuple]] = defaultdict(list)
+    for (family, config, epoch), values in means.items():
+        by_family[family].append((values[UTILITY], values[measure], config, epoch))
+    return {family: front(candidates) for family, candidates in by_family.items()}
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ class Frontier:
         #: per family, the fewest seeds any of its configurations has
         self.seeds = {f: min(len(v) for (g, _), v in self.seeds_of.items() if g == f) for f in self.fronts}
         rng = np.random.default_rng(seed)
-        self.draws = [self._replicate(rng) for _ in range(bootstrap)]
+        several = any(len(v) >= 2 for v in self.seeds_of.values())  # one seed each: nothing to resample
+        self.draws = [self._replicate(rng) for _ in range(bootstrap)] if several else []
 
     def _replicate(self, rng: np.random.Generator) -> dict[str, list[tuple[float, float]]]:
         """Every family's front with each configuration's seeds resampled with

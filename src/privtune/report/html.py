@@ -42,6 +42,7 @@ from privtune.files import private_dir, private_file
 from privtune.report import attack_plots, exposure, plots
 from privtune.report.audit import audit_section
 from privtune.report.federated import federated_section
+from privtune.report.frontier_section import frontier_section
 from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
 )
@@ -970,6 +971,7 @@ PAGE = Template("""<!DOCTYPE html>
 <div class="cards">$cards</div>
 <p class="verdict">$verdict</p>
 $figures
+$frontier
 $audit
 $scrub
 $federated
@@ -1058,7 +1060,8 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
     version = meta.get("privtune") or meta.get("version")
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
-        verdict=escape(verdict(runs)), figures="\n".join(sections), audit=audit_section(runs),
+        verdict=escape(verdict(runs)), figures="\n".join(sections), frontier=frontier_section(runs),
+        audit=audit_section(runs),
         scrub=scrub_section(runs),
         federated=federated_section(runs), unlearn=unlearning_section(runs), timing=timing_section(runs),
         table=table(runs, RUN_COLUMNS), records=records_note(records_file),
