@@ -136,3 +136,19 @@ def test_one_family_or_a_single_seed_study_says_so_or_shows_nothing():
     assert frontier_section([run("lora", "lora", 0, [(3.0, 0.1)])]) == ""
     single = frontier_section([run("lora", "lora", 0, [(3.0, 0.1)]), run("fft", "fft", 0, [(2.0, 0.4)])])
     assert "One seed per configuration" in single and "lora never reaches this utility" in single
+
+
+def test_each_configuration_over_its_seeds_at_its_last_epoch_with_costs():
+    from privtune.report.frontier import configurations
+    from privtune.report.frontier_section import seeds_table
+
+    runs = [{**run("lora", "lora-r4", s, [(3.0, 0.3), (2.8, g)]), "efficiency": {"train_seconds": t}}
+            for s, (g, t) in enumerate([(0.1, 10.0), (0.2, 14.0), (0.15, 12.0)])]
+    figures = configurations(points(runs))[("lora", "lora-r4")]
+    expected = stats.t.interval(0.95, 2, loc=0.15, scale=stats.sem([0.1, 0.2, 0.15]))
+    gap = figures["memorisation_gap_net"]
+    assert (gap.mean, gap.low, gap.high, gap.n) == pytest.approx((0.15, *expected, 3))
+    assert figures["train_seconds"].mean == pytest.approx(12.0) and figures["utility_ce"].mean == pytest.approx(2.8)
+    assert math.isnan(figures["empirical_epsilon"].mean)
+    table = seeds_table(runs)
+    assert "0.150 <small>[" in table and "n=3" in table and "<td>lora-r4</td>" in table

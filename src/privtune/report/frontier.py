@@ -19,7 +19,8 @@ one point of a sweep), seen over its seeds; a *family* is the method (``fft``, `
   front rebuilt), and so is the difference between two families.
 
 The measures that exist only after training (the strongest attack's advantage, canary
-exposure, empirical ε) have one point per run, at its last epoch.
+exposure, empirical ε) have one point per run, at its last epoch, as do its costs
+(training time, FLOPs, peak memory), which the report shows beside the fronts.
 """
 
 from __future__ import annotations
@@ -76,11 +77,17 @@ def family_of(run: dict) -> str:
     return run["method"] + ("+scrub" if method.get("scrub") else "") + ("+fed" if method.get("federated") else "")
 
 
+#: What each configuration costs to train (final epoch only), shown beside the fronts.
+COST = {"train_seconds": "training time (s)", "flops_estimate": "training FLOPs", "peak_memory_bytes": "peak memory"}
+
+
 def _final_values(run: dict) -> dict:
     headline = strongest_attack(run)
     audit = run.get("empirical_epsilon") or {}
+    efficiency = run.get("efficiency") or {}
     return {"mia_advantage": headline.number("advantage") if headline is not None else math.nan,
-            "top_exposure": top_exposure(run)[1], "empirical_epsilon": number(audit.get("lower_bound"))}
+            "top_exposure": top_exposure(run)[1], "empirical_epsilon": number(audit.get("lower_bound")),
+            **{k: number(efficiency.get(k)) for k in COST}}
 
 
 def points(runs: Sequence[dict]) -> list[Point]:
@@ -94,8 +101,8 @@ def points(runs: Sequence[dict]) -> list[Point]:
         last = max((e["epoch"] for e in epochs), default=None)
         for row in epochs:
             values = {k: number(row.get(k)) for k in PER_EPOCH}
-            values.update(_final_values(run) if row["epoch"] == last else dict.fromkeys(LEAKAGE.keys() - PER_EPOCH,
-                                                                                         math.nan))
+            values.update(_final_values(run) if row["epoch"] == last
+                          else dict.fromkeys((LEAKAGE.keys() | COST.keys()) - PER_EPOCH, math.nan))
             out.append(Point(family_of(run), config, int(run.get("seed") or 0), int(row["epoch"]), values))
     return out
 
@@ -109,6 +116,17 @@ def seed_mean(values: Sequence[float], confidence: float = CONFIDENCE) -> SeedMe
         return SeedMean(float(x[0]), None, None, 1)
     half = student_t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return SeedMean(float(x.mean()), float(x.mean() - half), float(x.mean() + half), int(x.size))
+
+
+def configurations(pts: Sequence[Point]) -> dict[tuple[str, str], dict[str, SeedMean]]:
+    """Every (family, configuration) at its last epoch: each measure's mean over seeds."""
+    last: dict[tuple[str, str], int] = {}
+    for p in pts:
+        last[(p.family, p.config)] = max(p.epoch, last.get((p.family, p.config), 0))
+    names = [UTILITY, *LEAKAGE, *COST]
+    return {key: {m: seed_mean([p.values[m] for p in group]) for m in names}
+            for key, group in ((k, [p for p in pts if (p.family, p.config) == k and p.epoch == e])
+                               for k, e in last.items())}
 
 
 def _groups(pts: Sequence[Point]) -> dict[tuple[str, str, int], list[Point]]:

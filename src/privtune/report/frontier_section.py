@@ -14,7 +14,8 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from privtune.report.frontier import LEAKAGE, UTILITY, Frontier, Matched, finding, points, seed_mean
+from privtune.report.frontier import (COST, LEAKAGE, UTILITY, Frontier, Matched, SeedMean, configurations, finding,
+                                      points, seed_mean)
 from privtune.report.plots import EXTRA_COLORS, METHOD_COLORS, _figure, _figure_style
 
 #: The measures findings are written for (the others are in the table and the plot).
@@ -52,9 +53,12 @@ def _colors(families: Sequence[str]) -> dict[str, str]:
 @_figure_style
 def frontier_figure(shown: Sequence[Frontier]):
     """One panel per measure: each family's configurations at every epoch (faint, with
-    their seed intervals) and its front (a line)."""
+    their seed intervals; at the last epoch, the area shows the training time against the
+    slowest run's) and its front (a line)."""
     families = sorted({f for fr in shown for f in fr.fronts})
     colors = _colors(families)
+    slowest = max((p.values["train_seconds"] for fr in shown for g in fr.groups.values() for p in g
+                   if not math.isnan(p.values["train_seconds"])), default=math.nan)
     fig, axes = _figure(4.2 * len(shown), 3.6, ncols=len(shown))
     for ax, frontier in zip(axes[0], shown):
         for (family, _, _), group in frontier.groups.items():
@@ -63,7 +67,8 @@ def frontier_figure(shown: Sequence[Frontier]):
             if math.isnan(u.mean) or math.isnan(leak.mean):
                 continue
             yerr = [[leak.mean - leak.low], [leak.high - leak.mean]] if leak.low is not None else None
-            ax.errorbar(u.mean, leak.mean, yerr=yerr, fmt="o", color=colors[family], alpha=0.35, markersize=4)
+            ax.errorbar(u.mean, leak.mean, yerr=yerr, fmt="none", ecolor=colors[family], alpha=0.35)
+            ax.scatter(u.mean, leak.mean, s=_marker_area(group, slowest), color=colors[family], alpha=0.35)
         for family, front in sorted(frontier.fronts.items()):
             if front:
                 ax.plot([q[0] for q in front], [q[1] for q in front], "-o", color=colors[family], label=family,
@@ -72,6 +77,14 @@ def frontier_figure(shown: Sequence[Frontier]):
         ax.set_ylabel(LEAKAGE[frontier.measure] + "  ↓")
     axes[0][0].legend(fontsize=8)
     return fig
+
+
+def _marker_area(group, slowest: float) -> float:
+    """A point's marker area: by its training time (last epoch only; earlier epochs small)."""
+    seconds = seed_mean([p.values["train_seconds"] for p in group]).mean
+    if math.isnan(seconds) or math.isnan(slowest) or slowest <= 0:
+        return 16.0
+    return 16.0 + 200.0 * seconds / slowest
 
 
 def _cell(m: Matched) -> str:
@@ -88,6 +101,29 @@ def _table(frontier: Frontier) -> str:
                    + "</tr>" for level in frontier.levels())
     return (f"<h3>{escape(LEAKAGE[frontier.measure])}</h3>"
             f'<table class="side"><thead>{head}</thead><tbody>{rows}</tbody></table>')
+
+
+def _mean_cell(m: SeedMean, spec: str) -> str:
+    if math.isnan(m.mean):
+        return "–"
+    interval = f" <small>[{format(m.low, spec)}, {format(m.high, spec)}]</small>" if m.low is not None else ""
+    return f"{format(m.mean, spec)}{interval} <small>n={m.n}</small>"
+
+
+def seeds_table(runs: Sequence[dict]) -> str:
+    """Each configuration at its last epoch, every measure and cost as its mean over seeds
+    with a 95% interval and n."""
+    rows = configurations(points(runs))
+    if not rows:
+        return ""
+    measures = [(UTILITY, "utility CE", ".3f"), *((m, LEAKAGE[m].split(" (")[0], ".3f") for m in LEAKAGE),
+                ("train_seconds", COST["train_seconds"], ".0f"), ("flops_estimate", COST["flops_estimate"], ".2e")]
+    head = "<tr><th>family</th><th>configuration</th>" + "".join(f"<th>{escape(t)}</th>" for _, t, _ in measures)
+    body = "".join(f"<tr><td>{escape(family)}</td><td>{escape(config)}</td>"
+                   + "".join(f"<td>{_mean_cell(figures[m], spec)}</td>" for m, _, spec in measures) + "</tr>"
+                   for (family, config), figures in sorted(rows.items()))
+    return ("<h3>Each configuration over its seeds</h3>"
+            f'<div class="wide"><table class="side"><thead>{head}</tr></thead><tbody>{body}</tbody></table></div>')
 
 
 def frontier_section(runs: Sequence[dict]) -> str:
@@ -108,7 +144,7 @@ def frontier_section(runs: Sequence[dict]) -> str:
             "the families reach: its leakage is read off its Pareto front (linear between front points, never "
             "extrapolated past its best utility), with a 95% bootstrap interval over seeds.</p>"
             f'<img alt="privacy-utility fronts" src="data:image/png;base64,{png}">'
-            + "".join(_table(fr) for fr in shown)
+            + "".join(_table(fr) for fr in shown) + seeds_table(runs)
             + "<h3>Findings</h3><ul>" + "".join(f"<li>{escape(s)}</li>" for s in sentences) + "</ul></section>")
 
 
