@@ -74,6 +74,20 @@ def test_dc_pdd_equals_a_per_record_loop(population):
                 assert got[i] == pytest.approx(expected, rel=1e-5, nan_ok=True), (side, level, i)
 
 
+def test_dc_pdd_works_through_records_in_blocks_with_the_same_result(population, monkeypatch):
+    from privtune.attacks import token_frequency
+
+    _, tok, (members, nonmembers), _ = population
+    whole = reference_frequencies(members, nonmembers, len(tok))
+    positions = np.random.default_rng(0).random(whole[1].ids.shape) < 0.7
+    first = token_frequency.first_occurrences(whole[1].ids, positions)
+    monkeypatch.setattr(token_frequency, "BLOCK", 3)  # blocks of 3 records, the last one short
+    blocked = reference_frequencies(members, nonmembers, len(tok))
+    for a, b in zip(whole, blocked):
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.log_frequency, b.log_frequency)
+    assert np.array_equal(token_frequency.first_occurrences(whole[1].ids, positions), first)
+
+
 def test_recall_equals_a_per_record_loop_and_never_scores_its_prefix(population):
     model, _, (members, nonmembers), scores = population
     inputs = ModelAttackInputs(members, nonmembers, scores, CPU, batch_size=4, seed=5, recall_prefix_records=2)

@@ -36,10 +36,18 @@ def _real_tokens(data: EncodedDataset) -> np.ndarray:
     return np.where(data.attention_mask.numpy() == 1, data.input_ids.numpy(), -1)
 
 
+#: Records compared at once: the comparisons below are (rows, L, L) arrays, so at 128
+#: tokens a block of 512 records holds 8 MB of booleans, whatever the number of records.
+BLOCK = 512
+
+
 def _own_counts(tokens: np.ndarray) -> np.ndarray:
     """(N, L-1): how often each target token occurs among all real tokens of its own record."""
-    targets = tokens[:, 1:]
-    return ((targets[:, :, None] == tokens[:, None, :]) & (tokens[:, None, :] >= 0)).sum(axis=2)
+    out = np.zeros((tokens.shape[0], max(tokens.shape[1] - 1, 0)), dtype=np.int64)
+    for start in range(0, tokens.shape[0], BLOCK):
+        block = tokens[start:start + BLOCK]
+        out[start:start + BLOCK] = ((block[:, 1:, None] == block[:, None, :]) & (block[:, None, :] >= 0)).sum(axis=2)
+    return out
 
 
 def reference_frequencies(members: EncodedDataset, nonmembers: EncodedDataset,
@@ -69,5 +77,9 @@ def first_occurrences(ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(N, L-1) bool: the positions whose token id occurs at no earlier position of ``positions``."""
     width = ids.shape[1]
     earlier = np.tril(np.ones((width, width), dtype=bool), k=-1)  # [t, s]: s < t
-    repeated = ((ids[:, :, None] == ids[:, None, :]) & earlier[None] & positions[:, None, :]).any(axis=2)
+    repeated = np.zeros(ids.shape, dtype=bool)
+    for start in range(0, ids.shape[0], BLOCK):  # (rows, L, L) at a time, as in _own_counts
+        rows = slice(start, start + BLOCK)
+        repeated[rows] = ((ids[rows, :, None] == ids[rows, None, :]) & earlier[None]
+                          & positions[rows, None, :]).any(axis=2)
     return positions & ~repeated
