@@ -15,12 +15,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from privtune.config import ClientDPSettings, DPSettings, FederatedSettings
+from privtune.config import DPSettings
 from privtune.data.records import Record
 from privtune.data.tokenize import EncodedDataset
 from privtune.models.tiny import tiny_model
 from privtune.train import dp, streams
-from privtune.train.federated import FederatedResult, _strategy, plan_client_privacy
 from privtune.train.loop import TrainPlan, train
 from privtune.train.precision import resolve_runtime
 

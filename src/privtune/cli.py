@@ -193,14 +193,11 @@ def audit_dp(engine: list[str] = typer.Option(None, "--engine", help="DP engine 
     released gradients (Steinke et al., 2023). A correct engine's bound stays below the
     claimed ε; exit code 1 if one does not, or if --self-test's broken engines go unseen.
     """
-    import json
-
     from privtune.auditing.whitebox import FAULTS, MechanismSettings, audit_engine
     from privtune.train.dp import DP_ENGINES
 
     for name in engine or []:
-        if name not in DP_ENGINES:
-            raise PrivtuneError(f"unknown DP engine {name!r}", f"use one of: {', '.join(DP_ENGINES)}")
+        DP_ENGINES.lookup(name)  # an unknown engine is a one-line error
     settings = MechanismSettings(canaries=canaries, sample_rate=sample_rate, steps=steps,
                                  noise_multiplier=noise_multiplier, delta=delta, seed=seed)
     faults = (None, *FAULTS) if self_test else (None,)

@@ -55,6 +55,7 @@ from privtune.attacks.model_attacks import MODEL_ATTACKS, LevelScores
 from privtune.attacks.token_frequency import TokenFrequencies, first_occurrences
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
+from privtune.registry import Registry
 from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
 
 
@@ -72,23 +73,9 @@ class AttackInputs:
 
 
 Attack = Callable[[AttackInputs], np.ndarray]
-ATTACKS: dict[str, Attack] = {}
-
-
-def register_attack(name: str):
-    def decorate(fn: Attack) -> Attack:
-        if name in ATTACKS:
-            raise ValueError(f"attack {name!r} is registered twice")
-        ATTACKS[name] = fn
-        return fn
-    return decorate
-
-
-def get_attack(name: str) -> Attack:
-    try:
-        return ATTACKS[name]
-    except KeyError:
-        raise PrivtuneError(f"unknown attack {name!r}", f"use one of: {', '.join(ATTACKS)}") from None
+ATTACKS: Registry[Attack] = Registry("attack")
+register_attack = ATTACKS.register
+get_attack = ATTACKS.lookup
 
 
 def _mean_of_lowest(values: np.ndarray, positions: np.ndarray, k: float) -> np.ndarray:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
+from privtune.registry import Registry
 from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
 from privtune.models.forward import token_logits
 from privtune.train.precision import Runtime
@@ -70,16 +71,8 @@ class ModelAttackInputs:
 #: level -> (scores of the members, scores of the non-members), NaN where not scored
 LevelScores = dict[str, tuple[np.ndarray, np.ndarray]]
 ModelAttack = Callable[[torch.nn.Module, ModelAttackInputs], LevelScores]
-MODEL_ATTACKS: dict[str, ModelAttack] = {}
-
-
-def register_model_attack(name: str):
-    def decorate(fn: ModelAttack) -> ModelAttack:
-        if name in MODEL_ATTACKS:
-            raise ValueError(f"model attack {name!r} is registered twice")
-        MODEL_ATTACKS[name] = fn
-        return fn
-    return decorate
+MODEL_ATTACKS: Registry[ModelAttack] = Registry("model attack")
+register_model_attack = MODEL_ATTACKS.register
 
 
 def recall_prefix_rows(nonmembers: EncodedDataset, n: int, seed: int) -> tuple[list[int], np.ndarray]:
@@ -187,8 +180,4 @@ def gradnorm_attack(model: torch.nn.Module, x: ModelAttackInputs) -> LevelScores
     return {level: (np.array(m, dtype=float), np.array(nm, dtype=float)) for level, (m, nm) in out.items()}
 
 
-def get_model_attack(name: str) -> ModelAttack:
-    try:
-        return MODEL_ATTACKS[name]
-    except KeyError:
-        raise PrivtuneError(f"unknown model attack {name!r}", f"use one of: {', '.join(MODEL_ATTACKS)}") from None
+get_model_attack = MODEL_ATTACKS.lookup

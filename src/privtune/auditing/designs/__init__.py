@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from privtune.data.records import Record, Span
-from privtune.errors import PrivtuneError
+from privtune.registry import Registry
 
 #: The label of an audit canary's secret span.
 AUDIT_LABEL = "AUDIT_CANARY"
@@ -85,17 +85,8 @@ def design_key(design: str) -> int:
 
 
 Design = Callable[[DesignInputs], list[Record]]
-DESIGNS: dict[str, Design] = {}
-
-
-def register_canary_design(name: str) -> Callable[[Design], Design]:
-    """Record a design under ``name`` (a name may be registered once)."""
-    def add(design: Design) -> Design:
-        if name in DESIGNS:
-            raise ValueError(f"audit canary design {name!r} is registered twice")
-        DESIGNS[name] = design
-        return design
-    return add
+DESIGNS: Registry[Design] = Registry("audit canary design")
+register_canary_design = DESIGNS.register
 
 
 #: The record ``meta`` key of a design's note: how it fell back where it could not apply as designed.
@@ -116,9 +107,7 @@ def audit_record(index: int, prefix: str, secret: str, suffix: str, design: str 
 
 def make_audit_canaries(design: str, inputs: DesignInputs) -> list[Record]:
     """``inputs.count`` audit canaries of ``design``."""
-    if design not in DESIGNS:
-        raise PrivtuneError(f"unknown audit canary design {design!r}", f"use one of: {', '.join(DESIGNS)}")
-    records = DESIGNS[design](inputs)
+    records = DESIGNS.lookup(design)(inputs)
     if len(records) != inputs.count or len({r.individual for r in records}) != inputs.count:
         raise ValueError(f"design {design!r} gave {len(records)} canaries of distinct individuals, "
                          f"not {inputs.count}")

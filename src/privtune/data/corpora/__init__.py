@@ -18,6 +18,7 @@ from typing import Callable
 
 from privtune.data.records import Record, Span
 from privtune.errors import PrivtuneError
+from privtune.registry import Registry
 
 #: Labels the built-in corpora use; every span carries one of them.
 LABELS: tuple[str, ...] = (
@@ -28,19 +29,9 @@ LABELS: tuple[str, ...] = (
 CorpusFn = Callable[[int, int], list[Record]]
 
 #: name -> generator ``(n_individuals, seed) -> records``.
-CORPORA: dict[str, CorpusFn] = {}
-
-
-def register_corpus(name: str) -> Callable[[CorpusFn], CorpusFn]:
-    """Decorator: make a generator available to :func:`generate_corpus` as ``name``."""
-
-    def deco(fn: CorpusFn) -> CorpusFn:
-        if name in CORPORA:
-            raise ValueError(f"corpus {name!r} registered twice")
-        CORPORA[name] = fn
-        return fn
-
-    return deco
+CORPORA: Registry[CorpusFn] = Registry("corpus", alternative="or a path to a .jsonl/.csv file", sort=True)
+#: Decorator: make a generator available to :func:`generate_corpus` as ``name``.
+register_corpus = CORPORA.register
 
 
 def generate_corpus(name: str, n_individuals: int, seed: int) -> list[Record]:
@@ -49,13 +40,11 @@ def generate_corpus(name: str, n_individuals: int, seed: int) -> list[Record]:
     Raises:
         PrivtuneError: unknown ``name`` or ``n_individuals`` < 1.
     """
-    if name not in CORPORA:
-        raise PrivtuneError(f"unknown corpus '{name}'",
-                            f"use one of: {', '.join(sorted(CORPORA))}, or a path to a .jsonl/.csv file")
+    generate = CORPORA.lookup(name)
     if n_individuals < 1:
         raise PrivtuneError(f"n_individuals must be at least 1, got {n_individuals}",
                             "ask for one or more individuals")
-    return CORPORA[name](n_individuals, seed)
+    return generate(n_individuals, seed)
 
 
 def individual_rng(corpus: str, seed: int, index: int) -> random.Random:

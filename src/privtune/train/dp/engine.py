@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from privtune.errors import PrivtuneError
+from privtune.registry import Registry
 from privtune.train.dp.grouping import Grouping
 from privtune.train.dp.sampling import NoiseSource, as_noise_source
 
@@ -167,7 +168,7 @@ class PerSampleClipper(ABC):
 
 
 # ---------------------------------------------------------------------- registry
-DP_ENGINES: dict[str, type[PerSampleClipper]] = {}
+DP_ENGINES: Registry[type[PerSampleClipper]] = Registry("DP engine")
 
 
 def register_engine(name: str):
@@ -178,21 +179,14 @@ def register_engine(name: str):
     """
 
     def add(cls: type[PerSampleClipper]) -> type[PerSampleClipper]:
-        if name in DP_ENGINES:
-            raise ValueError(f"DP engine {name!r} is registered twice")
         if not issubclass(cls, PerSampleClipper):
             raise TypeError(f"{cls.__name__} is not a PerSampleClipper")
         cls.name = name
-        DP_ENGINES[name] = cls
-        return cls
+        return DP_ENGINES.register(name)(cls)
 
     return add
 
 
 def make_clipper(name: str) -> PerSampleClipper:
     """A fresh clipper of the engine called ``name``."""
-    try:
-        cls = DP_ENGINES[name]
-    except KeyError:
-        raise PrivtuneError(f"unknown DP engine {name!r}", f"use one of: {', '.join(DP_ENGINES)}") from None
-    return cls()
+    return DP_ENGINES.lookup(name)()
