@@ -24,7 +24,7 @@ def study(tmp_path, audit=None):
     return parse_config({
         "name": "designs", "model": MODEL, "output_dir": str(tmp_path / "out"),
         "data": {"source": "customer-sim", "n_individuals": 16, "max_length": 64},
-        "privacy_audit": {"enabled": True, "canaries": M, **(audit or {})},
+        "privacy_audit": {"enabled": True, "canaries": M, "design": "random", **(audit or {})},
         "methods": [{"method": "fft"}], "precision": "fp32",
     })
 
@@ -132,6 +132,19 @@ def test_sampled_secrets_are_the_base_model_s_continuations_and_leave_the_prompt
         assert not any(m.text[:40] in r.text for m in members)  # the member's text is the prompt only
     with pytest.raises(ValueError, match="corpus"):
         make_audit_canaries("sampled", DesignInputs(M, 0, (), MODEL))
+
+
+def test_sampled_prompts_hold_the_members_text_with_every_sensitive_value_replaced_by_its_type(members, monkeypatch):
+    from privtune.auditing.designs import sampled
+
+    prompts = []
+    real = sampled.sample_secrets
+    monkeypatch.setattr(sampled, "sample_secrets", lambda loaded, batch, gens: prompts.extend(batch) or
+                        real(loaded, batch, gens))
+    canaries("sampled", members)
+    values = {value for m in members for _, value in m.span_values()}
+    assert len(prompts) == M and any("[NAME]" in p for p in prompts)
+    assert not [v for p in prompts for v in values if len(v) > 3 and v in p]
 
 
 def test_a_design_that_reads_the_model_says_so_when_it_has_none(members):

@@ -111,10 +111,11 @@ class PrivacyAuditConfig(_Strict):
     canaries: int = Field(200, description="m audit canaries, each trained on with probability 1/2 (at least 20; "
                                            "more gives a higher attainable bound: perfectly separated scores "
                                            "give at most 3.0 with 200, 4.5 with 1000, at δ 1e-5)")
-    design: str = Field("random", description="how the canaries are written (privtune.auditing.designs): random "
-                                              "(a random 10-digit secret in a template), unlikely-token (words the base "
-                                              "model least expects), bigram (words rarest in the data), sampled (text "
-                                              "the base model samples at temperature 1.5)")
+    design: str = Field("sampled", description="how the canaries are written (privtune.auditing.designs): sampled "
+                                               "(text the base model samples at temperature 1.5: the strongest measured, "
+                                               "README 'Canary designs'), random (a random 10-digit secret in a template), "
+                                               "unlikely-token (words the base model least expects), bigram (words "
+                                               "rarest in the data), new-token (tokens the base model never learnt)")
     compare_designs: list[str] = Field(default_factory=list, description="more designs to plant beside design, each "
                                        "with its own m canaries and its own bound, from the same runs (to choose a "
                                        "design: each adds about m/2 training records)")

@@ -4,10 +4,12 @@ Mitchell and Andrew (*Advancing the State-of-the-Art in Empirical Privacy Auditi
 2026) audit with synthetic canaries sampled at high temperature from a language model
 prompted with the domain: in-domain enough to be learnt the way the data is (which suits
 parameter-efficient fine-tuning, whose adapters learn the domain), unlikely enough that
-no two canaries are alike. Here the prompt is a member's text (the domain), then the
-canary's own prefix; the base model samples :data:`SECRET_TOKENS` tokens at
-:data:`TEMPERATURE` from the full distribution (no special tokens), and the canary is the
-prefix and that text. The member's text is only the prompt: it is not in the canary.
+no two canaries are alike. Here the prompt is a member's text with its sensitive values
+replaced by their type (``[NAME]``, ``[EMAIL]``: the domain, without anyone's data, so a
+canary cannot copy a person's value into the training set), then the canary's own prefix;
+the base model samples :data:`SECRET_TOKENS` tokens at :data:`TEMPERATURE` from the full
+distribution (no special tokens), and the canary is the prefix and that text. The
+member's text is only the prompt: it is not in the canary.
 Sampling draws from the canary's own stream, one canary at a time, so a canary does not
 depend on how many others there are or on which it is batched with.
 """
@@ -22,6 +24,7 @@ from privtune.auditing.designs import DesignInputs, audit_record, register_canar
 from privtune.auditing.designs.word_tokens import content_rng
 from privtune.auditing.designs.random_secret import WORDS
 from privtune.data.records import Record
+from privtune.data.scrub import placeholder, scrub_record
 
 NAME = "sampled"
 SECRET_TOKENS = 12
@@ -71,7 +74,8 @@ def sampled_secrets(inputs: DesignInputs) -> list[Record]:
     prefixes, prompts, generators = [], [], []
     for i in range(inputs.count):
         rng = content_rng(inputs, NAME, i)
-        domain = rng.choice(inputs.corpus).text[:PROMPT_CHARS]
+        member = rng.choice(inputs.corpus)
+        domain = scrub_record(member, member.spans, placeholder).text[:PROMPT_CHARS]
         prefixes.append(prompt_prefix(rng))
         prompts.append(f"{domain}\n\n{prefixes[-1]}")
         generators.append(torch.Generator().manual_seed(rng.getrandbits(63)))
