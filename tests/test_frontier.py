@@ -74,7 +74,7 @@ def test_a_clear_difference_is_significant_and_the_sentence_says_so():
     diff = frontier.difference("lora", "fft", 2.5)
     assert diff[0] == pytest.approx(a.value - b.value) and diff[2] < 0
     text = finding("memorisation_gap_net", 2.5, a, b, diff)
-    assert text.startswith("At utility CE ≤ 2.50, lora's net memorisation gap is ") and "is significant." in text
+    assert text.startswith("At utility CE ≤ 2.500, lora's net memorisation gap is ") and "is significant." in text
 
 
 def test_no_difference_is_not_significant_and_the_sentence_says_so():
@@ -92,7 +92,7 @@ def test_a_family_that_never_reaches_a_level_is_said_to_and_not_compared():
     dp, fft = frontier.at("dp-lora", 2.5), frontier.at("fft", 2.5)
     assert not dp.reached and frontier.difference("dp-lora", "fft", 2.5) is None
     assert finding("memorisation_gap_net", 2.5, dp, fft, None) == (
-        "At utility CE ≤ 2.50, dp-lora never reaches this utility: no comparison (never extrapolated).")
+        "At utility CE ≤ 2.500, dp-lora never reaches this utility: no comparison (never extrapolated).")
     # at the level dp-lora reaches, fft is read off its own front (its best point there)
     assert frontier.at("fft", 3.2).value == pytest.approx(frontier.fronts["fft"][-1][1])
 
@@ -119,7 +119,7 @@ def test_the_report_section_and_frontier_json_hold_the_fronts_the_table_and_the_
             for family, gap in (("lora", 0.05), ("fft", 0.2)) for s in range(3)]
     section = frontier_section(runs)
     assert section.startswith('<section id="frontier"><h2>Leakage at matched utility</h2>')
-    assert "At utility CE ≤ 2.50, lora&#x27;s net memorisation gap is" in section and "is significant." in section
+    assert "At utility CE ≤ 2.500, lora&#x27;s net memorisation gap is" in section and "is significant." in section
     assert "One seed per configuration" not in section and "n=3" in section
     assert '<section id="frontier">' in render_html(runs, title="t", meta={})
     saved = json.loads(write_frontier(runs, tmp_path / "frontier.json").read_text())

@@ -255,7 +255,7 @@ def finding(measure: str, level: float, a: Matched, b: Matched,
             diff: tuple[float, float | None, float | None] | None) -> str:
     """One sentence comparing two families at a utility level, from the figures alone."""
     name = LEAKAGE[measure].split(" (")[0]
-    head = f"At utility CE ≤ {level:.2f}"
+    head = f"At utility CE ≤ {level:.3f}"
     for m in (a, b):
         if not m.reached:
             return f"{head}, {m.family} never reaches this utility: no comparison (never extrapolated)."
