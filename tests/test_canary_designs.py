@@ -238,9 +238,12 @@ def test_a_study_comparing_designs_bounds_each_on_its_own_canaries_and_reports_t
     from privtune.report.html import render_html
     from privtune.study.driver import open_store, run_study
 
+    from privtune.config import MethodSpec
+
     cfg = study(tmp_path, {"compare_designs": ["new-token", "sampled"]}).model_copy(update={
         "canaries": study(tmp_path).canaries.model_copy(update={"enabled": False}),
-        "attacks": study(tmp_path).attacks.model_copy(update={"enabled": False}), "save_artifacts": False})
+        "attacks": study(tmp_path).attacks.model_copy(update={"enabled": False}), "save_artifacts": False,
+        "methods": [MethodSpec(method="fft"), MethodSpec(method="lora", lr=1e-2)]})
     assert run_study(cfg, show_progress=False).failed == {}
     store = open_store(cfg)
     runs = {r["label"]: r for r in store.runs("designs")}
@@ -252,5 +255,8 @@ def test_a_study_comparing_designs_bounds_each_on_its_own_canaries_and_reports_t
         assert (len(entry["in_scores"]), len(entry["out_scores"])) == (sum(coins), M - sum(coins))
         assert entry["design"] == design and 0 <= entry["auc"] <= 1
     assert audit["compared_designs"]["new-token"]["design_note"] == new_token.FALLBACK_NOTE
+    # LoRA leaves the embeddings frozen: its new-token audit says so, fft's does not
+    lora_note = runs["lora"]["empirical_epsilon"]["compared_designs"]["new-token"]["design_note"]
+    assert lora_note == f"{new_token.FALLBACK_NOTE}; {new_token.FROZEN_NOTE}"
     page = render_html(list(runs.values()), title="t", meta={})
     assert "Canary designs compared" in page and new_token.FALLBACK_NOTE in page

@@ -34,9 +34,9 @@ def _one_of(kind: str, name: str, names) -> str:
 
 def _check_axis(name: str, value, ok, bound: str) -> None:
     """A setting that may be one value or a sweep (a list): every value must pass ``ok``."""
-    values = value if isinstance(value, list) else [value]
     if value is None:
         return
+    values = value if isinstance(value, list) else [value]
     if not values or len(set(values)) < len(values) or not all(ok(v) for v in values):
         raise ValueError(f"{name} must be {bound} (or a list of distinct such values), got {value}")
 
@@ -111,11 +111,11 @@ class PrivacyAuditConfig(_Strict):
     canaries: int = Field(200, description="m audit canaries, each trained on with probability 1/2 (at least 20; "
                                            "more gives a higher attainable bound: perfectly separated scores "
                                            "give at most 3.0 with 200, 4.5 with 1000, at δ 1e-5)")
-    design: str = Field("sampled", description="how the canaries are written (privtune.auditing.designs): sampled "
-                                               "(text the base model samples at temperature 1.5: the strongest measured, "
-                                               "README 'Canary designs'), random (a random 10-digit secret in a template), "
-                                               "unlikely-token (words the base model least expects), bigram (words "
-                                               "rarest in the data), new-token (tokens the base model never learnt)")
+    design: str = Field("sampled", description="how the canaries are written (privtune.auditing.designs): "
+                        "sampled (text the base model samples at temperature 1.5: the strongest measured, README "
+                        "'Canary designs'), random (a random 10-digit secret in a template), unlikely-token (words "
+                        "the base model least expects), bigram (words rarest in the data), new-token (tokens the "
+                        "base model never learnt)")
     compare_designs: list[str] = Field(default_factory=list, description="more designs to plant beside design, each "
                                        "with its own m canaries and its own bound, from the same runs (to choose a "
                                        "design: each adds about m/2 training records)")

@@ -41,8 +41,8 @@ class Registry(Mapping[str, T], Generic[T]):
         """The implementation called ``name``; an unknown name is a :class:`PrivtuneError`."""
         if name not in self._items:
             names = sorted(self._items) if self.sort else list(self._items)
-            raise PrivtuneError(f"unknown {self.kind} {name!r}",
-                                f"use one of: {', '.join(names)}" + (f", {self.alternative}" if self.alternative else ""))
+            also = f", {self.alternative}" if self.alternative else ""
+            raise PrivtuneError(f"unknown {self.kind} {name!r}", f"use one of: {', '.join(names)}{also}")
         return self._items[name]
 
     def __getitem__(self, name: str) -> T:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from privtune.attacks.metrics import auc_interval, auc_score, tpr_at_fpr
-from privtune.auditing.designs import DESIGN_NOTE, DesignInputs, design_key, design_of, make_audit_canaries
+from privtune.auditing.designs import (DESIGN_NOTE, DesignInputs, design_key, design_of, make_audit_canaries,
+                                       new_token)
 from privtune.auditing.one_run import empirical_epsilon
 from privtune.data.records import Record
 from privtune.measures.token_scores import TokenScores
@@ -105,6 +106,24 @@ def audit_delta(settings, dp: dict | None) -> tuple[float, str]:
     if dp and dp.get("delta") is not None:
         return float(dp["delta"]), "the run's DP δ"
     return DEFAULT_DELTA, f"{DEFAULT_DELTA:g}: the run has no DP δ"
+
+
+def embeddings_frozen(model) -> bool | None:
+    """Whether ``model`` left its input embeddings untrained (None: it has none to ask)."""
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return not any(p.requires_grad for p in table.parameters())
+
+
+def run_notes(records: list[Record], frozen_embeddings: bool | None) -> dict[str, str]:
+    """Each design's notes for one run: its fallback, and for new-token canaries a run
+    that left the embeddings frozen (:data:`~privtune.auditing.designs.new_token.FROZEN_NOTE`)."""
+    notes = design_notes(records)
+    if frozen_embeddings and any(design_of(r) == new_token.NAME for r in records):
+        notes[new_token.NAME] = "; ".join(filter(None, (notes.get(new_token.NAME), new_token.FROZEN_NOTE)))
+    return notes
 
 
 def audit_result(scores, trained, *, settings, dp: dict | None, seed: int, designs=None,

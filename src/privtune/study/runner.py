@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from privtune.auditing.designs import design_of
-from privtune.auditing.study_audit import audit_result, canary_scores, design_notes, not_audited
+from privtune.auditing.study_audit import audit_result, canary_scores, embeddings_frozen, not_audited, run_notes
 from privtune.config import MethodSpec, StudyConfig
 from privtune.data.tokenize import EncodedDataset, encode_records
 from privtune.files import private_dir
@@ -189,7 +189,7 @@ class StudyContext:
             scores = canary_scores(self.score(model, canaries), self._base_audit_scores)
             return audit_result(scores, self.data.audit_trained, settings=self.cfg.privacy_audit, dp=dp,
                                 seed=self.cfg.data.seed, designs=[design_of(r) for r in canaries.records],
-                                notes=design_notes(canaries.records))
+                                notes=run_notes(canaries.records, embeddings_frozen(model)))
 
 
 def execute_run(ctx: StudyContext, spec: RunSpec, on_epoch: EpochCallback = lambda e, m: None,

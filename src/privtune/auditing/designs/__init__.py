@@ -7,9 +7,10 @@ A design is one file in this package, registered where it is defined with
 canaries (Panda et al., *Privacy Auditing of Large Language Models*, ICLR 2025): the
 designs here are ``random`` (the baseline), ``unlikely-token`` (secrets of the words the
 base model least expects), ``bigram`` (of words a bigram model of the fine-tuning data
-finds least likely), ``new-token`` (of tokens the base model never learnt) and ``sampled`` (text the base model writes at a high temperature,
-after Mitchell and Andrew, 2026). Every file must be imported at the bottom of this
-module: registration happens at import.
+finds least likely), ``new-token`` (of tokens the base model never learnt) and
+``sampled`` (text the base model writes at a high temperature, after Mitchell and
+Andrew, 2026). Every file must be imported at the bottom of this module: registration
+happens at import.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Panda et al. (ICLR 2025) get their strongest audits from canaries made of tokens new to
 the model: tokens added to the vocabulary, or unused ones it already has (Llama 3's and
-Gemma's reserved tokens). The model knows nothing of them, so what a fine-tuned model
-knows of a secret it learnt from the canary. privtune uses the unused ones: adding
+Gemma's reserved tokens). The model knows nothing of them, so whatever a fine-tuned
+model knows of such a secret, it learnt from the canary. privtune uses the unused ones: adding
 tokens would change the vocabulary, and with it every run, the base model's scores and
 the saved artefacts of a study, for the sake of its audit. A vocabulary with enough
 reserved tokens (named ``reserved`` or ``unused``) gives the pool; one without (SmolLM2,
@@ -12,9 +12,11 @@ nearest the mean embedding (the indicator of under-trained tokens of Land and Ba
 *Fishing for Magikarp*, 2024), and every canary says so in its ``design_note``, which
 the run's audit result repeats.
 
-Rows that stay frozen (LoRA and the other adapters leave the embeddings as they are)
-still work: the model learns to predict a token through its hidden states, as it learns
-any other.
+The design needs trainable embedding rows: under LoRA and the other adapters the rows
+stay frozen, a model can only learn the tokens through its hidden states, and measured
+on SmolLM2 it barely does (README "Canary designs": LoRA's AUC 0.53). A run whose
+embeddings were frozen says so in its result (:data:`FROZEN_NOTE`); its canaries stay
+those of the study, so every run is audited on the same canaries.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ RESERVED = re.compile(r"reserved|unused", re.IGNORECASE)
 #: Share of the word tokens in the fallback pool, and the fewest tokens a pool holds.
 POOL_SHARE = 0.05
 MIN_POOL = 4 * SECRET_TOKENS
+FROZEN_NOTE = ("this run left the input embeddings frozen, so it could learn these tokens only through its hidden "
+               "states: a weak audit of it (use the sampled design for adapter methods)")
 FALLBACK_NOTE = ("no reserved tokens in this vocabulary: the secrets are the word tokens whose input embeddings are "
                  "least trained (nearest the mean embedding), not tokens new to the model")
 

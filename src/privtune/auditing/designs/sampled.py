@@ -10,8 +10,8 @@ canary cannot copy a person's value into the training set), then the canary's ow
 the base model samples :data:`SECRET_TOKENS` tokens at :data:`TEMPERATURE` from the full
 distribution (no special tokens), and the canary is the prefix and that text. The
 member's text is only the prompt: it is not in the canary.
-Sampling draws from the canary's own stream, one canary at a time, so a canary does not
-depend on how many others there are or on which it is batched with.
+Each canary samples with a generator of its own, seeded from its own stream, so a canary
+does not depend on how many others there are or on which it is batched with.
 """
 
 from __future__ import annotations
