@@ -121,7 +121,8 @@ def test_the_loop_counts_the_positions_it_computes(method, engine):
     with counter() as flops:
         result = train(model, data, TrainPlan(epochs=1, batch_size=2, physical_batch_size=2, lr=1e-3,
                                               weight_decay=0.0, seed=0, dp=dp_settings), CPU)
-    assert result.positions == result.records * data.input_ids.shape[1] > result.tokens
+    # each batch is computed at its longest record's width: padding after it is never computed
+    assert result.tokens <= result.positions <= result.records * data.input_ids.shape[1]
     estimated = training_flops(profile, result.records, result.positions, engine)
     assert estimated == pytest.approx(flops.get_total_flops(), rel=0.10)
 

@@ -202,9 +202,10 @@ def training_flops(profile: FlopProfile, records: int, positions: int, dp_engine
     """Estimated matmul FLOPs of training on ``records`` padded records of ``positions``
     positions in all, forward and backward, with ``dp_engine``'s clipping work per record
     for a DP-SGD run, plus ``forward_records`` of ``forward_positions`` run forward only
-    (a frozen reference model of the same shape). Exact where every batch has one width,
-    as in the training loop (the data set is padded to its longest record); unlearning
-    mixes the forget and retain sets' widths, and attention then uses the mean width."""
+    (a frozen reference model of the same shape). The linear layers' FLOPs are exact;
+    attention's use the mean width, exact where every batch has one width and a slight
+    underestimate where widths differ (the training loop cuts each batch to its longest
+    record; unlearning mixes the forget and retain sets' widths)."""
     flops = 0.0
     if records:
         width = positions / records

@@ -84,10 +84,11 @@ class TrainResult:
     privacy: PrivacySetup | None = None
 
     def count(self, data: EncodedDataset, rows: torch.Tensor) -> None:
-        """Add a physical batch of ``data``'s ``rows``, trained on (forward and backward)."""
+        """Add a physical batch of ``data``'s ``rows``, trained on (forward and backward),
+        at the width the loop computes it (:func:`batch_width`)."""
         self.tokens += int(data.attention_mask[rows].sum())
         self.records += rows.numel()
-        self.positions += rows.numel() * data.input_ids.shape[1]
+        self.positions += rows.numel() * batch_width(data, rows)
 
     def count_forward(self, data: EncodedDataset, rows: torch.Tensor) -> None:
         """Add a forward pass alone over ``data``'s ``rows``."""
@@ -181,11 +182,16 @@ def train(model: torch.nn.Module, data: EncodedDataset, plan: TrainPlan, runtime
     return result
 
 
+def batch_width(data: EncodedDataset, rows: torch.Tensor) -> int:
+    """The positions a batch of ``rows`` is computed at: its longest record (rows are
+    right-padded and the model causal, so the padding after a record changes only the
+    work; audit canaries are a quarter of the width of customer-sim's records)."""
+    return max(2, int(data.attention_mask[rows].sum(dim=1).max())) if len(rows) else data.input_ids.shape[1]
+
+
 def _forward_loss(module, data: EncodedDataset, labels, rows, runtime: Runtime) -> torch.Tensor:
-    """Each record's loss, the batch cut to its longest record: rows are right-padded and
-    the model causal, so the padding after a record changes only the work (audit canaries
-    are a quarter of the width of customer-sim's records)."""
-    used = max(2, int(data.attention_mask[rows].sum(dim=1).max())) if len(rows) else data.input_ids.shape[1]
+    """Each record's loss, the batch cut to its longest record (:func:`batch_width`)."""
+    used = batch_width(data, rows)
     ids = data.input_ids[rows, :used].to(runtime.device)
     attn = data.attention_mask[rows, :used].to(runtime.device)
     with runtime.autocast():
