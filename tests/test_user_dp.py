@@ -224,7 +224,7 @@ class _Spy(GhostClipper):
 def test_the_loop_samples_and_clips_people(monkeypatch):
     persons = [0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 5]
     data = people_data(persons)
-    monkeypatch.setitem(dp.DP_ENGINES, "privtune", _Spy)
+    monkeypatch.setitem(dp.DP_ENGINES._items, "privtune", _Spy)  # the registry is read-only by design
     _Spy.seen = []
     plan = TrainPlan(epochs=2, batch_size=6, physical_batch_size=2, lr=1e-2, weight_decay=0.0, seed=0,
                      dp=DPSettings(noise_multiplier=1.0, accountant="rdp"))
