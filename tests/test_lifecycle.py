@@ -22,14 +22,22 @@ from test_cli import run_cli
 from test_faults import fast_study
 
 
-def _running_rows(db) -> int:
+def _running_rows(db, label: str | None = None) -> int:
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=30) as conn:
-            return conn.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+            return conn.execute("SELECT COUNT(*) FROM runs WHERE status='running' AND label LIKE ?",
+                                (label or "%",)).fetchone()[0]
     except sqlite3.OperationalError:  # the table is not there yet
         return 0
+
+
+def _slow_study(tmp_path):
+    """The fast study with runs long enough (20 epochs) that a signal sent while ``fft``
+    runs lands before the study ends: tiny runs otherwise finish in a fraction of a second,
+    and the whole study can end between the poll that sees a run and the signal."""
+    return fast_study(tmp_path, train={"epochs": 20, "batch_size": 4, "physical_batch_size": 4})
 
 
 def _start_cli(tmp_path, cfg, *args):
@@ -49,7 +57,7 @@ def _start_cli(tmp_path, cfg, *args):
 
 @pytest.mark.slow
 def test_ctrl_c_with_output_in_files_says_how_to_resume(tmp_path):
-    proc = _start_cli(tmp_path, fast_study(tmp_path))
+    proc = _start_cli(tmp_path, _slow_study(tmp_path))
     _wait_for_a_running_run(proc, tmp_path / "out" / "privtune.db", tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
@@ -57,16 +65,17 @@ def test_ctrl_c_with_output_in_files_says_how_to_resume(tmp_path):
     assert stderr.strip() == "interrupted: finished runs are saved; rerun the same command to resume."
 
 
-def _wait_for_a_running_run(proc, db, tmp_path):
+def _wait_for_a_running_run(proc, db, tmp_path, label: str = "fft"):
+    """Until ``label`` (the first trained run: two more follow it) is running."""
     deadline = time.time() + 120
-    while not _running_rows(db) and proc.poll() is None and time.time() < deadline:
+    while not _running_rows(db, label) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()  # a run is under way
 
 
 @pytest.mark.slow
 def test_a_run_whose_driver_was_killed_shows_as_interrupted_everywhere(tmp_path, monkeypatch, capsys):
-    cfg = fast_study(tmp_path)
+    cfg = _slow_study(tmp_path)
     proc = _start_cli(tmp_path, cfg)
     db = tmp_path / "out" / "privtune.db"
     _wait_for_a_running_run(proc, db, tmp_path)
