@@ -152,3 +152,15 @@ def test_each_configuration_over_its_seeds_at_its_last_epoch_with_costs():
     assert math.isnan(figures["empirical_epsilon"].mean)
     table = seeds_table(runs)
     assert "0.150 <small>[" in table and "n=3" in table and "<td>lora-r4</td>" in table
+
+
+def test_the_report_writes_frontier_json_beside_the_page_from_the_same_figures(tmp_path):
+    import json
+
+    from privtune.report.frontier_section import frontier_json
+    from privtune.report.html import write_report
+
+    runs = [run(family, family, s, [(3.0, gap + 0.01 * s), (2.5, gap + 0.02 * s)])
+            for family, gap in (("lora", 0.05), ("fft", 0.2)) for s in range(2)]
+    write_report(runs, tmp_path, title="t", meta={})
+    assert json.loads((tmp_path / "frontier.json").read_text()) == json.loads(json.dumps(frontier_json(runs)))

@@ -373,7 +373,7 @@ def _load_runs(output_dir: str, study: str) -> list[dict]:
 
 def _write_report(output_dir: str, study: str) -> Path:
     from privtune import __version__
-    from privtune.report import write_csv, write_frontier, write_json, write_report
+    from privtune.report import write_csv, write_json, write_report
 
     runs = _load_runs(output_dir, study)
     problem = writable_dir_problem(Path(output_dir) / "reports")
@@ -388,7 +388,6 @@ def _write_report(output_dir: str, study: str) -> Path:
             "created": time.strftime("%Y-%m-%d %H:%M"), "privtune": __version__}
     write_csv(runs, out / "runs.csv")
     write_json(runs, out / "runs.json")
-    write_frontier(runs, out / "frontier.json")
     return write_report(runs, out, title=f"privtune study: {study}", meta=meta)
 
 

@@ -55,8 +55,8 @@ from privtune.attacks.model_attacks import MODEL_ATTACKS, LevelScores
 from privtune.attacks.token_frequency import TokenFrequencies, first_occurrences
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
-from privtune.registry import Registry
 from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
+from privtune.registry import Registry
 
 
 @dataclass

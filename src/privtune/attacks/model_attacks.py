@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from privtune.data.tokenize import EncodedDataset
 from privtune.errors import PrivtuneError
-from privtune.registry import Registry
 from privtune.measures.token_scores import TokenScores, level_positions, masked_mean
+from privtune.registry import Registry
 from privtune.models.forward import token_logits
 from privtune.train.precision import Runtime
 

@@ -48,7 +48,9 @@ def csv_columns(runs: Sequence[dict]) -> list[str]:
 def csv_cells(run: dict) -> dict:
     """The run's audit figures under :func:`csv_columns`; ``_na`` says why a bound is empty."""
     audit = audit_of(run)
-    return {"empirical_epsilon_multi_run_lower_bound": (run.get("empirical_epsilon_multi_run") or {}).get("lower_bound"),"empirical_epsilon_lower_bound": audit.get("lower_bound"),
+    multi_run = run.get("empirical_epsilon_multi_run") or {}
+    return {"empirical_epsilon_multi_run_lower_bound": multi_run.get("lower_bound"),
+            "empirical_epsilon_lower_bound": audit.get("lower_bound"),
             "empirical_epsilon_gdp_lower_bound": audit.get("gdp_lower_bound"),
             "empirical_epsilon_na": audit.get("reason"), "empirical_epsilon_claimed": audit.get("claimed_epsilon"),
             "empirical_epsilon_canaries": audit.get("canaries"), "empirical_epsilon_delta": audit.get("delta"),

@@ -305,12 +305,13 @@ def write_json(runs: Sequence[dict], path: str | Path) -> Path:
     return write_text_atomic(Path(path), text + "\n")
 
 
-def write_frontier(runs: Sequence[dict], path: str | Path) -> Path:
+def write_frontier(runs: Sequence[dict], path: str | Path, shown=None) -> Path:
     """Write ``frontier.json``: per leakage measure, each method family's front, the
-    matched-utility rows and the findings (:func:`privtune.report.frontier_section.frontier_json`)."""
+    matched-utility rows and the findings (:func:`privtune.report.frontier_section.frontier_json`;
+    ``shown``: its frontiers, when the caller has them already)."""
     from privtune.report.frontier_section import frontier_json  # it renders figures: imported on use
 
-    text = json.dumps(_json_safe(frontier_json(runs)), indent=2, allow_nan=False, ensure_ascii=False)
+    text = json.dumps(_json_safe(frontier_json(runs, shown)), indent=2, allow_nan=False, ensure_ascii=False)
     return write_text_atomic(Path(path), text + "\n")
 
 

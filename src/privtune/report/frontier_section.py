@@ -126,9 +126,10 @@ def seeds_table(runs: Sequence[dict]) -> str:
             f'<div class="wide"><table class="side"><thead>{head}</tr></thead><tbody>{body}</tbody></table></div>')
 
 
-def frontier_section(runs: Sequence[dict]) -> str:
-    """The section (empty when fewer than two method families have a front)."""
-    shown = frontiers(runs)
+def frontier_section(runs: Sequence[dict], shown: list[Frontier] | None = None) -> str:
+    """The section (empty when fewer than two method families have a front); ``shown``:
+    :func:`frontiers` of ``runs``, when the caller has them already."""
+    shown = frontiers(runs) if shown is None else shown
     if not shown:
         return ""
     from privtune.report.html import render_png  # html imports this module
@@ -157,11 +158,11 @@ def _front_point(frontier: Frontier, family: str, config: str, epoch: int) -> di
     return {"config": config, "epoch": epoch, **figures}
 
 
-def frontier_json(runs: Sequence[dict]) -> dict:
+def frontier_json(runs: Sequence[dict], shown: list[Frontier] | None = None) -> dict:
     """What ``frontier.json`` holds: per measure, each family's front, the matched-utility
-    rows and the findings."""
+    rows and the findings (``shown`` as in :func:`frontier_section`)."""
     out = {}
-    for frontier in frontiers(runs):
+    for frontier in frontiers(runs) if shown is None else shown:
         out[frontier.measure] = {
             "fronts": {f: [_front_point(frontier, f, config, epoch) for _, _, config, epoch in front]
                        for f, front in frontier.fronts.items()},

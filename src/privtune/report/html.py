@@ -42,12 +42,12 @@ from privtune.files import private_dir, private_file
 from privtune.report import attack_plots, exposure, plots
 from privtune.report.audit import audit_section
 from privtune.report.federated import federated_section
-from privtune.report.frontier_section import frontier_section
+from privtune.report.frontier_section import frontier_section, frontiers
 from privtune.report.attack_plots import (
     attack_name, auc, auc_ci, auc_reason, interval, mia_entry, pct, tpr_at, tpr_ci, tpr_reason,
 )
 from privtune.report.differences import Difference, missed_value_difference, run_difference
-from privtune.report.export import write_records, write_text_atomic
+from privtune.report.export import write_frontier, write_records, write_text_atomic
 from privtune.report.headline import Headline, short_reason, strongest_attack, strongest_overall
 from privtune.report.plots import (duration, is_base, is_done, measure, number, pareto_front, styles, top_exposure,
                                    unit_noun)
@@ -1051,17 +1051,19 @@ def records_note(name: str | None) -> str:
 
 
 def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Path | None = None,
-                records_file: str | None = None) -> str:
+                records_file: str | None = None, shown_frontiers: list | None = None) -> str:
     """The report page as a string (``figures_dir``: where to save the PNGs too;
-    ``records_file``: the name of the per-record file beside it, if one was written)."""
+    ``records_file``: the name of the per-record file beside it, if one was written;
+    ``shown_frontiers``: the runs' :func:`~privtune.report.frontier_section.frontiers`, if
+    the caller has them already)."""
     sections = []
     for name, fig_title, make in report_figures(runs):
         sections.append(figure_section(name, fig_title, make(runs), runs, figures_dir))
     version = meta.get("privtune") or meta.get("version")
     return PAGE.substitute(
         title=escape(title), css=CSS, meta=_meta_html(meta), cards=_cards_html(headline_cards(runs)),
-        verdict=escape(verdict(runs)), figures="\n".join(sections), frontier=frontier_section(runs),
-        audit=audit_section(runs),
+        verdict=escape(verdict(runs)), figures="\n".join(sections),
+        frontier=frontier_section(runs, shown_frontiers), audit=audit_section(runs),
         scrub=scrub_section(runs),
         federated=federated_section(runs), unlearn=unlearning_section(runs), timing=timing_section(runs),
         table=table(runs, RUN_COLUMNS), records=records_note(records_file),
@@ -1070,9 +1072,10 @@ def render_html(runs: Sequence[dict], *, title: str, meta: dict, figures_dir: Pa
 
 
 def write_report(runs: list[dict], out_dir: Path, *, title: str, meta: dict) -> Path:
-    """Write ``out_dir/report.html``, the figures as PNG under ``out_dir/figures`` and the
+    """Write ``out_dir/report.html``, the figures as PNG under ``out_dir/figures``, the
     runs' per-record statistics in ``out_dir/records.json.gz`` (:func:`write_records`),
-    which the page links to rather than embeds.
+    which the page links to rather than embeds, and ``out_dir/frontier.json``
+    (:func:`write_frontier`, from the same frontiers as the page's section).
 
     Raises:
         PrivtuneError: when there are no runs to report.
@@ -1084,6 +1087,8 @@ def write_report(runs: list[dict], out_dir: Path, *, title: str, meta: dict) -> 
     records = write_records(runs, out_dir / RECORDS_FILE)
     if records is None:
         (out_dir / RECORDS_FILE).unlink(missing_ok=True)  # an older report's, of other runs
+    shown = frontiers(runs)  # bootstrapped once, for the page and frontier.json
+    write_frontier(runs, out_dir / "frontier.json", shown)
     page = render_html(runs, title=title, meta=meta, figures_dir=out_dir / "figures",
-                       records_file=records.name if records else None)
+                       records_file=records.name if records else None, shown_frontiers=shown)
     return write_text_atomic(out_dir / "report.html", page)

@@ -125,15 +125,18 @@ def record_stats(evaluation, ctx) -> dict:
         return _record_stats(evaluation, ctx)
 
 
+def _sums(parts) -> dict:
+    """Each population record's summed log-likelihood and token count over its positions
+    (``parts``: (members' scores, positions), (non-members' scores, positions))."""
+    return {"loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
+            "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist()}
+
+
 def _record_stats(evaluation, ctx) -> dict:
     stats = {}
     for level in LEVELS:
         parts = [(s, level_positions(s, level)) for s in (evaluation.members, evaluation.nonmembers)]
-        stats[level] = {
-            "stat": np.concatenate([record_statistic(s, p) for s, p in parts]).tolist(),
-            "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
-            "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
-        }
+        stats[level] = {"stat": np.concatenate([record_statistic(s, p) for s, p in parts]).tolist(), **_sums(parts)}
     for tagger in scrub_taggers(ctx.cfg):
         # Members' and non-members' values this tagger misses: how a scrubbed run and the same
         # method unscrubbed compare on what scrubbing left (report.differences.missed_value_difference).
@@ -141,11 +144,8 @@ def _record_stats(evaluation, ctx) -> dict:
             missed = ctx.scrubber.missed(tagger, ctx.data.members, ctx.data.nonmembers)
         except PrivtuneError:  # a tagger these data cannot take: the scrubbed run fails and says why
             continue
-        parts = [(s, s.sensitive & mask) for s, mask in zip((evaluation.members, evaluation.nonmembers), missed)]
-        stats[missed_level(tagger)] = {
-            "loglik": np.concatenate([sequence_loglik(s, p) for s, p in parts]).tolist(),
-            "tokens": np.concatenate([p.sum(axis=1) for _, p in parts]).astype(int).tolist(),
-        }
+        stats[missed_level(tagger)] = _sums([(s, s.sensitive & mask) for s, mask in
+                                             zip((evaluation.members, evaluation.nonmembers), missed)])
     stats["n_members"] = int(evaluation.members.nll.shape[0])
     people = [r.individual for r in ctx.data.members.records + ctx.data.nonmembers.records]
     index = {p: i for i, p in enumerate(dict.fromkeys(people))}

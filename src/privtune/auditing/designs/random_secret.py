@@ -31,12 +31,17 @@ WORDS = (
 CONTENT_STREAM = 1
 
 
+def canary_tag(rng: random.Random) -> str:
+    """A canary's own three random words (``amber-iris-oak``), which every design's prefix carries."""
+    return "-".join(rng.choices(WORDS, k=3))
+
+
 @register_canary_design("random")
 def random_secrets(inputs: DesignInputs) -> list[Record]:
     out = []
     for i in range(inputs.count):
         rng = random.Random(streams.stream_seed(inputs.seed, streams.AUDIT_CANARIES, CONTENT_STREAM, i))
-        tag = "-".join(rng.choices(WORDS, k=3))
+        tag = canary_tag(rng)
         secret = "".join(rng.choices("0123456789", k=SECRET_DIGITS))
         out.append(audit_record(i, f"Audit note {tag}: the access code is ", secret, "."))
     return out

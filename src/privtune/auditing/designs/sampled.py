@@ -16,13 +16,11 @@ does not depend on how many others there are or on which it is batched with.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from privtune.auditing.designs import DesignInputs, audit_record, register_canary_design
+from privtune.auditing.designs.random_secret import canary_tag
 from privtune.auditing.designs.word_tokens import content_rng
-from privtune.auditing.designs.random_secret import WORDS
 from privtune.data.records import Record
 from privtune.data.scrub import placeholder, scrub_record
 
@@ -33,10 +31,6 @@ TEMPERATURE = 1.5
 PROMPT_CHARS = 400
 #: Prompts sampled together.
 BATCH = 32
-
-
-def prompt_prefix(rng: random.Random) -> str:
-    return f"Audit note {'-'.join(rng.choices(WORDS, k=3))}:"
 
 
 def sample_secrets(loaded, prompts: list[str], generators: list[torch.Generator]) -> list[str]:
@@ -76,7 +70,7 @@ def sampled_secrets(inputs: DesignInputs) -> list[Record]:
         rng = content_rng(inputs, NAME, i)
         member = rng.choice(inputs.corpus)
         domain = scrub_record(member, member.spans, placeholder).text[:PROMPT_CHARS]
-        prefixes.append(prompt_prefix(rng))
+        prefixes.append(f"Audit note {canary_tag(rng)}:")
         prompts.append(f"{domain}\n\n{prefixes[-1]}")
         generators.append(torch.Generator().manual_seed(rng.getrandbits(63)))
     secrets = []

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from privtune.auditing.designs import DesignInputs, audit_record, design_key
-from privtune.auditing.designs.random_secret import WORDS
+from privtune.auditing.designs.random_secret import canary_tag
 from privtune.data.records import Record
 from privtune.errors import PrivtuneError
 from privtune.train import streams
@@ -39,7 +39,7 @@ def word_tokens(tokenizer) -> np.ndarray:
 
 def canary_prefix(rng: random.Random) -> str:
     """A canary's own prefix (three random words, as in the random design), before its secret."""
-    return f"Audit note {'-'.join(rng.choices(WORDS, k=3))}: the access code is"
+    return f"Audit note {canary_tag(rng)}: the access code is"
 
 
 def content_rng(inputs: DesignInputs, design: str, index: int) -> random.Random:
