@@ -320,6 +320,9 @@ def test_the_report_shows_the_missed_and_caught_gaps_apart_and_says_what_below_z
     assert scrub_gap_cells(runs[0])["scrub_gap_net_caught"] == regex["caught"]["memorisation_gap_net"]
     assert (scrub_gap_cells(runs[0])["scrub_gap_net_missed_low"], scrub_gap_cells(runs[0])["scrub_gap_net_missed_high"]) \
         == (low, high)
+    one_person = {**regex, "missed": {**regex["missed"], "memorisation_gap_net_ci": None}}
+    runs[0]["scrub"]["by_catch"] = one_person
+    assert "no interval (fewer than 2 people on a side)" in scrub_section(runs)
 
 
 def test_a_scrubbed_run_is_compared_with_its_unscrubbed_method_on_the_values_the_tagger_missed(tmp_path):

@@ -814,7 +814,8 @@ def _catch_gap(part: str) -> Column:
         if f.get("memorisation_gap_net") is None:
             return f'n/a <small title="{escape(str(f.get("reason")))}">({escape(str(f.get("reason")))})</small>'
         ci = f.get("memorisation_gap_net_ci")
-        interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}] " if ci else ""
+        interval = (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] " if ci else
+                    "no interval (fewer than 2 people on a side) " if "memorisation_gap_net_ci" in f else "")
         return (f'{fmt(f["memorisation_gap_net"], "+.3f")} <small>{interval}{f["tokens_train"]}/{f["tokens_test"]} '
                 'tokens</small>')
 
